@@ -1,0 +1,310 @@
+//! The Lambda-compatible Invoke API, so the AWS CLI and every AWS SDK are Sluice clients, and
+//! the Prometheus `/metrics` endpoint.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use bytes::Bytes;
+use serde::Deserialize;
+
+use crate::function::{Functions, LATEST};
+use crate::invocation::{Invocation, MAX_SYNC_PAYLOAD, function_arn};
+
+/// Lambda returns at most this much of an invocation's log with `X-Amz-Log-Type: Tail`.
+const LOG_TAIL: usize = 4096;
+/// Lambda's limit on a base64-encoded client context.
+const MAX_CLIENT_CONTEXT: usize = 3583;
+
+#[derive(Clone)]
+pub(crate) struct ApiState {
+    pub functions: Arc<Functions>,
+}
+
+pub(crate) fn router(state: ApiState) -> Router {
+    Router::new()
+        .route(
+            "/2015-03-31/functions/{function}/invocations",
+            post(invoke),
+        )
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// An error in the shape Lambda's API returns, which the AWS SDKs turn into typed exceptions.
+pub(crate) fn lambda_error(status: StatusCode, code: &str, message: &str) -> Response {
+    lambda_error_with(status, code, message, serde_json::Map::new())
+}
+
+fn lambda_error_with(
+    status: StatusCode,
+    code: &str,
+    message: &str,
+    mut extra: serde_json::Map<String, serde_json::Value>,
+) -> Response {
+    if status.is_client_error() {
+        metrics::counter!(crate::metrics::API_INVALID_REQUESTS, "error" => code.to_string())
+            .increment(1);
+    }
+    let kind = if status.is_server_error() { "Service" } else { "User" };
+    extra.insert("Type".into(), kind.into());
+    extra.insert("Message".into(), message.into());
+    let mut response = (status, axum::Json(serde_json::Value::Object(extra))).into_response();
+    if let Ok(v) = HeaderValue::from_str(code) {
+        response.headers_mut().insert("x-amzn-errortype", v);
+    }
+    response
+}
+
+/// A function as the caller named it: a name, a partial ARN or a full ARN, with an optional
+/// qualifier in the name or in the `Qualifier` query parameter.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) struct FunctionRef {
+    pub name: String,
+    pub qualifier: Option<String>,
+}
+
+pub(crate) fn parse_function_ref(
+    raw: &str,
+    query_qualifier: Option<&str>,
+) -> Result<FunctionRef, String> {
+    let parts: Vec<&str> = raw.split(':').collect();
+    let (name, qualifier) = match parts.as_slice() {
+        [name] => (*name, None),
+        [name, q] => (*name, Some(*q)),
+        [_account, "function", name] => (*name, None),
+        [_account, "function", name, q] => (*name, Some(*q)),
+        ["arn", _partition, "lambda", _region, _account, "function", name] => (*name, None),
+        ["arn", _partition, "lambda", _region, _account, "function", name, q] => {
+            (*name, Some(*q))
+        }
+        _ => return Err(format!("1 validation error detected: Value '{raw}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_\\.]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?")),
+    };
+    if name.is_empty() || qualifier.is_some_and(str::is_empty) {
+        return Err(format!("invalid function name `{raw}`"));
+    }
+    let qualifier = match (qualifier, query_qualifier) {
+        (Some(a), Some(b)) if a != b => {
+            return Err("The derived qualifier from the function name does not match the specified qualifier.".to_string());
+        }
+        (a, b) => a.or(b).map(str::to_string),
+    };
+    Ok(FunctionRef {
+        name: name.to_string(),
+        qualifier,
+    })
+}
+
+#[derive(Debug, Deserialize)]
+struct InvokeQuery {
+    #[serde(rename = "Qualifier")]
+    qualifier: Option<String>,
+}
+
+fn header<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+async fn invoke(
+    State(state): State<ApiState>,
+    Path(function): Path<String>,
+    Query(query): Query<InvokeQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let fref = match parse_function_ref(&function, query.qualifier.as_deref()) {
+        Ok(f) => f,
+        Err(message) => {
+            return lambda_error(StatusCode::BAD_REQUEST, "ValidationException", &message);
+        }
+    };
+    let qualified_arn = match &fref.qualifier {
+        Some(q) => format!("{}:{q}", function_arn(&fref.name)),
+        None => function_arn(&fref.name),
+    };
+    let function = match state.functions.get(&fref.name) {
+        Some(f) if fref.qualifier.as_deref().is_none_or(|q| q == LATEST) => f.clone(),
+        _ => {
+            return lambda_error(
+                StatusCode::NOT_FOUND,
+                "ResourceNotFoundException",
+                &format!("Function not found: {qualified_arn}"),
+            );
+        }
+    };
+    let invocation_type = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
+    match invocation_type {
+        "RequestResponse" => {}
+        "DryRun" => return StatusCode::NO_CONTENT.into_response(),
+        "Event" => {
+            return lambda_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                "InvocationType Event (asynchronous invocation) is not supported by this Sluice build; use RequestResponse",
+            );
+        }
+        other => {
+            return lambda_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidParameterValueException",
+                &format!("1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]"),
+            );
+        }
+    }
+    let payload = match axum::body::to_bytes(body, MAX_SYNC_PAYLOAD).await {
+        Ok(b) => b,
+        Err(_) => {
+            return lambda_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                &format!("Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"),
+            );
+        }
+    };
+    // Lambda hands an empty request to the function as an empty JSON object.
+    let payload = if payload.iter().all(u8::is_ascii_whitespace) {
+        Bytes::from_static(b"{}")
+    } else {
+        payload
+    };
+    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+        return lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestContentException",
+            &format!("Could not parse request body into json: {e}"),
+        );
+    }
+    let mut inv = Invocation::new(payload, qualified_arn);
+    if let Some(cc) = header(&headers, "x-amz-client-context") {
+        match decode_client_context(cc) {
+            Ok(json) => inv.client_context = Some(json),
+            Err(message) => {
+                return lambda_error(
+                    StatusCode::BAD_REQUEST,
+                    "InvalidRequestContentException",
+                    &message,
+                );
+            }
+        }
+    }
+    if let Some(trace) = header(&headers, "x-amzn-trace-id") {
+        inv.trace_id = trace.to_string();
+    }
+    let tail = header(&headers, "x-amz-log-type") == Some("Tail");
+
+    let outcome = match function.invoke(inv).await {
+        Ok(o) => o,
+        Err(throttle) => {
+            let mut extra = serde_json::Map::new();
+            extra.insert("Reason".into(), throttle.reason().into());
+            extra.insert("message".into(), throttle.to_string().into());
+            return lambda_error_with(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequestsException",
+                &throttle.to_string(),
+                extra,
+            );
+        }
+    };
+    let mut response_headers = HeaderMap::new();
+    response_headers.insert("content-type", HeaderValue::from_static("application/json"));
+    if let Ok(v) = HeaderValue::from_str(&outcome.request_id) {
+        response_headers.insert("x-amzn-requestid", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&outcome.executed_version) {
+        response_headers.insert("x-amz-executed-version", v);
+    }
+    if tail {
+        let start = outcome.log.len().saturating_sub(LOG_TAIL);
+        if let Ok(v) = HeaderValue::from_str(&B64.encode(&outcome.log[start..])) {
+            response_headers.insert("x-amz-log-result", v);
+        }
+    }
+    let body = match outcome.result {
+        Ok(body) => body,
+        Err(e) => {
+            response_headers.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+            e.to_json()
+        }
+    };
+    (StatusCode::OK, response_headers, body).into_response()
+}
+
+fn decode_client_context(b64: &str) -> Result<String, String> {
+    const INVALID: &str = "Client context must be a valid Base64-encoded JSON object.";
+    if b64.len() > MAX_CLIENT_CONTEXT {
+        return Err(format!(
+            "Client context must be at most {MAX_CLIENT_CONTEXT} bytes, base64-encoded."
+        ));
+    }
+    let bytes = B64.decode(b64.trim()).map_err(|_| INVALID.to_string())?;
+    match serde_json::from_slice::<serde_json::Value>(&bytes) {
+        Ok(serde_json::Value::Object(_)) => String::from_utf8(bytes).map_err(|_| INVALID.to_string()),
+        _ => Err(INVALID.to_string()),
+    }
+}
+
+async fn metrics() -> Response {
+    match crate::metrics::prometheus() {
+        Some(handle) => (
+            [("content-type", "text/plain; version=0.0.4")],
+            handle.render(),
+        )
+            .into_response(),
+        None => lambda_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            "metrics go to the embedding application's own recorder",
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn r(name: &str, q: Option<&str>) -> FunctionRef {
+        FunctionRef {
+            name: name.into(),
+            qualifier: q.map(Into::into),
+        }
+    }
+
+    #[test]
+    fn parses_every_way_lambda_accepts_a_function_name() {
+        assert_eq!(parse_function_ref("f", None), Ok(r("f", None)));
+        assert_eq!(parse_function_ref("f:live", None), Ok(r("f", Some("live"))));
+        assert_eq!(
+            parse_function_ref("123456789012:function:f", None),
+            Ok(r("f", None))
+        );
+        assert_eq!(
+            parse_function_ref("arn:aws:lambda:us-east-1:123456789012:function:f:$LATEST", None),
+            Ok(r("f", Some("$LATEST")))
+        );
+        assert_eq!(parse_function_ref("f", Some("3")), Ok(r("f", Some("3"))));
+    }
+
+    #[test]
+    fn refuses_conflicting_qualifiers_and_odd_names() {
+        assert!(parse_function_ref("f:1", Some("2")).is_err());
+        assert!(parse_function_ref("a:b:c", None).is_err());
+        assert!(parse_function_ref("f:", None).is_err());
+    }
+
+    #[test]
+    fn client_context_must_be_base64_json_object() {
+        let ok = B64.encode(br#"{"custom":{"a":1}}"#);
+        assert_eq!(decode_client_context(&ok).as_deref(), Ok(r#"{"custom":{"a":1}}"#));
+        assert!(decode_client_context("not base64!").is_err());
+        assert!(decode_client_context(&B64.encode(b"[1]")).is_err());
+    }
+}

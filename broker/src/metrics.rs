@@ -1,0 +1,54 @@
+//! Metric names in one place, and the Prometheus recorder.
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+pub const FUNCTION_INVOCATIONS: &str = "sluice_function_invocations_total";
+pub const FUNCTION_ERRORS: &str = "sluice_function_errors_total";
+pub const FUNCTION_THROTTLES: &str = "sluice_function_throttles_total";
+pub const FUNCTION_DURATION: &str = "sluice_function_duration_seconds";
+pub const FUNCTION_CONCURRENT_EXECUTIONS: &str = "sluice_function_concurrent_executions";
+pub const FUNCTION_COLD_STARTS: &str = "sluice_function_cold_starts_total";
+pub const FUNCTION_TIMEOUTS: &str = "sluice_function_timeouts_total";
+pub const API_INVALID_REQUESTS: &str = "sluice_api_invalid_requests_total";
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+const DURATION_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0,
+];
+
+/// Installs the process-wide Prometheus recorder once and returns its handle. `None` when
+/// another recorder was installed first (an embedding application's own), in which case
+/// Sluice's metrics flow to that one and `/metrics` has nothing to render.
+pub fn prometheus() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+                    DURATION_BUCKETS,
+                )
+                .ok()?;
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            metrics::set_global_recorder(recorder).ok()?;
+            describe();
+            Some(handle)
+        })
+        .as_ref()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(FUNCTION_INVOCATIONS, "Invocations, successful or not, throttles excluded");
+    describe_counter!(FUNCTION_ERRORS, "Invocations that ended in a function error");
+    describe_counter!(FUNCTION_THROTTLES, "Invocations refused by a concurrency limit");
+    describe_histogram!(FUNCTION_DURATION, "Time from start to result of an invocation");
+    describe_gauge!(FUNCTION_CONCURRENT_EXECUTIONS, "Invocations running now");
+    describe_counter!(FUNCTION_COLD_STARTS, "Execution environments started");
+    describe_counter!(FUNCTION_TIMEOUTS, "Invocations stopped at the function's timeout");
+    describe_counter!(API_INVALID_REQUESTS, "Invoke API requests rejected as malformed");
+}

@@ -1,0 +1,696 @@
+//! `runtime: process`: Sluice starts the package's program and serves it the AWS Lambda
+//! Runtime API, so functions built for Lambda's custom runtimes run unchanged.
+//!
+//! Each execution environment is one process with its own Runtime API listener on loopback.
+//! An invocation is handed to the environment's `next` long-poll and its reply comes back
+//! through a one-shot channel, as in a warm Lambda sandbox. Environments are reused while
+//! they stay healthy; a crash, a timeout or an init failure retires them.
+
+use std::collections::BTreeMap;
+use std::io;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+
+use super::memory::{EnvMemory, MemoryCap};
+use crate::invocation::{Executed, FunctionError, Invocation, MAX_SYNC_PAYLOAD};
+
+/// How long a new environment may take to ask for its first event.
+const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Output kept per invocation; older bytes are dropped first.
+const MAX_OUTPUT: usize = 256 * 1024;
+
+/// Everything needed to start an environment of one function version.
+#[derive(Debug, Clone)]
+pub(crate) struct ProcessSpec {
+    pub function_name: String,
+    pub version: String,
+    pub memory_mb: u32,
+    pub timeout: Duration,
+    pub task_root: PathBuf,
+    pub argv: Vec<String>,
+    pub handler: String,
+    pub environment: BTreeMap<String, String>,
+    pub region: String,
+}
+
+pub(crate) struct ProcessRunner {
+    spec: Arc<ProcessSpec>,
+    memory: MemoryCap,
+    idle: Mutex<Vec<Environment>>,
+    next_env: AtomicU64,
+}
+
+impl ProcessRunner {
+    pub(crate) fn new(spec: ProcessSpec, memory: MemoryCap) -> Self {
+        Self {
+            spec: Arc::new(spec),
+            memory,
+            idle: Mutex::new(Vec::new()),
+            next_env: AtomicU64::new(1),
+        }
+    }
+
+    fn take_idle(&self) -> Option<Environment> {
+        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
+        while let Some(env) = idle.pop() {
+            if env.is_alive() {
+                return Some(env);
+            }
+        }
+        None
+    }
+
+    fn put_idle(&self, env: Environment) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(env);
+    }
+
+    /// Stops every idle environment (the busy ones stop when their invocation ends).
+    pub(crate) fn shutdown(&self) {
+        self.idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    pub(crate) async fn invoke(&self, inv: &Invocation) -> Executed {
+        // A warm environment that died while idle is replaced once, silently: the invocation
+        // never reached it.
+        for _ in 0..2 {
+            let (env, init_duration) = match self.take_idle() {
+                Some(env) => (env, None),
+                None => {
+                    let started = Instant::now();
+                    let id = self.next_env.fetch_add(1, Ordering::Relaxed);
+                    match Environment::start(self.spec.clone(), &self.memory, id).await {
+                        Ok(env) => {
+                            metrics::counter!(crate::metrics::FUNCTION_COLD_STARTS,
+                                "function" => self.spec.function_name.clone())
+                            .increment(1);
+                            (env, Some(started))
+                        }
+                        Err(e) => {
+                            tracing::error!(function = %self.spec.function_name, error = %e,
+                                "cannot start an execution environment");
+                            return Executed::failed(FunctionError::new(
+                                "Runtime.StartError",
+                                format!("cannot start {:?}: {e}", self.spec.argv),
+                            ));
+                        }
+                    }
+                }
+            };
+            match env.invoke(inv, init_duration).await {
+                Attempt::Done { executed, healthy } => {
+                    if healthy {
+                        self.put_idle(env);
+                    }
+                    return executed;
+                }
+                Attempt::DiedIdle => continue,
+            }
+        }
+        Executed::failed(FunctionError::new(
+            "Runtime.ExitError",
+            format!(
+                "RequestId: {} Error: the execution environment exited before taking the event",
+                inv.request_id
+            ),
+        ))
+    }
+}
+
+enum Attempt {
+    Done { executed: Executed, healthy: bool },
+    DiedIdle,
+}
+
+/// What the Runtime API side tells the invoker.
+enum Reply {
+    Response(Bytes),
+    Error(FunctionError),
+}
+
+struct Pending {
+    inv: Invocation,
+    timeout: Duration,
+    picked: oneshot::Sender<Instant>,
+    reply: oneshot::Sender<Reply>,
+}
+
+#[derive(Debug, Clone)]
+enum Status {
+    Running,
+    InitFailed(FunctionError),
+    Exited(String),
+}
+
+struct Current {
+    request_id: String,
+    reply: oneshot::Sender<Reply>,
+}
+
+struct Shared {
+    pending: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
+    current: Mutex<Option<Current>>,
+    status: watch::Sender<Status>,
+}
+
+/// Output of an environment, both streams into one buffer so lines keep their order.
+struct Output {
+    buf: Mutex<Vec<u8>>,
+    pipes: [Arc<pipe::Receiver>; 2],
+}
+
+impl Output {
+    /// Reads whatever the pipes hold right now, without waiting.
+    fn drain_into(&self, buf: &mut Vec<u8>) {
+        let mut chunk = [0u8; 8192];
+        for pipe in &self.pipes {
+            while let Ok(n) = pipe.try_read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+        if buf.len() > MAX_OUTPUT {
+            let excess = buf.len() - MAX_OUTPUT;
+            buf.drain(..excess);
+        }
+    }
+
+    /// Everything written so far. A runtime writes its output before it posts the result, so
+    /// a final non-blocking read catches what the pump task has not seen yet.
+    fn take(&self) -> Vec<u8> {
+        let mut buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        self.drain_into(&mut buf);
+        std::mem::take(&mut *buf)
+    }
+}
+
+struct Environment {
+    spec: Arc<ProcessSpec>,
+    pid: Option<u32>,
+    tx: mpsc::Sender<Pending>,
+    status: watch::Receiver<Status>,
+    output: Arc<Output>,
+    memory: EnvMemory,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Environment {
+    fn drop(&mut self) {
+        self.kill();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+impl Environment {
+    async fn start(spec: Arc<ProcessSpec>, cap: &MemoryCap, id: u64) -> io::Result<Self> {
+        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        let api_addr = listener.local_addr()?;
+        let (tx, rx) = mpsc::channel(1);
+        let (status_tx, status_rx) = watch::channel(Status::Running);
+        let shared = Arc::new(Shared {
+            pending: tokio::sync::Mutex::new(rx),
+            current: Mutex::new(None),
+            status: status_tx,
+        });
+        let app = Router::new()
+            .route("/2018-06-01/runtime/invocation/next", get(next))
+            .route(
+                "/2018-06-01/runtime/invocation/{id}/response",
+                post(response),
+            )
+            .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
+            .route("/2018-06-01/runtime/init/error", post(init_error))
+            .with_state(shared.clone());
+        let server = tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+
+        let memory = cap.prepare(spec.memory_mb)?;
+        let log_stream = format!(
+            "{}/[{}]{:016x}",
+            chrono::Utc::now().format("%Y/%m/%d"),
+            spec.version,
+            id ^ u64::from(std::process::id()) << 32
+        );
+        let program = resolve_program(&spec)?;
+        let mut cmd = tokio::process::Command::new(&program);
+        cmd.args(&spec.argv[1..])
+            .current_dir(&spec.task_root)
+            .env_clear()
+            .envs(lambda_environment(&spec, api_addr, &log_stream))
+            .envs(&spec.environment)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let hook = memory.child_hook();
+        // SAFETY: the hook only makes async-signal-safe calls (see ChildHook::enter).
+        unsafe {
+            cmd.pre_exec(move || hook.enter());
+        }
+        let mut child = cmd.spawn()?;
+        let pid = child.id();
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| io::Error::other("no stdout pipe"))?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| io::Error::other("no stderr pipe"))?;
+        let output = Arc::new(Output {
+            buf: Mutex::new(Vec::new()),
+            pipes: [
+                Arc::new(pipe::Receiver::from_owned_fd(stdout.into_owned_fd()?)?),
+                Arc::new(pipe::Receiver::from_owned_fd(stderr.into_owned_fd()?)?),
+            ],
+        });
+        let mut tasks = vec![server];
+        for i in 0..2 {
+            let out = output.clone();
+            tasks.push(tokio::spawn(async move {
+                let pipe = out.pipes[i].clone();
+                while pipe.readable().await.is_ok() {
+                    let mut chunk = [0u8; 8192];
+                    let mut buf = out.buf.lock().unwrap_or_else(|p| p.into_inner());
+                    match pipe.try_read(&mut chunk) {
+                        Ok(0) => break,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(_) => break,
+                    }
+                    if buf.len() > MAX_OUTPUT {
+                        let excess = buf.len() - MAX_OUTPUT;
+                        buf.drain(..excess);
+                    }
+                }
+            }));
+        }
+        let exit_shared = shared.clone();
+        tasks.push(tokio::spawn(async move {
+            let text = match child.wait().await {
+                Ok(status) => describe_exit(status),
+                Err(e) => format!("cannot wait for the runtime: {e}"),
+            };
+            // An init failure already said why; the exit that follows adds nothing.
+            exit_shared.status.send_if_modified(|s| {
+                if matches!(s, Status::Running) {
+                    *s = Status::Exited(text);
+                    true
+                } else {
+                    false
+                }
+            });
+        }));
+        tracing::debug!(function = %spec.function_name, pid, runtime_api = %api_addr,
+            memory = %cap.describe(), "execution environment started");
+        Ok(Self {
+            spec,
+            pid,
+            tx,
+            status: status_rx,
+            output,
+            memory,
+            tasks,
+        })
+    }
+
+    fn is_alive(&self) -> bool {
+        matches!(*self.status.borrow(), Status::Running)
+    }
+
+    fn kill(&self) {
+        if let Some(pid) = self.pid {
+            // The environment runs in its own process group, so helpers it forked go too.
+            // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
+            unsafe {
+                libc::kill(-(pid as i32), libc::SIGKILL);
+            }
+        }
+    }
+
+    async fn invoke(&self, inv: &Invocation, cold_since: Option<Instant>) -> Attempt {
+        let (picked_tx, picked_rx) = oneshot::channel();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let pending = Pending {
+            inv: inv.clone(),
+            timeout: self.spec.timeout,
+            picked: picked_tx,
+            reply: reply_tx,
+        };
+        if self.tx.send(pending).await.is_err() {
+            return Attempt::DiedIdle;
+        }
+        let mut status = self.status.clone();
+        let request_id = &inv.request_id;
+
+        // Phase 1: the runtime takes the event (at once when warm; after its init when cold).
+        let picked = tokio::select! {
+            biased;
+            picked = picked_rx => picked.ok(),
+            _ = wait_not_running(&mut status) => None,
+            _ = tokio::time::sleep(INIT_TIMEOUT) => {
+                self.kill();
+                return self.done(Err(FunctionError::new(
+                    "Runtime.InitTimeout",
+                    format!("RequestId: {request_id} Error: the runtime did not ask for an event within {:.2} seconds of starting", INIT_TIMEOUT.as_secs_f64()),
+                )), false, cold_since);
+            }
+        };
+        let Some(picked_at) = picked else {
+            let state = status.borrow().clone();
+            return match state {
+                Status::InitFailed(e) => {
+                    self.kill();
+                    self.done(Err(e), false, cold_since)
+                }
+                Status::Exited(how) if cold_since.is_some() => self.done(
+                    Err(self.exit_error(request_id, &how)),
+                    false,
+                    cold_since,
+                ),
+                _ => Attempt::DiedIdle,
+            };
+        };
+        let init_duration = cold_since.map(|since| picked_at.saturating_duration_since(since));
+
+        // Phase 2: the function runs until it replies, dies or runs out of time.
+        let deadline = picked_at + self.spec.timeout;
+        let reply = tokio::select! {
+            biased;
+            reply = reply_rx => reply.ok(),
+            _ = wait_not_running(&mut status) => None,
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                self.kill();
+                metrics::counter!(crate::metrics::FUNCTION_TIMEOUTS,
+                    "function" => self.spec.function_name.clone()).increment(1);
+                return self.done_after_init(Err(FunctionError::timed_out(self.spec.timeout)), false, init_duration);
+            }
+        };
+        match reply {
+            Some(Reply::Response(body)) => self.done_after_init(Ok(body), true, init_duration),
+            Some(Reply::Error(e)) => self.done_after_init(Err(e), true, init_duration),
+            None => {
+                // The process may have written its last words; give the exit a moment to land
+                // so the error says how it ended.
+                let state = status.borrow().clone();
+                let how = match state {
+                    Status::Exited(how) => how,
+                    Status::InitFailed(e) => e.error_message,
+                    Status::Running => "the runtime stopped answering".to_string(),
+                };
+                self.kill();
+                self.done_after_init(Err(self.exit_error(request_id, &how)), false, init_duration)
+            }
+        }
+    }
+
+    fn exit_error(&self, request_id: &str, how: &str) -> FunctionError {
+        if self.memory.oom_killed() {
+            FunctionError::new(
+                "Runtime.OutOfMemory",
+                format!("RequestId: {request_id} Error: Runtime exited with error: {how} (out of memory: memory_mb is {})", self.spec.memory_mb),
+            )
+        } else {
+            FunctionError::new(
+                "Runtime.ExitError",
+                format!("RequestId: {request_id} Error: Runtime exited with error: {how}"),
+            )
+        }
+    }
+
+    fn done(
+        &self,
+        result: Result<Bytes, FunctionError>,
+        healthy: bool,
+        cold_since: Option<Instant>,
+    ) -> Attempt {
+        self.done_after_init(result, healthy, cold_since.map(|s| s.elapsed()))
+    }
+
+    fn done_after_init(
+        &self,
+        result: Result<Bytes, FunctionError>,
+        healthy: bool,
+        init_duration: Option<Duration>,
+    ) -> Attempt {
+        Attempt::Done {
+            executed: Executed {
+                result,
+                output: self.output.take(),
+                max_memory_bytes: self.memory.peak_bytes(self.pid),
+                init_duration,
+            },
+            healthy: healthy && self.is_alive(),
+        }
+    }
+}
+
+async fn wait_not_running(status: &mut watch::Receiver<Status>) {
+    let _ = status
+        .wait_for(|s| !matches!(s, Status::Running))
+        .await;
+    // Without a status change, this branch must never win the select.
+    if matches!(*status.borrow(), Status::Running) {
+        std::future::pending::<()>().await;
+    }
+}
+
+fn resolve_program(spec: &ProcessSpec) -> io::Result<PathBuf> {
+    let first = spec
+        .argv
+        .first()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "empty command"))?;
+    let path = PathBuf::from(first);
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    if first.contains('/') {
+        // Relative to the package, as Lambda runs `bootstrap` from the task root.
+        let in_root = spec.task_root.join(&path);
+        if !in_root.exists() {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("{} not found in the package", path.display()),
+            ));
+        }
+        return Ok(in_root);
+    }
+    // A bare name is looked up on the function's PATH, not Sluice's.
+    for dir in FUNCTION_PATH.split(':') {
+        let candidate = PathBuf::from(dir).join(first);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(io::Error::new(
+        io::ErrorKind::NotFound,
+        format!("`{first}` not found in the package or on PATH ({FUNCTION_PATH})"),
+    ))
+}
+
+const FUNCTION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The environment Lambda gives a function; nothing of Sluice's own environment leaks in.
+fn lambda_environment(
+    spec: &ProcessSpec,
+    api: SocketAddr,
+    log_stream: &str,
+) -> Vec<(&'static str, String)> {
+    let root = spec.task_root.display().to_string();
+    vec![
+        ("PATH", FUNCTION_PATH.to_string()),
+        ("LANG", "C.UTF-8".to_string()),
+        ("TZ", ":UTC".to_string()),
+        ("HOME", root.clone()),
+        ("AWS_LAMBDA_RUNTIME_API", api.to_string()),
+        ("_HANDLER", spec.handler.clone()),
+        ("AWS_LAMBDA_FUNCTION_NAME", spec.function_name.clone()),
+        ("AWS_LAMBDA_FUNCTION_VERSION", spec.version.clone()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
+        (
+            "AWS_LAMBDA_LOG_GROUP_NAME",
+            format!("/aws/lambda/{}", spec.function_name),
+        ),
+        ("AWS_LAMBDA_LOG_STREAM_NAME", log_stream.to_string()),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".to_string()),
+        ("AWS_REGION", spec.region.clone()),
+        ("AWS_DEFAULT_REGION", spec.region.clone()),
+        ("AWS_EXECUTION_ENV", "AWS_Lambda_provided.al2023".to_string()),
+        ("LAMBDA_TASK_ROOT", root),
+        ("LAMBDA_RUNTIME_DIR", "/var/runtime".to_string()),
+    ]
+}
+
+fn describe_exit(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    if let Some(code) = status.code() {
+        format!("exit status {code}")
+    } else if let Some(sig) = status.signal() {
+        let name = match sig {
+            libc::SIGKILL => "killed",
+            libc::SIGABRT => "aborted",
+            libc::SIGSEGV => "segmentation fault",
+            libc::SIGTERM => "terminated",
+            _ => "",
+        };
+        if name.is_empty() {
+            format!("signal: {sig}")
+        } else {
+            format!("signal: {name}")
+        }
+    } else {
+        "exited".to_string()
+    }
+}
+
+// ---- the Runtime API, served to one environment ----
+
+fn runtime_error(status: StatusCode, error_type: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "errorType": error_type, "errorMessage": message });
+    (status, axum::Json(body)).into_response()
+}
+
+async fn next(State(shared): State<Arc<Shared>>) -> Response {
+    let pending = {
+        let mut rx = shared.pending.lock().await;
+        rx.recv().await
+    };
+    let Some(p) = pending else {
+        return runtime_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Runtime.Shutdown",
+            "the environment is shutting down",
+        );
+    };
+    let picked_at = Instant::now();
+    let deadline_ms = (SystemTime::now() + p.timeout)
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    let inv = p.inv;
+    *shared.current.lock().unwrap_or_else(|e| e.into_inner()) = Some(Current {
+        request_id: inv.request_id.clone(),
+        reply: p.reply,
+    });
+    let _ = p.picked.send(picked_at);
+
+    let mut headers = HeaderMap::new();
+    let mut put = |name: &'static str, value: &str| {
+        if let Ok(v) = HeaderValue::from_str(value) {
+            headers.insert(name, v);
+        }
+    };
+    put("content-type", "application/json");
+    put("lambda-runtime-aws-request-id", &inv.request_id);
+    put("lambda-runtime-deadline-ms", &deadline_ms.to_string());
+    put("lambda-runtime-invoked-function-arn", &inv.invoked_arn);
+    put("lambda-runtime-trace-id", &inv.trace_id);
+    if let Some(cc) = &inv.client_context {
+        put("lambda-runtime-client-context", cc);
+    }
+    if let Some(ci) = &inv.cognito_identity {
+        put("lambda-runtime-cognito-identity", ci);
+    }
+    (StatusCode::OK, headers, Body::from(inv.payload)).into_response()
+}
+
+fn take_current(shared: &Shared, id: &str) -> Option<Current> {
+    let mut current = shared.current.lock().unwrap_or_else(|e| e.into_inner());
+    if current.as_ref().is_some_and(|c| c.request_id == id) {
+        current.take()
+    } else {
+        None
+    }
+}
+
+async fn response(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    body: Body,
+) -> Response {
+    let Some(current) = take_current(&shared, &id) else {
+        return runtime_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestID",
+            "no invocation with this request id is running",
+        );
+    };
+    match axum::body::to_bytes(body, MAX_SYNC_PAYLOAD).await {
+        Ok(bytes) => {
+            let _ = current.reply.send(Reply::Response(bytes));
+            (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+        }
+        Err(_) => {
+            let message = format!(
+                "Response payload size exceeded maximum allowed payload size ({MAX_SYNC_PAYLOAD} bytes)."
+            );
+            let _ = current.reply.send(Reply::Error(FunctionError::new(
+                "Function.ResponseSizeTooLarge",
+                message.clone(),
+            )));
+            runtime_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", &message)
+        }
+    }
+}
+
+async fn error(
+    State(shared): State<Arc<Shared>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let Some(current) = take_current(&shared, &id) else {
+        return runtime_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidRequestID",
+            "no invocation with this request id is running",
+        );
+    };
+    let header_type = headers
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok());
+    let _ = current
+        .reply
+        .send(Reply::Error(FunctionError::from_runtime_body(&body, header_type)));
+    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+}
+
+async fn init_error(
+    State(shared): State<Arc<Shared>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let header_type = headers
+        .get("lambda-runtime-function-error-type")
+        .and_then(|v| v.to_str().ok())
+        .or(Some("Runtime.Unknown"));
+    let error = FunctionError::from_runtime_body(&body, header_type);
+    shared.status.send_modify(|s| *s = Status::InitFailed(error));
+    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+}

@@ -1,0 +1,277 @@
+//! Sluice's configuration: the YAML schema, loading, `${VAR}` interpolation and validation.
+//!
+//! Loading is pure: it reads the file and the environment, never the network. Every problem in
+//! a file is reported at once, each with its path (`functions.resize.timeout`) and its line and
+//! column, before anything starts.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+mod decode;
+mod error;
+mod interpolate;
+mod schema;
+mod shell;
+mod units;
+mod yaml;
+
+pub use error::{ConfigError, ConfigErrors};
+pub use units::{parse_duration, parse_size};
+
+/// Every default in one place.
+pub mod defaults {
+    use std::net::{Ipv4Addr, SocketAddr};
+    use std::time::Duration;
+
+    pub const LISTEN: SocketAddr = SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 9000);
+    pub const STATE: &str = "sqlite://./data/sluice.db";
+    /// Lambda's limit for a zipped deployment package, 50 MB.
+    pub const PACKAGE_ZIPPED: u64 = 50_000_000;
+    /// Lambda's limit for an unpacked deployment package, 250 MB.
+    pub const PACKAGE_UNPACKED: u64 = 250_000_000;
+    /// Lambda's default account-wide concurrency.
+    pub const CONCURRENCY_LIMIT: u32 = 1000;
+    pub const MEMORY_MB: u32 = 128;
+    pub const TIMEOUT: Duration = Duration::from_secs(3);
+    /// What a `process` function runs when it gives no `command`, as Lambda's custom runtimes do.
+    pub const COMMAND: &str = "./bootstrap";
+}
+
+/// Reads and checks the configuration file at `path`, substituting `${VAR}` from the process
+/// environment. Relative paths in the file are resolved against the file's directory.
+pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
+    let origin = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        origin: origin.clone(),
+        path: String::new(),
+        location: None,
+        message: format!("cannot read the file: {e}"),
+    })?;
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir,
+        _ => Path::new("."),
+    };
+    // Absolute, so that package paths stay right if the process changes directory later.
+    let base_dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    parse_str(&text, &origin, &base_dir, &|name| std::env::var(name).ok())
+}
+
+/// Parses and checks configuration text. `origin` names it in errors; `env` looks up
+/// `${VAR}`s (pass a fixed map in tests). Every problem is reported, in file order.
+pub fn parse_str(
+    text: &str,
+    origin: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    let root = yaml::parse(text).map_err(|e| ConfigError {
+        origin: origin.to_owned(),
+        path: String::new(),
+        location: Some(e.location),
+        message: format!("invalid YAML: {}", e.message),
+    })?;
+    let mut decoder = decode::Decoder::new(origin, env);
+    if let Some(root) = &root {
+        decoder.record_locations(root, "", None);
+    }
+    let mut config = schema::decode(&mut decoder, root.as_ref(), base_dir);
+    config.origin = origin.to_owned();
+    config.locations = std::mem::take(&mut decoder.locations);
+    let mut errors = decoder.errors;
+    if errors.is_empty() {
+        return Ok(config);
+    }
+    // Decoding goes field by field; readers want the file's order. Unplaced errors go last.
+    errors.sort_by_key(|e| {
+        e.location
+            .map_or((usize::MAX, usize::MAX), |l| (l.line, l.column))
+    });
+    Err(ConfigErrors { errors })
+}
+
+/// The whole configuration file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub api: ApiConfig,
+    /// State store URL: `sqlite://PATH` (the embedded default) or `postgres://…`.
+    pub state: String,
+    pub limits: Limits,
+    pub concurrency: ConcurrencyConfig,
+    /// Functions by name, in file order is not kept: names are sorted.
+    pub functions: BTreeMap<String, FunctionConfig>,
+    /// Push sources (mappings) by name.
+    pub sources: BTreeMap<String, SourceConfig>,
+    /// Where every node of the file stood, by path (`functions.resize.package`), so that errors
+    /// found after loading (a missing package, say) can still name the line and column.
+    pub locations: BTreeMap<String, Location>,
+    /// The file the configuration came from (`<string>` when parsed from memory).
+    pub origin: String,
+    /// Relative paths in the file are resolved against this directory.
+    pub base_dir: PathBuf,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiConfig {
+    /// `api.listen`, default `127.0.0.1:9000`.
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// `limits.package_zipped`, default 50 MB.
+    pub package_zipped: u64,
+    /// `limits.package_unpacked`, default 250 MB.
+    pub package_unpacked: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConcurrencyConfig {
+    /// `concurrency.limit`: account-wide concurrent executions, default 1000.
+    pub limit: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Runtime {
+    /// Start the package's program and serve it the Lambda Runtime API.
+    Process,
+    /// POST the event to `url`; the response body is the result.
+    Http,
+    /// A Rust handler registered in-process under `handler` (default: the function's name).
+    Native,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct FunctionConfig {
+    pub runtime: Runtime,
+    /// Directory or `.zip`, resolved against `Config::base_dir`. Required for `process`.
+    pub package: Option<PathBuf>,
+    /// argv of the program to start; a string is split on whitespace (quotes group words).
+    /// Default for `process`: `["./bootstrap"]`, run inside the package directory.
+    pub command: Option<Vec<String>>,
+    /// Exported to the program as `_HANDLER`.
+    pub handler: Option<String>,
+    /// 128–10240, default 128.
+    pub memory_mb: u32,
+    /// 1 s–900 s, default 3 s.
+    pub timeout: Duration,
+    pub environment: BTreeMap<String, String>,
+    pub reserved_concurrency: Option<u32>,
+    pub description: Option<String>,
+    pub tags: BTreeMap<String, String>,
+    /// Required for `http`: where the event is POSTed.
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SourceConfig {
+    /// `function`: a name with an optional qualifier (`resize`, `resize:live`, `resize:3`).
+    pub function: String,
+    pub enabled: bool,
+    pub kind: SourceKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    /// `type: schedule`
+    Schedule(ScheduleConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleConfig {
+    pub schedule: Schedule,
+    /// `input`: a JSON/YAML value delivered instead of the scheduled-event payload.
+    pub input: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Schedule {
+    /// `rate: 5 minutes`, `rate(5 minutes)`, `rate: 10 seconds`.
+    Rate(Duration),
+}
+
+impl Config {
+    /// Where the node at `path` (`functions.resize.package`) stood in the file.
+    pub fn location(&self, path: &str) -> Option<Location> {
+        self.locations.get(path).copied()
+    }
+
+    /// An error about the node at `path` found after loading (a package directory that does
+    /// not exist, say), placed at that node's line and column.
+    pub fn error_at(&self, path: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError {
+            origin: self.origin.clone(),
+            path: path.to_owned(),
+            location: self.location(path),
+            message: message.into(),
+        }
+    }
+}
+
+/// The configuration of an empty file: every default and no functions or sources.
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            api: ApiConfig::default(),
+            state: defaults::STATE.to_owned(),
+            limits: Limits::default(),
+            concurrency: ConcurrencyConfig::default(),
+            functions: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            locations: BTreeMap::new(),
+            origin: "<default>".to_owned(),
+            base_dir: PathBuf::from("."),
+        }
+    }
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: defaults::LISTEN,
+        }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            package_zipped: defaults::PACKAGE_ZIPPED,
+            package_unpacked: defaults::PACKAGE_UNPACKED,
+        }
+    }
+}
+
+impl Default for ConcurrencyConfig {
+    fn default() -> Self {
+        ConcurrencyConfig {
+            limit: defaults::CONCURRENCY_LIMIT,
+        }
+    }
+}
+
+impl Runtime {
+    /// The spelling used in the file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Runtime::Process => "process",
+            Runtime::Http => "http",
+            Runtime::Native => "native",
+        }
+    }
+}
+
+impl fmt::Display for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A position in the configuration file, 1-based.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Location {
+    pub line: usize,
+    pub column: usize,
+}

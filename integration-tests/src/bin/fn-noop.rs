@@ -1,0 +1,12 @@
+//! The benchmark function: a `lambda_runtime` function that returns its event unchanged.
+
+use lambda_runtime::{Error, LambdaEvent, service_fn};
+use serde_json::Value;
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    lambda_runtime::run(service_fn(|event: LambdaEvent<Value>| async move {
+        Ok::<Value, Error>(sluice_integration_tests::noop_handler(event.payload).await)
+    }))
+    .await
+}

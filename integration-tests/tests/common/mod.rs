@@ -1,0 +1,406 @@
+//! What the integration tests share: a Sluice started in-process from a YAML config, its
+//! Invoke API as a plain HTTP client sees it, and the test functions' configurations.
+
+// Each test binary uses its own part of this module.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use serde_json::Value;
+use sluice_integration_tests::{functions_dir, venv_python};
+use tempfile::TempDir;
+
+/// How long any single HTTP request to Sluice may take before the test fails instead of hanging.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// One function of a test configuration, rendered as YAML under `functions:`.
+#[derive(Debug, Clone)]
+pub struct Function {
+    pub name: String,
+    settings: BTreeMap<String, String>,
+}
+
+/// YAML for a string, quoted so that no path or value is read as anything else.
+pub fn quoted(text: &str) -> String {
+    serde_json::Value::String(text.to_owned()).to_string()
+}
+
+/// YAML for a list of strings.
+pub fn quoted_list(items: &[&str]) -> String {
+    let items: Vec<String> = items.iter().map(|s| quoted(s)).collect();
+    format!("[{}]", items.join(", "))
+}
+
+impl Function {
+    /// A bare `process` function; add `package`, `command` and the rest with [`Function::set`].
+    pub fn process(name: &str) -> Self {
+        Function {
+            name: name.to_owned(),
+            settings: BTreeMap::new(),
+        }
+        .set("runtime", "process")
+    }
+
+    /// `fn-rust` (see `sluice_integration_tests::test_function`), with an empty package.
+    pub fn rust(name: &str) -> Self {
+        Self::process(name)
+            .set("package", EMPTY_PACKAGE)
+            .set("handler", "bootstrap")
+            .set(
+                "command",
+                &quoted_list(&[env!("CARGO_BIN_EXE_fn-rust")]),
+            )
+    }
+
+    /// A Python function under `integration-tests/functions/<dir>` run by awslambdaric from the
+    /// test virtualenv.
+    pub fn python(name: &str, dir: &str) -> Self {
+        let python = venv_python();
+        let package = functions_dir().join(dir);
+        Self::process(name)
+            .set("package", &quoted(&package.to_string_lossy()))
+            .set("handler", "app.handler")
+            .set(
+                "command",
+                &quoted_list(&[&python.to_string_lossy(), "-m", "awslambdaric", "app.handler"]),
+            )
+    }
+
+    /// `integration-tests/functions/shell`: a bash and curl bootstrap, started the default way.
+    pub fn shell(name: &str) -> Self {
+        let package = functions_dir().join("shell");
+        Self::process(name)
+            .set("package", &quoted(&package.to_string_lossy()))
+            .set("handler", "function.handler")
+    }
+
+    /// Sets `key` to a YAML value (flow style: `1s`, `[a, b]`, `{A: "1"}`).
+    pub fn set(mut self, key: &str, yaml_value: &str) -> Self {
+        self.settings.insert(key.to_owned(), yaml_value.to_owned());
+        self
+    }
+
+    fn yaml(&self) -> String {
+        let mut out = format!("  {}:\n", quoted(&self.name));
+        for (key, value) in &self.settings {
+            out.push_str(&format!("    {key}: {value}\n"));
+        }
+        out
+    }
+}
+
+/// Replaced by an empty directory inside the test's own temporary directory.
+const EMPTY_PACKAGE: &str = "empty-package";
+
+/// A Sluice running in this process on an ephemeral port, with its own data directory.
+pub struct Sluice {
+    running: Option<sluice::Running>,
+    pub url: String,
+    pub http: reqwest::Client,
+    pub yaml: String,
+    dir: TempDir,
+}
+
+impl Sluice {
+    /// Starts Sluice with these functions, or panics saying why it did not start.
+    pub async fn start(functions: &[Function]) -> Sluice {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        std::fs::create_dir_all(dir.path().join(EMPTY_PACKAGE)).expect("empty package directory");
+        std::fs::create_dir_all(dir.path().join("data")).expect("data directory");
+        let mut yaml = format!(
+            "state: {}\nfunctions:\n",
+            quoted(&format!("sqlite://{}/data/sluice.db", dir.path().display()))
+        );
+        for function in functions {
+            yaml.push_str(&function.yaml());
+        }
+        let config = sluice_config::parse_str(&yaml, "test.yaml", dir.path(), &|key| {
+            std::env::var(key).ok()
+        })
+        .unwrap_or_else(|errors| panic!("the test configuration does not load:\n{errors}\n---\n{yaml}"));
+        let options = sluice::StartOptions {
+            listen: Some("127.0.0.1:0".parse().expect("socket address")),
+            data_dir: Some(dir.path().join("data")),
+            ..Default::default()
+        };
+        let running = sluice::start(config, options)
+            .await
+            .unwrap_or_else(|error| panic!("sluice does not start: {error}\n---\n{yaml}"));
+        let url = format!("http://{}", running.api_addr());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("HTTP client");
+        Sluice {
+            running: Some(running),
+            url,
+            http,
+            yaml,
+            dir,
+        }
+    }
+
+    /// Starts Sluice with one function.
+    pub async fn with(function: Function) -> Sluice {
+        Self::start(&[function]).await
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn invocations_url(&self, function: &str) -> String {
+        format!("{}/2015-03-31/functions/{function}/invocations", self.url)
+    }
+
+    /// A synchronous invoke with no extra headers.
+    pub async fn invoke(&self, function: &str, payload: &Value) -> Invoked {
+        self.invoke_with(function, payload, &[]).await
+    }
+
+    /// An invoke with extra headers (`X-Amz-Invocation-Type`, `X-Amz-Log-Type`, …).
+    pub async fn invoke_with(
+        &self,
+        function: &str,
+        payload: &Value,
+        headers: &[(&str, &str)],
+    ) -> Invoked {
+        let mut request = self
+            .http
+            .post(self.invocations_url(function))
+            .body(payload.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let started = Instant::now();
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("invoke {function}: {error}"));
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = response
+            .bytes()
+            .await
+            .unwrap_or_else(|error| panic!("invoke {function}: reading the body: {error}"))
+            .to_vec();
+        Invoked {
+            function: function.to_owned(),
+            status,
+            headers,
+            body,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// GET a path on the API address; returns the status and the body as text.
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self
+            .http
+            .get(format!("{}{path}", self.url))
+            .send()
+            .await
+            .unwrap_or_else(|error| panic!("GET {path}: {error}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        (status, text)
+    }
+
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+/// One Invoke API response.
+#[derive(Debug)]
+pub struct Invoked {
+    pub function: String,
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Vec<u8>,
+    pub elapsed: Duration,
+}
+
+impl Invoked {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_slice(&self.body).unwrap_or_else(|error| {
+            panic!("invoke {}: body is not JSON ({error}): {}", self.function, self.text())
+        })
+    }
+
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(name)
+            .map(|value| String::from_utf8_lossy(value.as_bytes()).into_owned())
+    }
+
+    pub fn function_error(&self) -> Option<String> {
+        self.header("x-amz-function-error")
+    }
+
+    /// Asserts a 200 without a function error and returns the result as JSON.
+    #[track_caller]
+    pub fn ok_json(&self) -> Value {
+        assert_eq!(
+            (self.status, self.function_error()),
+            (200, None),
+            "invoke {} should succeed; body: {}",
+            self.function,
+            self.text()
+        );
+        self.json()
+    }
+
+    /// Asserts a 200 with `X-Amz-Function-Error: Unhandled` and returns the error body.
+    #[track_caller]
+    pub fn unhandled_error(&self) -> Value {
+        assert_eq!(
+            (self.status, self.function_error().as_deref()),
+            (200, Some("Unhandled")),
+            "invoke {} should report a function error; body: {}",
+            self.function,
+            self.text()
+        );
+        let error = self.json();
+        assert!(
+            error.get("errorType").and_then(Value::as_str).is_some()
+                && error.get("errorMessage").and_then(Value::as_str).is_some(),
+            "a function error has errorType and errorMessage: {error}"
+        );
+        error
+    }
+
+    /// The decoded `X-Amz-Log-Result` header.
+    #[track_caller]
+    pub fn log_result(&self) -> String {
+        let encoded = self.header("x-amz-log-result").unwrap_or_else(|| {
+            panic!(
+                "invoke {}: no X-Amz-Log-Result header; headers: {:?}",
+                self.function, self.headers
+            )
+        });
+        let bytes = BASE64
+            .decode(encoded.as_bytes())
+            .unwrap_or_else(|error| panic!("X-Amz-Log-Result is not base64 ({error}): {encoded}"));
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+}
+
+/// `field` of a JSON object as a string, or a panic naming it.
+#[track_caller]
+pub fn str_field<'a>(value: &'a Value, field: &str) -> &'a str {
+    value
+        .get(field)
+        .and_then(Value::as_str)
+        .unwrap_or_else(|| panic!("no string `{field}` in {value}"))
+}
+
+/// The process id `echo` reported.
+#[track_caller]
+pub fn pid(echo: &Value) -> u64 {
+    echo.get("pid")
+        .and_then(Value::as_u64)
+        .unwrap_or_else(|| panic!("no pid in {echo}"))
+}
+
+/// The value of an environment variable `echo` reported (`None` when unset).
+#[track_caller]
+pub fn env_var(echo: &Value, name: &str) -> Option<String> {
+    let env = echo
+        .get("env")
+        .unwrap_or_else(|| panic!("no env in {echo}"));
+    assert!(
+        env.get(name).is_some(),
+        "{name} was not asked for; add it to env_names"
+    );
+    env.get(name).and_then(Value::as_str).map(str::to_owned)
+}
+
+/// Asserts that `arn` is `arn:aws:lambda:<region>:<12-digit account>:function:<function>`.
+#[track_caller]
+pub fn assert_function_arn(arn: &str, function: &str) {
+    let parts: Vec<&str> = arn.split(':').collect();
+    assert!(
+        parts.len() == 7
+            && parts[..3] == ["arn", "aws", "lambda"]
+            && !parts[3].is_empty()
+            && parts[4].len() == 12
+            && parts[4].chars().all(|c| c.is_ascii_digit())
+            && parts[5] == "function"
+            && parts[6] == function,
+        "`{arn}` is not arn:aws:lambda:<region>:<account>:function:{function}"
+    );
+}
+
+/// Asserts that `id` is a UUID, as Lambda request ids are.
+#[track_caller]
+pub fn assert_request_id(id: &str) {
+    assert!(
+        uuid::Uuid::parse_str(id).is_ok(),
+        "request id `{id}` is not a UUID"
+    );
+}
+
+/// Environment for a client subprocess (boto3, the AWS CLI): dummy credentials, no profile,
+/// no instance metadata, nothing from the developer's own AWS setup.
+pub fn aws_client_env(home: &Path) -> Vec<(String, String)> {
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into());
+    [
+        ("PATH", path.as_str()),
+        ("HOME", &home.to_string_lossy()),
+        ("AWS_ACCESS_KEY_ID", "testing"),
+        ("AWS_SECRET_ACCESS_KEY", "testing"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_CONFIG_FILE", &home.join("aws-config").to_string_lossy()),
+        (
+            "AWS_SHARED_CREDENTIALS_FILE",
+            &home.join("aws-credentials").to_string_lossy(),
+        ),
+        ("AWS_EC2_METADATA_DISABLED", "true"),
+        ("AWS_PAGER", ""),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Runs a program to completion within `limit`; returns (exit code, stdout, stderr).
+pub async fn run_program(
+    program: &Path,
+    args: &[&str],
+    env: &[(String, String)],
+    limit: Duration,
+) -> (i32, String, String) {
+    let mut command = tokio::process::Command::new(program);
+    command
+        .args(args)
+        .env_clear()
+        .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+        .kill_on_drop(true);
+    let output = tokio::time::timeout(limit, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within {limit:?}", program.display()))
+        .unwrap_or_else(|error| panic!("cannot run {}: {error}", program.display()));
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// A client script under `integration-tests/clients`.
+pub fn client_script(name: &str) -> PathBuf {
+    sluice_integration_tests::clients_dir().join(name)
+}
