@@ -361,3 +361,35 @@ mod tests {
         );
     }
 }
+
+impl sluice_connectors::Dispatch for Functions {
+    fn invoke<'a>(
+        &'a self,
+        function: &'a str,
+        payload: Bytes,
+    ) -> sluice_connectors::DispatchFuture<'a> {
+        use sluice_connectors::DispatchError;
+        Box::pin(async move {
+            let (name, qualifier) = match function.split_once(':') {
+                Some((n, q)) => (n, Some(q)),
+                None => (function, None),
+            };
+            let f = match self.get(name) {
+                Some(f) if qualifier.is_none_or(|q| q == LATEST) => f,
+                _ => return Err(DispatchError::NotFound(function.to_string())),
+            };
+            let arn = match qualifier {
+                Some(q) => format!("{}:{q}", f.arn),
+                None => f.arn.clone(),
+            };
+            let outcome = f
+                .invoke(Invocation::new(payload, arn))
+                .await
+                .map_err(|t| DispatchError::Throttled(t.reason().to_string()))?;
+            outcome.result.map_err(|e| DispatchError::Function {
+                error_type: e.error_type,
+                message: e.error_message,
+            })
+        })
+    }
+}

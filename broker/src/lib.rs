@@ -18,6 +18,7 @@ use sluice_config::Config;
 use thiserror::Error;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
 
 pub use function::{BuildError, Function, Functions, InvokeOutcome, Throttle};
 pub use invocation::{FunctionError, Invocation};
@@ -59,6 +60,8 @@ pub struct Running {
     functions: Arc<Functions>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
+    sources: CancellationToken,
+    source_tasks: Vec<JoinHandle<()>>,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -74,6 +77,10 @@ impl Running {
     /// Stops accepting requests, lets in-flight invocations finish within `grace`, then
     /// retires every execution environment.
     pub async fn shutdown_within(mut self, grace: Duration) {
+        self.sources.cancel();
+        for task in self.source_tasks.drain(..) {
+            let _ = task.await;
+        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
@@ -140,12 +147,44 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             tracing::error!(error = %e, "the API server stopped");
         }
     });
-    tracing::info!(%addr, functions = functions.names().count(), "Sluice is listening");
+    let sources = CancellationToken::new();
+    let source_tasks = start_sources(&config, &functions, &sources);
+    tracing::info!(%addr, functions = functions.names().count(), sources = source_tasks.len(), "Sluice is listening");
     Ok(Running {
         addr,
         functions,
         stop: Some(stop_tx),
         server,
+        sources,
+        source_tasks,
         _temp: temp,
     })
+}
+
+fn start_sources(
+    config: &Config,
+    functions: &Arc<Functions>,
+    stop: &CancellationToken,
+) -> Vec<JoinHandle<()>> {
+    let dispatch: Arc<dyn sluice_connectors::Dispatch> = functions.clone();
+    let mut tasks = Vec::new();
+    for (name, source) in &config.sources {
+        if !source.enabled {
+            tracing::info!(source = %name, "source disabled");
+            continue;
+        }
+        match &source.kind {
+            sluice_config::SourceKind::Schedule(schedule) => {
+                let source = sluice_connectors::schedule::ScheduleSource::new(
+                    name,
+                    &source.function,
+                    schedule.clone(),
+                    invocation::REGION,
+                    invocation::ACCOUNT_ID,
+                );
+                tasks.push(tokio::spawn(source.run(dispatch.clone(), stop.child_token())));
+            }
+        }
+    }
+    tasks
 }

@@ -94,15 +94,15 @@ fn unique_entries(entries: &[(Node, Node)]) -> Vec<Entry<'_>> {
     let mut seen = Vec::new();
     let mut unique = Vec::new();
     for (key, value) in entries {
-        if let Kind::Scalar { text, .. } = &key.kind {
-            if !seen.contains(&text.as_str()) {
-                seen.push(text.as_str());
-                unique.push(Entry {
-                    key: text,
-                    key_location: key.location,
-                    value,
-                });
-            }
+        if let Kind::Scalar { text, .. } = &key.kind
+            && !seen.contains(&text.as_str())
+        {
+            seen.push(text.as_str());
+            unique.push(Entry {
+                key: text,
+                key_location: key.location,
+                value,
+            });
         }
     }
     unique
@@ -177,8 +177,10 @@ impl<'a> Decoder<'a> {
                     };
                     let key_path = child(path, text);
                     if let Some(first) = first_seen.get(text.as_str()) {
-                        let message =
-                            format!("duplicate key `{text}` (first given on line {})", first.line);
+                        let message = format!(
+                            "duplicate key `{text}` (first given on line {})",
+                            first.line
+                        );
                         self.error_at(&key_path, Some(key.location), message);
                         continue;
                     }
@@ -201,7 +203,10 @@ impl<'a> Decoder<'a> {
             Kind::Mapping(entries) => unique_entries(entries),
             Kind::Scalar { .. } if node.is_null() => Vec::new(),
             _ => {
-                self.error(path, format!("expected a mapping, found {}", node.type_name()));
+                self.error(
+                    path,
+                    format!("expected a mapping, found {}", node.type_name()),
+                );
                 return None;
             }
         };
@@ -383,7 +388,10 @@ impl<'a> Decoder<'a> {
                     }
                     None => {
                         let found = yaml::scalar_type(&text, plain);
-                        self.error(&path, format!("expected an integer, found {found} (`{text}`)"));
+                        self.error(
+                            &path,
+                            format!("expected an integer, found {found} (`{text}`)"),
+                        );
                         Field::Invalid
                     }
                 }
@@ -403,7 +411,10 @@ impl<'a> Decoder<'a> {
                 Some(value) => Field::Value(value),
                 None => {
                     let found = yaml::scalar_type(&text, plain);
-                    self.error(&path, format!("expected true or false, found {found} (`{text}`)"));
+                    self.error(
+                        &path,
+                        format!("expected true or false, found {found} (`{text}`)"),
+                    );
                     Field::Invalid
                 }
             },

@@ -84,6 +84,9 @@ mod tests {
         let errors = ConfigErrors {
             errors: vec![error("a", None), error("b", None)],
         };
-        assert_eq!(errors.to_string(), "sluice.yaml: a: bad\nsluice.yaml: b: bad");
+        assert_eq!(
+            errors.to_string(),
+            "sluice.yaml: a: bad\nsluice.yaml: b: bad"
+        );
     }
 }

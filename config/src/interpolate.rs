@@ -124,7 +124,9 @@ mod tests {
     fn malformed_references_are_errors() {
         assert_eq!(
             run("${HOME"),
-            Err(vec!["unterminated `${` in `${HOME`: expected `}`".to_owned()])
+            Err(vec![
+                "unterminated `${` in `${HOME`: expected `}`".to_owned()
+            ])
         );
         assert!(run("${1X}").unwrap_err()[0].contains("invalid variable reference `${1X}`"));
         assert!(run("${}").is_err());

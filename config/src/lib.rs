@@ -275,3 +275,70 @@ pub struct Location {
     pub line: usize,
     pub column: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigErrors> {
+        let env = |name: &str| match name {
+            "MEMORY" => Some("512".to_owned()),
+            "TIMEOUT" => Some("45s".to_owned()),
+            _ => None,
+        };
+        parse_str(text, "test.yaml", Path::new("/base"), &env)
+    }
+
+    #[test]
+    fn a_minimal_process_function_gets_lambda_defaults() {
+        let config = parse("functions:\n  f:\n    package: pkg\n").unwrap();
+        let f = &config.functions["f"];
+        assert_eq!(f.runtime, Runtime::Process);
+        assert_eq!(f.package.as_deref(), Some(Path::new("/base/pkg")));
+        assert_eq!(f.command, Some(vec!["./bootstrap".to_owned()]));
+        assert_eq!(f.handler, None);
+        assert_eq!(f.memory_mb, 128);
+        assert_eq!(f.timeout, Duration::from_secs(3));
+        assert!(f.environment.is_empty() && f.tags.is_empty());
+        assert_eq!(
+            (f.reserved_concurrency, &f.description, &f.url),
+            (None, &None, &None)
+        );
+    }
+
+    #[test]
+    fn interpolation_happens_before_typing() {
+        let config = parse(
+            "functions:\n  f:\n    package: p\n    memory_mb: ${MEMORY}\n    timeout: ${TIMEOUT}\n",
+        )
+        .unwrap();
+        assert_eq!(config.functions["f"].memory_mb, 512);
+        assert_eq!(config.functions["f"].timeout, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn an_empty_substitution_falls_back_to_the_default() {
+        let config = parse("functions:\n  f:\n    package: p\n    timeout: ${UNSET:-}\n").unwrap();
+        assert_eq!(config.functions["f"].timeout, Duration::from_secs(3));
+    }
+
+    #[test]
+    fn errors_come_in_file_order_whatever_the_decoding_order() {
+        let errors = parse("sources:\n  s:\n    type: nope\nstate: bad\n").unwrap_err();
+        let lines: Vec<usize> = errors
+            .errors
+            .iter()
+            .map(|e| e.location.unwrap().line)
+            .collect();
+        assert_eq!(lines, [3, 4]);
+    }
+
+    #[test]
+    fn a_string_where_a_mapping_belongs_is_reported_once() {
+        let errors = parse("functions: resize\n").unwrap_err();
+        assert_eq!(
+            errors.to_string(),
+            "test.yaml:1:12: functions: expected a mapping, found a string"
+        );
+    }
+}

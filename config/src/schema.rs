@@ -11,8 +11,8 @@ use crate::shell::split_words;
 use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
 use crate::{
-    ApiConfig, ConcurrencyConfig, Config, FunctionConfig, Limits, Runtime, Schedule,
-    ScheduleConfig, SourceConfig, SourceKind, defaults,
+    ConcurrencyConfig, Config, FunctionConfig, Limits, Runtime, Schedule, ScheduleConfig,
+    SourceConfig, SourceKind, defaults,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -143,10 +143,10 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
 }
 
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {
-    if let Some(port) = text.strip_prefix("localhost:") {
-        if let Ok(port) = port.parse::<u16>() {
-            return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
-        }
+    if let Some(port) = text.strip_prefix("localhost:")
+        && let Ok(port) = port.parse::<u16>()
+    {
+        return Ok(SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
     }
     text.parse().map_err(|_| {
         format!("invalid address `{text}`: expected IP:PORT, like `127.0.0.1:9000` or `[::1]:9000`")
@@ -303,9 +303,9 @@ fn decode_function(
     let tags = decode_tags(d, &fields);
 
     let runtime = runtime?;
-    let command = command.ok().or_else(|| {
-        (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()])
-    });
+    let command = command
+        .ok()
+        .or_else(|| (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()]));
     let handler = handler.or_else(|| (runtime == Runtime::Native).then(|| name.to_owned()));
     Some(FunctionConfig {
         runtime,
@@ -444,10 +444,13 @@ fn decode_environment(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<Stri
             Some(format!(
                 "invalid environment variable name `{name}`: must match [A-Za-z_][A-Za-z0-9_]*"
             ))
-        } else if RESERVED_ENV.contains(&name) || name.starts_with(RESERVED_ENV_PREFIX) {
+        } else if name.starts_with(RESERVED_ENV_PREFIX) {
             Some(format!(
-                "environment variable `{name}` is reserved: the runtime sets it (reserved are {}, and every name starting with `{RESERVED_ENV_PREFIX}`)",
-                RESERVED_ENV.join(", ")
+                "environment variable `{name}` is reserved: names starting with `{RESERVED_ENV_PREFIX}` are set by the runtime"
+            ))
+        } else if RESERVED_ENV.contains(&name) {
+            Some(format!(
+                "environment variable `{name}` is reserved: the runtime sets it"
             ))
         } else {
             None
@@ -522,7 +525,9 @@ fn decode_source(
     d.check_keys(&fields, SCHEDULE_KEYS);
 
     let function = match d.string(&fields, "function") {
-        Field::Value(function) => check_function_ref(d, &fields.path_of("function"), function, declared),
+        Field::Value(function) => {
+            check_function_ref(d, &fields.path_of("function"), function, declared)
+        }
         Field::Absent => {
             d.error(path, "missing field `function`");
             None
@@ -568,6 +573,13 @@ fn check_function_ref(
         Some((name, qualifier)) => (name, Some(qualifier)),
         None => (reference.as_str(), None),
     };
+    if qualifier == Some("") {
+        d.error(
+            path,
+            format!("missing qualifier after `:` in `{reference}`: give a version or an alias, like `{name}:live`"),
+        );
+        return None;
+    }
     if let Some(qualifier) = qualifier {
         let valid = (1..=128).contains(&qualifier.len())
             && qualifier

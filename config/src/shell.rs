@@ -78,13 +78,19 @@ mod tests {
     #[test]
     fn whitespace_separates_words() {
         assert_eq!(split("python3  -m   app"), ["python3", "-m", "app"]);
-        assert_eq!(split("  ./bootstrap\t--verbose \n"), ["./bootstrap", "--verbose"]);
+        assert_eq!(
+            split("  ./bootstrap\t--verbose \n"),
+            ["./bootstrap", "--verbose"]
+        );
         assert!(split("   ").is_empty());
     }
 
     #[test]
     fn quotes_group_words() {
-        assert_eq!(split("sh -c 'echo hi; exit 1'"), ["sh", "-c", "echo hi; exit 1"]);
+        assert_eq!(
+            split("sh -c 'echo hi; exit 1'"),
+            ["sh", "-c", "echo hi; exit 1"]
+        );
         assert_eq!(split(r#"node "my app.js""#), ["node", "my app.js"]);
         assert_eq!(split(r#"a"b c"d"#), ["ab cd"]);
         assert_eq!(split("x '' y"), ["x", "", "y"]);

@@ -234,10 +234,7 @@ mod tests {
         assert_eq!(parse_duration("1.5s"), Ok(ms(1_500)));
         assert_eq!(parse_duration("0.1s"), Ok(ms(100)));
         assert_eq!(parse_duration(".25h"), Ok(ms(900_000)));
-        assert_eq!(
-            parse_duration("0.000000001s"),
-            Ok(Duration::from_nanos(1))
-        );
+        assert_eq!(parse_duration("0.000000001s"), Ok(Duration::from_nanos(1)));
     }
 
     #[test]
@@ -254,11 +251,19 @@ mod tests {
     fn malformed_durations_are_rejected() {
         assert!(parse_duration("").is_err());
         assert!(parse_duration("-1s").unwrap_err().contains("negative"));
-        assert!(parse_duration("5x").unwrap_err().contains("unknown unit `x`"));
+        assert!(
+            parse_duration("5x")
+                .unwrap_err()
+                .contains("unknown unit `x`")
+        );
         assert!(parse_duration("5 s").is_err());
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1m30").is_err());
-        assert!(parse_duration("99999999999999999999d").unwrap_err().contains("too large"));
+        assert!(
+            parse_duration("99999999999999999999d")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]
@@ -281,8 +286,16 @@ mod tests {
         assert!(parse_size("MB").is_err());
         assert!(parse_size("-1MB").unwrap_err().contains("negative"));
         assert!(parse_size("6XB").unwrap_err().contains("unknown unit `XB`"));
-        assert!(parse_size("1.5").unwrap_err().contains("whole number of bytes"));
-        assert!(parse_size("99999999999TB").unwrap_err().contains("too large"));
+        assert!(
+            parse_size("1.5")
+                .unwrap_err()
+                .contains("whole number of bytes")
+        );
+        assert!(
+            parse_size("99999999999TB")
+                .unwrap_err()
+                .contains("too large")
+        );
     }
 
     #[test]
@@ -299,11 +312,27 @@ mod tests {
 
     #[test]
     fn zero_and_malformed_rates_are_rejected() {
-        assert!(parse_rate("0 minutes").unwrap_err().contains("greater than zero"));
+        assert!(
+            parse_rate("0 minutes")
+                .unwrap_err()
+                .contains("greater than zero")
+        );
         assert!(parse_rate("0s").unwrap_err().contains("greater than zero"));
-        assert!(parse_rate("rate(5 minutes").unwrap_err().contains("missing `)`"));
-        assert!(parse_rate("5 fortnights").unwrap_err().contains("unknown unit"));
-        assert!(parse_rate("five minutes").unwrap_err().contains("whole number"));
+        assert!(
+            parse_rate("rate(5 minutes")
+                .unwrap_err()
+                .contains("missing `)`")
+        );
+        assert!(
+            parse_rate("5 fortnights")
+                .unwrap_err()
+                .contains("unknown unit")
+        );
+        assert!(
+            parse_rate("five minutes")
+                .unwrap_err()
+                .contains("whole number")
+        );
         assert!(parse_rate("5").unwrap_err().contains("missing unit"));
     }
 }

@@ -22,7 +22,10 @@ pub(crate) struct Node {
 pub(crate) enum Kind {
     /// `plain` is false for quoted and block scalars and for `!!str`: those are strings
     /// whatever they look like, while a plain scalar is typed by its text (`30` is a number).
-    Scalar { text: String, plain: bool },
+    Scalar {
+        text: String,
+        plain: bool,
+    },
     Sequence(Vec<Node>),
     Mapping(Vec<(Node, Node)>),
 }
@@ -329,7 +332,12 @@ mod tests {
         let error = parse("a: 1\n b: 2\n").unwrap_err();
         assert_eq!(error.location.line, 2);
         assert!(parse("a: [1, 2\n").is_err());
-        assert!(parse("a: 1\n---\nb: 2\n").unwrap_err().message.contains("one YAML document"));
+        assert!(
+            parse("a: 1\n---\nb: 2\n")
+                .unwrap_err()
+                .message
+                .contains("one YAML document")
+        );
     }
 
     #[test]

@@ -212,14 +212,16 @@ struct Environment {
     tx: mpsc::Sender<Pending>,
     status: watch::Receiver<Status>,
     output: Arc<Output>,
-    memory: EnvMemory,
+    memory: Arc<EnvMemory>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl Drop for Environment {
     fn drop(&mut self) {
         self.kill();
-        for t in &self.tasks {
+        // The exit watcher is left to run: it reaps the killed process and then removes the
+        // environment's cgroup, which the kernel refuses while the process is a zombie.
+        for t in &self.tasks[..self.tasks.len().saturating_sub(1)] {
             t.abort();
         }
     }
@@ -249,7 +251,7 @@ impl Environment {
             let _ = axum::serve(listener, app).await;
         });
 
-        let memory = cap.prepare(spec.memory_mb)?;
+        let memory = Arc::new(cap.prepare(spec.memory_mb)?);
         let log_stream = format!(
             "{}/[{}]{:016x}",
             chrono::Utc::now().format("%Y/%m/%d"),
@@ -312,7 +314,9 @@ impl Environment {
             }));
         }
         let exit_shared = shared.clone();
+        let exit_memory = memory.clone();
         tasks.push(tokio::spawn(async move {
+            let _memory = exit_memory;
             let text = match child.wait().await {
                 Ok(status) => describe_exit(status),
                 Err(e) => format!("cannot wait for the runtime: {e}"),

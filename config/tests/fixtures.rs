@@ -1,0 +1,247 @@
+//! Every `error-*.yaml` fixture must produce exactly the lines in its `error-*.expected`
+//! sibling, and `valid-full.yaml` must load with every value it sets.
+//!
+//! `SLUICE_BLESS=1 cargo test -p sluice-config --test fixtures` rewrites the `.expected` files
+//! from the current output, for review in the diff.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use sluice_config::{Config, ConfigErrors, Location, Runtime, Schedule, SourceKind, parse_str};
+
+fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+/// A fixed environment, so that `${VAR}` fixtures give the same output everywhere.
+fn env(name: &str) -> Option<String> {
+    let value = match name {
+        "SLUICE_PORT" => "9100",
+        "QUALITY" => "",
+        "HOOK_TIMEOUT" => "10s",
+        "USER_NAME" => "ops",
+        "STAGE" => "prod",
+        _ => return None,
+    };
+    Some(value.to_owned())
+}
+
+fn load(name: &str) -> Result<Config, ConfigErrors> {
+    let path = fixtures_dir().join(name);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    parse_str(&text, name, Path::new("/srv/sluice"), &env)
+}
+
+#[test]
+fn error_fixtures_report_exactly_the_expected_errors() {
+    let bless = std::env::var_os("SLUICE_BLESS").is_some();
+    let mut names: Vec<String> = std::fs::read_dir(fixtures_dir())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().into_string().unwrap())
+        .filter(|name| name.starts_with("error-") && name.ends_with(".yaml"))
+        .collect();
+    names.sort();
+    assert!(names.len() >= 13, "fixtures missing: {names:?}");
+
+    let mut failures = Vec::new();
+    for name in &names {
+        let expected_path = fixtures_dir().join(name.replace(".yaml", ".expected"));
+        let actual = match load(name) {
+            Ok(_) => "(loaded without errors)\n".to_owned(),
+            Err(errors) => format!("{errors}\n"),
+        };
+        if bless {
+            std::fs::write(&expected_path, &actual).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&expected_path)
+            .unwrap_or_else(|e| panic!("{}: {e}", expected_path.display()));
+        if actual != expected {
+            failures.push(format!(
+                "{name}\n--- expected\n{expected}--- actual\n{actual}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+#[test]
+fn full_config_loads_every_value() {
+    let config = load("valid-full.yaml").unwrap_or_else(|e| panic!("{e}"));
+
+    assert_eq!(config.origin, "valid-full.yaml");
+    assert_eq!(config.base_dir, Path::new("/srv/sluice"));
+    assert_eq!(
+        config.api.listen,
+        "0.0.0.0:9100".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(config.state, "postgres://sluice@db/sluice");
+    assert_eq!(config.limits.package_zipped, 10_000_000);
+    assert_eq!(config.limits.package_unpacked, 1_073_741_824);
+    assert_eq!(config.concurrency.limit, 50);
+    assert_eq!(
+        config.functions.keys().collect::<Vec<_>>(),
+        ["argv", "embedded", "hook", "resize"]
+    );
+
+    let resize = &config.functions["resize"];
+    assert_eq!(resize.runtime, Runtime::Process);
+    assert_eq!(
+        resize.package.as_deref(),
+        Some(Path::new("/srv/sluice/functions/resize"))
+    );
+    assert_eq!(
+        resize.command.as_deref(),
+        Some(&["python3", "-m", "resize app", "--quality=80"].map(String::from)[..])
+    );
+    assert_eq!(resize.handler.as_deref(), Some("app.handler"));
+    assert_eq!(resize.memory_mb, 256);
+    assert_eq!(resize.timeout, Duration::from_secs(90));
+    let environment: BTreeMap<String, String> = [
+        ("BUCKET", "thumbs"),
+        ("DEBUG", "false"),
+        ("EMPTY", ""),
+        ("RETRIES", "3"),
+        ("TEMPLATE", "${NAME}"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    assert_eq!(resize.environment, environment);
+    assert_eq!(resize.reserved_concurrency, Some(10));
+    assert_eq!(resize.description.as_deref(), Some("Makes thumbnails"));
+    assert_eq!(resize.tags.get("team").map(String::as_str), Some("media"));
+    assert_eq!(resize.url, None);
+
+    let hook = &config.functions["hook"];
+    assert_eq!(hook.runtime, Runtime::Http);
+    assert_eq!(
+        hook.url.as_deref(),
+        Some("https://hooks.example.com/resize")
+    );
+    assert_eq!(hook.timeout, Duration::from_secs(10));
+    assert_eq!((hook.package.as_ref(), hook.command.as_ref()), (None, None));
+    assert_eq!(hook.memory_mb, 128);
+
+    let embedded = &config.functions["embedded"];
+    assert_eq!(embedded.runtime, Runtime::Native);
+    assert_eq!(embedded.handler.as_deref(), Some("embedded"));
+    assert_eq!(embedded.timeout, Duration::from_secs(3));
+
+    let argv = &config.functions["argv"];
+    assert_eq!(
+        argv.package.as_deref(),
+        Some(Path::new("/opt/functions/argv.zip"))
+    );
+    assert_eq!(
+        argv.command.as_deref(),
+        Some(&["./run", "--port", "8080"].map(String::from)[..])
+    );
+    assert_eq!(argv.handler, None);
+
+    let nightly = &config.sources["nightly"];
+    assert_eq!(nightly.function, "resize:live");
+    assert!(nightly.enabled);
+    let SourceKind::Schedule(schedule) = &nightly.kind;
+    assert_eq!(
+        schedule.schedule,
+        Schedule::Rate(Duration::from_secs(86_400))
+    );
+    assert_eq!(
+        schedule.input,
+        Some(serde_json::json!({
+            "mode": "full",
+            "sizes": [64, 128],
+            "ratio": 1.5,
+            "quoted": "42",
+            "nothing": null,
+            "who": "ops",
+        }))
+    );
+
+    let heartbeat = &config.sources["heartbeat"];
+    assert_eq!(heartbeat.function, "hook");
+    assert!(!heartbeat.enabled);
+    let SourceKind::Schedule(schedule) = &heartbeat.kind;
+    assert_eq!(schedule.schedule, Schedule::Rate(Duration::from_secs(30)));
+    assert_eq!(schedule.input, None);
+}
+
+#[test]
+fn locations_name_every_node_by_path() {
+    let config = load("valid-full.yaml").unwrap();
+    let at = |line, column| Some(Location { line, column });
+    assert_eq!(config.location("functions.resize"), at(11, 3));
+    assert_eq!(config.location("functions.resize.package"), at(13, 14));
+    assert_eq!(
+        config.location("functions.resize.environment.EMPTY"),
+        at(22, 7)
+    );
+    assert_eq!(config.location("functions.argv.command[2]"), at(36, 30));
+    assert_eq!(
+        config.location("sources.nightly.input.sizes[1]"),
+        at(44, 19)
+    );
+    assert_eq!(config.location("functions.nope"), None);
+
+    let error = config.error_at("functions.resize.package", "no such directory");
+    assert_eq!(
+        error.to_string(),
+        "valid-full.yaml:13:14: functions.resize.package: no such directory"
+    );
+}
+
+#[test]
+fn empty_file_gives_the_defaults() {
+    for text in ["", "# only a comment\n", "---\n", "~\n"] {
+        let config = parse_str(text, "empty.yaml", Path::new("/etc/sluice"), &env).unwrap();
+        assert_eq!(
+            config,
+            Config {
+                origin: "empty.yaml".to_owned(),
+                base_dir: PathBuf::from("/etc/sluice"),
+                locations: config.locations.clone(),
+                ..Config::default()
+            },
+            "for {text:?}"
+        );
+        assert!(config.functions.is_empty() && config.sources.is_empty());
+        assert_eq!(
+            config.api.listen,
+            "127.0.0.1:9000".parse::<SocketAddr>().unwrap()
+        );
+        assert_eq!(config.state, "sqlite://./data/sluice.db");
+        assert_eq!(config.limits.package_zipped, 50_000_000);
+        assert_eq!(config.limits.package_unpacked, 250_000_000);
+        assert_eq!(config.concurrency.limit, 1000);
+    }
+}
+
+#[test]
+fn load_file_resolves_packages_against_the_file_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("sluice.yaml");
+    std::fs::write(&path, "functions:\n  f:\n    package: ./pkg\n").unwrap();
+    let config = sluice_config::load_file(&path).unwrap();
+    assert_eq!(config.origin, path.display().to_string());
+    assert_eq!(
+        config.functions["f"].package.as_deref(),
+        Some(dir.path().join("pkg").as_path())
+    );
+}
+
+#[test]
+fn load_file_reports_an_unreadable_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.yaml");
+    let errors = sluice_config::load_file(&path).unwrap_err();
+    assert_eq!(errors.errors.len(), 1);
+    assert!(
+        errors
+            .to_string()
+            .starts_with(&format!("{}: cannot read the file: ", path.display())),
+        "{errors}"
+    );
+}

@@ -1,0 +1,163 @@
+//! `type: schedule`: invoke a function at a fixed rate with EventBridge's scheduled-event
+//! payload, or with the configured `input`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
+use bytes::Bytes;
+use sluice_config::{Schedule, ScheduleConfig};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+
+use crate::Dispatch;
+
+pub const SCHEDULE_EVENTS: &str = "sluice_schedule_events_total";
+pub const SCHEDULE_FAILURES: &str = "sluice_schedule_failures_total";
+
+pub struct ScheduleSource {
+    name: String,
+    function: String,
+    config: ScheduleConfig,
+    region: String,
+    account: String,
+}
+
+impl ScheduleSource {
+    pub fn new(name: &str, function: &str, config: ScheduleConfig, region: &str, account: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            function: function.to_string(),
+            config,
+            region: region.to_string(),
+            account: account.to_string(),
+        }
+    }
+
+    fn period(&self) -> Duration {
+        match self.config.schedule {
+            Schedule::Rate(d) => d,
+        }
+    }
+
+    /// The event for one tick, in the shape EventBridge delivers to Lambda.
+    pub fn event(&self, now: chrono::DateTime<chrono::Utc>) -> Bytes {
+        let body = match &self.config.input {
+            Some(input) => serde_json::to_vec(input),
+            None => {
+                let mut event = CloudWatchEvent::<serde_json::Value>::default();
+                event.version = Some("0".into());
+                event.id = Some(uuid::Uuid::new_v4().to_string());
+                event.detail_type = Some("Scheduled Event".into());
+                event.source = Some("aws.events".into());
+                event.account_id = Some(self.account.clone());
+                // EventBridge stamps the scheduled time to the second.
+                event.time = chrono::DateTime::from_timestamp(now.timestamp(), 0).unwrap_or(now);
+                event.region = Some(self.region.clone());
+                event.resources = vec![format!(
+                    "arn:aws:events:{}:{}:rule/{}",
+                    self.region, self.account, self.name
+                )];
+                event.detail = Some(serde_json::json!({}));
+                serde_json::to_vec(&event)
+            }
+        };
+        Bytes::from(body.unwrap_or_default())
+    }
+
+    /// Ticks until `stop` is cancelled. A tick that finds the previous invocation still running
+    /// is skipped rather than queued, so a slow function never builds a backlog.
+    pub async fn run(self, dispatch: Arc<dyn Dispatch>, stop: CancellationToken) {
+        let mut ticker = tokio::time::interval(self.period());
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
+        let labels = [("source", self.name.clone()), ("function", self.function.clone())];
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = ticker.tick() => {}
+            }
+            metrics::counter!(SCHEDULE_EVENTS, &labels).increment(1);
+            let event = self.event(chrono::Utc::now());
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => return,
+                outcome = dispatch.invoke(&self.function, event) => outcome,
+            };
+            if let Err(e) = outcome {
+                metrics::counter!(SCHEDULE_FAILURES, &labels).increment(1);
+                tracing::warn!(source = %self.name, function = %self.function, error = %e,
+                    "scheduled invocation failed");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    fn source(input: Option<serde_json::Value>, every: Duration) -> ScheduleSource {
+        ScheduleSource::new(
+            "nightly",
+            "f",
+            ScheduleConfig {
+                schedule: Schedule::Rate(every),
+                input,
+            },
+            "us-east-1",
+            "000000000000",
+        )
+    }
+
+    #[test]
+    fn scheduled_event_has_eventbridges_shape() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T18:00:00.750Z")
+            .expect("time")
+            .with_timezone(&chrono::Utc);
+        let event: serde_json::Value =
+            serde_json::from_slice(&source(None, Duration::from_secs(60)).event(now)).expect("json");
+        assert_eq!(event["source"], "aws.events");
+        assert_eq!(event["detail-type"], "Scheduled Event");
+        assert_eq!(event["account"], "000000000000");
+        assert_eq!(event["region"], "us-east-1");
+        assert_eq!(event["time"], "2026-11-26T18:00:00Z");
+        assert_eq!(event["resources"][0], "arn:aws:events:us-east-1:000000000000:rule/nightly");
+        assert_eq!(event["detail"], serde_json::json!({}));
+        assert_eq!(event["version"], "0");
+    }
+
+    #[test]
+    fn configured_input_replaces_the_payload() {
+        let input = serde_json::json!({"job": "compact"});
+        let body = source(Some(input.clone()), Duration::from_secs(60)).event(chrono::Utc::now());
+        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json"), input);
+    }
+
+    struct Recorder(Mutex<Vec<(String, Bytes)>>);
+
+    impl Dispatch for Recorder {
+        fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> crate::DispatchFuture<'a> {
+            self.0
+                .lock()
+                .expect("lock")
+                .push((function.to_string(), payload));
+            Box::pin(async { Ok(Bytes::new()) })
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_at_the_rate_until_stopped() {
+        let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            source(None, Duration::from_secs(10)).run(recorder.clone(), stop.clone()),
+        );
+        // The first tick fires at once, then one every 10 s of (paused, auto-advanced) time.
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        stop.cancel();
+        task.await.expect("joined");
+        let calls = recorder.0.lock().expect("lock");
+        assert_eq!(calls.len(), 4, "ticks at 0, 10, 20 and 30 s");
+        assert!(calls.iter().all(|(f, _)| f == "f"));
+    }
+}
