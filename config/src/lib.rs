@@ -106,6 +106,8 @@ pub struct Config {
     pub sources: BTreeMap<String, SourceConfig>,
     /// Where every node of the file stood, by path (`functions.resize.package`), so that errors
     /// found after loading (a missing package, say) can still name the line and column.
+    /// Scalars are placed at their value; mappings, lists and empty values at their key, so
+    /// that `functions.resize` points at the line `resize:`.
     pub locations: BTreeMap<String, Location>,
     /// The file the configuration came from (`<string>` when parsed from memory).
     pub origin: String,

@@ -9,7 +9,7 @@ use saphyr_parser::{Event, Marker, Parser, ScalarStyle, ScanError, Span};
 
 use crate::Location;
 
-/// Deeper than any sane config; stops a hostile file from exhausting the stack.
+/// Deeper than any sane config; a runaway file gets an error instead of overflowing the stack.
 const MAX_DEPTH: usize = 128;
 
 #[derive(Debug, Clone)]

@@ -162,7 +162,7 @@ async fn client_context_header_reaches_the_function() {
         .ok_json();
     let received = &with_context["client_context"];
     assert_eq!(received["custom"]["tenant"], "acme", "client context: {received}");
-    assert_eq!(received["client"]["app_title"], "Sluice Test", "client context: {received}");
+    assert_eq!(received["client"]["appTitle"], "Sluice Test", "client context: {received}");
 
     let without = sluice.invoke(&name, &json!({"action": "echo"})).await.ok_json();
     assert_eq!(without["client_context"], Value::Null, "no header, no client context");
@@ -314,7 +314,9 @@ async fn concurrent_invocations_run_in_separate_environments() {
     let name = unique_name("concurrent");
     let sluice = Sluice::with(Function::rust(&name)).await;
     let started = Instant::now();
-    let calls = (0..3).map(|i| sluice.invoke(&name, &json!({"action": "echo", "sleep_ms": 1500, "i": i})));
+    let events: Vec<Value> =
+        (0..3).map(|i| json!({"action": "echo", "sleep_ms": 1500, "i": i})).collect();
+    let calls = events.iter().map(|event| sluice.invoke(&name, event));
     let results = futures::future::join_all(calls).await;
     let pids: HashSet<u64> = results.iter().map(|r| pid(&r.ok_json())).collect();
     assert_eq!(pids.len(), 3, "one environment per concurrent invocation, got pids {pids:?}");
