@@ -89,8 +89,8 @@ async fn run() {
         dir.path().display(),
         env!("CARGO_BIN_EXE_fn-noop"),
     );
-    let config = sluice_config::parse_str(&yaml, "bench.yaml", dir.path(), &|_| None)
-        .expect("bench config");
+    let config =
+        sluice_config::parse_str(&yaml, "bench.yaml", dir.path(), &|_| None).expect("bench config");
     let running = sluice::start(
         config,
         sluice::StartOptions {
@@ -103,17 +103,28 @@ async fn run() {
     let function = running.functions().get("noop").expect("noop").clone();
     let arn = function.arn.clone();
 
-    println!("runtime_api bench: {PER_ROW} warm invocations per row, no-op Rust function (lambda_runtime), payload {} bytes", payload().len());
-    println!("{:<44} {:>12} {:>10} {:>10} {:>12}", "path", "invocations/s", "p50 µs", "p99 µs", "vs direct");
+    println!(
+        "runtime_api bench: {PER_ROW} warm invocations per row, no-op Rust function (lambda_runtime), payload {} bytes",
+        payload().len()
+    );
+    println!(
+        "{:<44} {:>12} {:>10} {:>10} {:>12}",
+        "path", "invocations/s", "p50 µs", "p99 µs", "vs direct"
+    );
 
     let mut rows = Vec::new();
     for concurrency in [1usize, 2, 4] {
         // Direct: the same handler, called in-process, as the baseline of this row.
-        let direct = measure(format!("direct in-process call, {concurrency} caller(s)"), concurrency, PER_ROW, || async {
-            let event: serde_json::Value = serde_json::from_slice(&payload()).expect("json");
-            let out = sluice_integration_tests::noop_handler(event).await;
-            std::hint::black_box(serde_json::to_vec(&out).expect("json"));
-        })
+        let direct = measure(
+            format!("direct in-process call, {concurrency} caller(s)"),
+            concurrency,
+            PER_ROW,
+            || async {
+                let event: serde_json::Value = serde_json::from_slice(&payload()).expect("json");
+                let out = sluice_integration_tests::noop_handler(event).await;
+                std::hint::black_box(serde_json::to_vec(&out).expect("json"));
+            },
+        )
         .await;
 
         // Warm up as many environments as callers, then measure.
@@ -123,12 +134,21 @@ async fn run() {
             let f = f.clone();
             let a = a.clone();
             async move {
-                let outcome = f.invoke(Invocation::new(payload(), a)).await.expect("not throttled");
+                let outcome = f
+                    .invoke(Invocation::new(payload(), a))
+                    .await
+                    .expect("not throttled");
                 assert!(outcome.result.is_ok(), "noop failed: {:?}", outcome.result);
             }
         };
         let _ = measure(String::new(), concurrency, WARMUP, call.clone()).await;
-        let via = measure(format!("Runtime API, {concurrency} environment(s)"), concurrency, PER_ROW, call).await;
+        let via = measure(
+            format!("Runtime API, {concurrency} environment(s)"),
+            concurrency,
+            PER_ROW,
+            call,
+        )
+        .await;
 
         for row in [&direct, &via] {
             println!(

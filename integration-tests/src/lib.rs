@@ -93,7 +93,9 @@ pub async fn test_function(event: LambdaEvent<Value>) -> Result<Value, TestFunct
             let env: Map<String, Value> = names
                 .into_iter()
                 .map(|name| {
-                    let value = std::env::var(&name).map(Value::String).unwrap_or(Value::Null);
+                    let value = std::env::var(&name)
+                        .map(Value::String)
+                        .unwrap_or(Value::Null);
                     (name, value)
                 })
                 .collect();

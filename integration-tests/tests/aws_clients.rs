@@ -30,13 +30,15 @@ async fn boto3_invoke(sluice: &Sluice, function: &str, payload: &Value, tail: bo
     let env = aws_client_env(sluice.dir());
     let (code, stdout, stderr) = run_program(&venv_python(), &args, &env, CLIENT_LIMIT).await;
     assert_eq!(code, 0, "boto3_invoke.py failed:\n{stderr}");
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|error| panic!("boto3_invoke.py printed no JSON ({error}): {stdout}\n{stderr}"))
+    serde_json::from_str(&stdout).unwrap_or_else(|error| {
+        panic!("boto3_invoke.py printed no JSON ({error}): {stdout}\n{stderr}")
+    })
 }
 
 /// The major version of the AWS CLI in the test virtualenv.
 async fn aws_cli_major_version(env: &[(String, String)]) -> u32 {
-    let (code, stdout, stderr) = run_program(&venv_bin("aws"), &["--version"], env, CLIENT_LIMIT).await;
+    let (code, stdout, stderr) =
+        run_program(&venv_bin("aws"), &["--version"], env, CLIENT_LIMIT).await;
     assert_eq!(code, 0, "aws --version failed:\n{stderr}");
     // `aws-cli/1.46.3 Python/3.11.7 ...`, on stdout or (older releases) stderr.
     let text = format!("{stdout}{stderr}");
@@ -63,7 +65,13 @@ async fn boto3_invoke_returns_the_function_payload() {
 async fn boto3_function_error_is_reported_as_function_error() {
     let name = unique_name("boto3-fail");
     let sluice = Sluice::with(Function::rust(&name)).await;
-    let out = boto3_invoke(&sluice, &name, &json!({"action": "fail", "message": "nope"}), false).await;
+    let out = boto3_invoke(
+        &sluice,
+        &name,
+        &json!({"action": "fail", "message": "nope"}),
+        false,
+    )
+    .await;
     assert_eq!(out["status"], 200, "{out}");
     assert_eq!(out["function_error"], "Unhandled", "{out}");
     assert_eq!(out["payload"]["errorMessage"], "nope", "{out}");
@@ -75,9 +83,17 @@ async fn boto3_tail_invoke_returns_the_log_result() {
     let name = unique_name("boto3-tail");
     let sluice = Sluice::with(Function::rust(&name)).await;
     let marker = unique_name("boto3-line");
-    let out = boto3_invoke(&sluice, &name, &json!({"action": "print", "text": marker}), true).await;
+    let out = boto3_invoke(
+        &sluice,
+        &name,
+        &json!({"action": "print", "text": marker}),
+        true,
+    )
+    .await;
     assert_eq!(out["payload"], "printed", "{out}");
-    let log = out["log"].as_str().unwrap_or_else(|| panic!("no LogResult: {out}"));
+    let log = out["log"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no LogResult: {out}"));
     assert!(log.contains("START RequestId: "), "{log}");
     assert!(log.contains(&marker), "{log}");
     assert!(log.contains("REPORT RequestId: "), "{log}");
@@ -150,6 +166,9 @@ async fn aws_cli_missing_function_fails_with_resource_not_found() {
     let env = aws_client_env(sluice.dir());
     let (code, stdout, stderr) = run_program(&venv_bin("aws"), &args, &env, CLIENT_LIMIT).await;
     assert_ne!(code, 0, "invoking a missing function fails: {stdout}");
-    assert!(stderr.contains("ResourceNotFoundException"), "stderr: {stderr}");
+    assert!(
+        stderr.contains("ResourceNotFoundException"),
+        "stderr: {stderr}"
+    );
     sluice.shutdown().await;
 }

@@ -28,10 +28,9 @@ fn broker_secrets_are_not_inherited_by_functions() {
         .expect("tokio runtime");
     runtime.block_on(async {
         let name = unique_name("isolated");
-        let sluice = Sluice::with(
-            Function::rust(&name).set("environment", "{OWN_SETTING: from-config}"),
-        )
-        .await;
+        let sluice =
+            Sluice::with(Function::rust(&name).set("environment", "{OWN_SETTING: from-config}"))
+                .await;
         let echo = sluice
             .invoke(
                 &name,
@@ -43,11 +42,20 @@ fn broker_secrets_are_not_inherited_by_functions() {
             .await
             .ok_json();
         assert_eq!(env_var(&echo, "SLUICE_TEST_SECRET"), None, "{echo}");
-        assert_ne!(env_var(&echo, "AWS_ACCESS_KEY_ID").as_deref(), Some(HOST_ACCESS_KEY));
-        assert_ne!(env_var(&echo, "AWS_SECRET_ACCESS_KEY").as_deref(), Some(HOST_SECRET_KEY));
+        assert_ne!(
+            env_var(&echo, "AWS_ACCESS_KEY_ID").as_deref(),
+            Some(HOST_ACCESS_KEY)
+        );
+        assert_ne!(
+            env_var(&echo, "AWS_SECRET_ACCESS_KEY").as_deref(),
+            Some(HOST_SECRET_KEY)
+        );
         assert_ne!(env_var(&echo, "AWS_SESSION_TOKEN").as_deref(), Some(SECRET));
         // The function's own configuration does reach it.
-        assert_eq!(env_var(&echo, "OWN_SETTING").as_deref(), Some("from-config"));
+        assert_eq!(
+            env_var(&echo, "OWN_SETTING").as_deref(),
+            Some("from-config")
+        );
         sluice.shutdown().await;
     });
 }

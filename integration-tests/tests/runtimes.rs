@@ -21,8 +21,13 @@ async fn python_handler_gets_request_id_remaining_time_and_arn() {
     assert_eq!(first["event"], event);
     assert_request_id(str_field(&first, "request_id"));
     assert_function_arn(str_field(&first, "invoked_function_arn"), &name);
-    let remaining = first["remaining_ms"].as_i64().unwrap_or_else(|| panic!("{first}"));
-    assert!(remaining > 0 && remaining <= 5000, "remaining time {remaining} ms with a 5 s timeout");
+    let remaining = first["remaining_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("{first}"));
+    assert!(
+        remaining > 0 && remaining <= 5000,
+        "remaining time {remaining} ms with a 5 s timeout"
+    );
     assert_eq!(first["client_context"], Value::Null);
 
     let second = sluice.invoke(&name, &event).await.ok_json();
@@ -40,7 +45,10 @@ async fn python_handler_gets_the_client_context() {
         .invoke_with(&name, &json!({}), &[("X-Amz-Client-Context", &encoded)])
         .await
         .ok_json();
-    assert_eq!(result["client_context"], json!({"tenant": "acme", "plan": "gold"}));
+    assert_eq!(
+        result["client_context"],
+        json!({"tenant": "acme", "plan": "gold"})
+    );
     sluice.shutdown().await;
 }
 
@@ -52,7 +60,10 @@ async fn python_exception_is_unhandled_with_its_type_and_message() {
     let error = response.unhandled_error();
     assert_eq!(str_field(&error, "errorType"), "ValueError");
     assert_eq!(str_field(&error, "errorMessage"), "bad input");
-    assert!(error["stackTrace"].is_array(), "awslambdaric sends a stack trace: {error}");
+    assert!(
+        error["stackTrace"].is_array(),
+        "awslambdaric sends a stack trace: {error}"
+    );
 
     // The environment survives a handled exception.
     sluice.invoke(&name, &json!({"ok": true})).await.ok_json();
@@ -68,7 +79,10 @@ async fn python_import_error_fails_promptly_with_a_runtime_error() {
         let response = sluice.invoke(&name, &json!({})).await;
         let error = response.unhandled_error();
         let error_type = str_field(&error, "errorType");
-        assert!(error_type.starts_with("Runtime."), "attempt {attempt}: errorType {error_type}");
+        assert!(
+            error_type.starts_with("Runtime."),
+            "attempt {attempt}: errorType {error_type}"
+        );
         assert!(
             str_field(&error, "errorMessage").contains("does_not_exist_module"),
             "attempt {attempt}: the message names the missing module: {error}"

@@ -50,10 +50,7 @@ impl Function {
         Self::process(name)
             .set("package", EMPTY_PACKAGE)
             .set("handler", "bootstrap")
-            .set(
-                "command",
-                &quoted_list(&[env!("CARGO_BIN_EXE_fn-rust")]),
-            )
+            .set("command", &quoted_list(&[env!("CARGO_BIN_EXE_fn-rust")]))
     }
 
     /// A Python function under `integration-tests/functions/<dir>` run by awslambdaric from the
@@ -66,7 +63,12 @@ impl Function {
             .set("handler", "app.handler")
             .set(
                 "command",
-                &quoted_list(&[&python.to_string_lossy(), "-m", "awslambdaric", "app.handler"]),
+                &quoted_list(&[
+                    &python.to_string_lossy(),
+                    "-m",
+                    "awslambdaric",
+                    "app.handler",
+                ]),
             )
     }
 
@@ -121,7 +123,9 @@ impl Sluice {
         let config = sluice_config::parse_str(&yaml, "test.yaml", dir.path(), &|key| {
             std::env::var(key).ok()
         })
-        .unwrap_or_else(|errors| panic!("the test configuration does not load:\n{errors}\n---\n{yaml}"));
+        .unwrap_or_else(|errors| {
+            panic!("the test configuration does not load:\n{errors}\n---\n{yaml}")
+        });
         let options = sluice::StartOptions {
             listen: Some("127.0.0.1:0".parse().expect("socket address")),
             data_dir: Some(dir.path().join("data")),
@@ -170,10 +174,18 @@ impl Sluice {
         payload: &Value,
         headers: &[(&str, &str)],
     ) -> Invoked {
-        let mut request = self
-            .http
-            .post(self.invocations_url(function))
-            .body(payload.to_string());
+        self.invoke_raw(function, payload.to_string().into_bytes(), headers)
+            .await
+    }
+
+    /// An invoke with a body that need not be JSON.
+    pub async fn invoke_raw(
+        &self,
+        function: &str,
+        body: Vec<u8>,
+        headers: &[(&str, &str)],
+    ) -> Invoked {
+        let mut request = self.http.post(self.invocations_url(function)).body(body);
         for (name, value) in headers {
             request = request.header(*name, *value);
         }
@@ -235,7 +247,11 @@ impl Invoked {
 
     pub fn json(&self) -> Value {
         serde_json::from_slice(&self.body).unwrap_or_else(|error| {
-            panic!("invoke {}: body is not JSON ({error}): {}", self.function, self.text())
+            panic!(
+                "invoke {}: body is not JSON ({error}): {}",
+                self.function,
+                self.text()
+            )
         })
     }
 
@@ -363,7 +379,10 @@ pub fn aws_client_env(home: &Path) -> Vec<(String, String)> {
         ("AWS_SECRET_ACCESS_KEY", "testing"),
         ("AWS_DEFAULT_REGION", "us-east-1"),
         ("AWS_REGION", "us-east-1"),
-        ("AWS_CONFIG_FILE", &home.join("aws-config").to_string_lossy()),
+        (
+            "AWS_CONFIG_FILE",
+            &home.join("aws-config").to_string_lossy(),
+        ),
         (
             "AWS_SHARED_CREDENTIALS_FILE",
             &home.join("aws-credentials").to_string_lossy(),
@@ -391,7 +410,12 @@ pub async fn run_program(
         .kill_on_drop(true);
     let output = tokio::time::timeout(limit, command.output())
         .await
-        .unwrap_or_else(|_| panic!("{} {args:?} did not finish within {limit:?}", program.display()))
+        .unwrap_or_else(|_| {
+            panic!(
+                "{} {args:?} did not finish within {limit:?}",
+                program.display()
+            )
+        })
         .unwrap_or_else(|error| panic!("cannot run {}: {error}", program.display()));
     (
         output.status.code().unwrap_or(-1),
