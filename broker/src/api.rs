@@ -14,8 +14,12 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use serde::Deserialize;
 
-use crate::function::{Functions, LATEST};
+use crate::async_invoke::AsyncQueue;
+use crate::function::Functions;
 use crate::invocation::{Invocation, MAX_SYNC_PAYLOAD, function_arn};
+
+/// Lambda's limit on an asynchronous request payload.
+const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 
 /// Lambda returns at most this much of an invocation's log with `X-Amz-Log-Type: Tail`.
 const LOG_TAIL: usize = 4096;
@@ -25,6 +29,7 @@ const MAX_CLIENT_CONTEXT: usize = 3583;
 #[derive(Clone)]
 pub(crate) struct ApiState {
     pub functions: Arc<Functions>,
+    pub queue: Arc<AsyncQueue>,
 }
 
 pub(crate) fn router(state: ApiState) -> Router {
@@ -33,6 +38,7 @@ pub(crate) fn router(state: ApiState) -> Router {
             "/2015-03-31/functions/{function}/invocations",
             post(invoke),
         )
+        .merge(crate::manage::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         .layer(DefaultBodyLimit::disable())
@@ -130,27 +136,22 @@ async fn invoke(
         Some(q) => format!("{}:{q}", function_arn(&fref.name)),
         None => function_arn(&fref.name),
     };
-    let function = match state.functions.get(&fref.name) {
-        Some(f) if fref.qualifier.as_deref().is_none_or(|q| q == LATEST) => f.clone(),
-        _ => {
-            return lambda_error(
-                StatusCode::NOT_FOUND,
-                "ResourceNotFoundException",
-                &format!("Function not found: {qualified_arn}"),
-            );
-        }
+    let resolved = state
+        .functions
+        .get(&fref.name)
+        .and_then(|f| Some((f.clone(), f.resolve(fref.qualifier.as_deref())?)));
+    let Some((function, instance)) = resolved else {
+        return lambda_error(
+            StatusCode::NOT_FOUND,
+            "ResourceNotFoundException",
+            &format!("Function not found: {qualified_arn}"),
+        );
     };
     let invocation_type = header(&headers, "x-amz-invocation-type").unwrap_or("RequestResponse");
-    match invocation_type {
-        "RequestResponse" => {}
+    let asynchronous = match invocation_type {
+        "RequestResponse" => false,
+        "Event" => true,
         "DryRun" => return StatusCode::NO_CONTENT.into_response(),
-        "Event" => {
-            return lambda_error(
-                StatusCode::BAD_REQUEST,
-                "InvalidParameterValueException",
-                "InvocationType Event (asynchronous invocation) is not supported by this Sluice build; use RequestResponse",
-            );
-        }
         other => {
             return lambda_error(
                 StatusCode::BAD_REQUEST,
@@ -158,14 +159,15 @@ async fn invoke(
                 &format!("1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]"),
             );
         }
-    }
-    let payload = match axum::body::to_bytes(body, MAX_SYNC_PAYLOAD).await {
+    };
+    let limit = if asynchronous { MAX_ASYNC_PAYLOAD } else { MAX_SYNC_PAYLOAD };
+    let payload = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
             return lambda_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLargeException",
-                &format!("Request must be smaller than {MAX_SYNC_PAYLOAD} bytes for the InvokeFunction operation"),
+                &format!("Request must be smaller than {limit} bytes for the InvokeFunction operation"),
             );
         }
     };
@@ -198,9 +200,25 @@ async fn invoke(
     if let Some(trace) = header(&headers, "x-amzn-trace-id") {
         inv.trace_id = trace.to_string();
     }
+    if asynchronous {
+        return match state
+            .queue
+            .accept(&function.name, fref.qualifier.clone(), inv.payload, Some(inv.trace_id))
+            .await
+        {
+            Ok(request_id) => {
+                let mut response = StatusCode::ACCEPTED.into_response();
+                if let Ok(v) = HeaderValue::from_str(&request_id) {
+                    response.headers_mut().insert("x-amzn-requestid", v);
+                }
+                response
+            }
+            Err(e) => lambda_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
+        };
+    }
     let tail = header(&headers, "x-amz-log-type") == Some("Tail");
 
-    let outcome = match function.invoke(inv).await {
+    let outcome = match function.invoke(&instance, inv).await {
         Ok(o) => o,
         Err(throttle) => {
             let mut extra = serde_json::Map::new();

@@ -1,17 +1,20 @@
-//! Functions as the rest of Sluice sees them: a runtime behind a concurrency limit, with
-//! metrics and Lambda's log lines around every invocation.
+//! Functions as the rest of Sluice sees them: `$LATEST` and published versions, each a
+//! runtime with its own warm environments; aliases that route between versions; and
+//! Lambda's concurrency limits, metrics and log lines around every invocation.
 
-use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use metrics::{Counter, Gauge, Histogram};
+use serde::{Deserialize, Serialize};
 use sluice_config::{Config, ConfigError, FunctionConfig, Runtime};
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+pub use crate::concurrency::Throttle;
+use crate::concurrency::Concurrency;
 use crate::invocation::{FunctionError, Invocation, REGION, function_arn};
 use crate::metrics as m;
 use crate::runtime::memory::MemoryCap;
@@ -19,27 +22,9 @@ use crate::runtime::native::{NativeRegistry, NativeRunner};
 use crate::runtime::package::{self, SizeLimits};
 use crate::runtime::process::{ProcessRunner, ProcessSpec};
 use crate::runtime::{Runner, http::HttpRunner};
+use crate::state::{AliasRecord, StateError, StateStore, VersionRecord};
 
 pub const LATEST: &str = "$LATEST";
-
-/// Why an invocation was refused before it ran.
-#[derive(Debug, Clone, Error, PartialEq, Eq)]
-pub enum Throttle {
-    #[error("Rate Exceeded.")]
-    Reserved,
-    #[error("Rate Exceeded.")]
-    Account,
-}
-
-impl Throttle {
-    /// The `Reason` field Lambda puts in a `TooManyRequestsException`.
-    pub fn reason(&self) -> &'static str {
-        match self {
-            Self::Reserved => "ReservedFunctionConcurrentInvocationLimitExceeded",
-            Self::Account => "ConcurrentInvocationLimitExceeded",
-        }
-    }
-}
 
 /// The result of one invocation that ran.
 #[derive(Debug)]
@@ -52,64 +37,240 @@ pub struct InvokeOutcome {
     pub executed_version: String,
 }
 
-struct FunctionMetrics {
+/// What a version runs: the part of a function's configuration a published version freezes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VersionConfig {
+    pub runtime: String,
+    /// The directory the function runs in (for `$LATEST` the package, unpacked if it was a
+    /// zip; for a published version its own copy).
+    pub task_root: Option<PathBuf>,
+    pub command: Option<Vec<String>>,
+    pub handler: Option<String>,
+    pub memory_mb: u32,
+    pub timeout_ms: u64,
+    pub environment: BTreeMap<String, String>,
+    pub url: Option<String>,
+    pub description: Option<String>,
+}
+
+impl VersionConfig {
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+struct VersionMetrics {
     invocations: Counter,
     errors: Counter,
-    throttles: Counter,
     duration: Histogram,
     concurrent: Gauge,
 }
 
-impl FunctionMetrics {
+impl VersionMetrics {
     fn new(name: &str, version: &str) -> Self {
         let labels = [("function", name.to_string()), ("version", version.to_string())];
         Self {
             invocations: metrics::counter!(m::FUNCTION_INVOCATIONS, &labels),
             errors: metrics::counter!(m::FUNCTION_ERRORS, &labels),
-            throttles: metrics::counter!(m::FUNCTION_THROTTLES, &labels),
             duration: metrics::histogram!(m::FUNCTION_DURATION, &labels),
             concurrent: metrics::gauge!(m::FUNCTION_CONCURRENT_EXECUTIONS, &labels),
         }
     }
 }
 
+/// One runnable version of a function (`$LATEST` or a number).
+pub struct Instance {
+    pub version: String,
+    pub config: VersionConfig,
+    pub code_sha256: String,
+    pub description: String,
+    pub last_modified: String,
+    runner: Runner,
+    metrics: VersionMetrics,
+}
+
+/// How runners are made, shared by `$LATEST` and published versions.
+struct RunnerFactory {
+    memory: MemoryCap,
+    native: NativeRegistry,
+}
+
+impl RunnerFactory {
+    fn runner(&self, name: &str, version: &str, vc: &VersionConfig) -> Result<Runner, String> {
+        match vc.runtime.as_str() {
+            "process" => {
+                let task_root = vc
+                    .task_root
+                    .clone()
+                    .ok_or("missing field `package` (required for runtime `process`)")?;
+                let spec = ProcessSpec {
+                    function_name: name.to_string(),
+                    version: version.to_string(),
+                    memory_mb: vc.memory_mb,
+                    timeout: vc.timeout(),
+                    task_root,
+                    argv: vc
+                        .command
+                        .clone()
+                        .unwrap_or_else(|| vec!["./bootstrap".to_string()]),
+                    handler: vc.handler.clone().unwrap_or_default(),
+                    environment: vc.environment.clone(),
+                    region: REGION.to_string(),
+                };
+                Ok(Runner::Process(ProcessRunner::new(spec, self.memory.clone())))
+            }
+            "http" => {
+                let url = vc
+                    .url
+                    .clone()
+                    .ok_or("missing field `url` (required for runtime `http`)")?;
+                HttpRunner::new(url, vc.timeout())
+                    .map(Runner::Http)
+                    .map_err(|e| format!("cannot build an HTTP client: {e}"))
+            }
+            "native" => {
+                let handler = vc.handler.clone().unwrap_or_else(|| name.to_string());
+                self.native
+                    .get(&handler)
+                    .map(|h| {
+                        Runner::Native(NativeRunner::new(h, name.to_string(), vc.memory_mb, vc.timeout()))
+                    })
+                    .ok_or_else(|| format!("no native handler named `{handler}` is registered"))
+            }
+            other => Err(format!("unknown runtime `{other}`")),
+        }
+    }
+
+    fn instance(
+        &self,
+        name: &str,
+        version: &str,
+        config: VersionConfig,
+        code_sha256: String,
+        last_modified: String,
+    ) -> Result<Instance, String> {
+        let runner = self.runner(name, version, &config)?;
+        Ok(Instance {
+            version: version.to_string(),
+            description: config.description.clone().unwrap_or_default(),
+            config,
+            code_sha256,
+            last_modified,
+            runner,
+            metrics: VersionMetrics::new(name, version),
+        })
+    }
+}
+
 pub struct Function {
     pub name: String,
     pub arn: String,
-    pub version: String,
     pub config: FunctionConfig,
-    runner: Runner,
-    reserved: Option<Arc<Semaphore>>,
-    unreserved: Arc<Semaphore>,
-    metrics: FunctionMetrics,
+    latest: Arc<Instance>,
+    versions: RwLock<BTreeMap<u32, Arc<Instance>>>,
+    aliases: RwLock<BTreeMap<String, AliasRecord>>,
+    concurrency: Arc<Concurrency>,
+    throttles: Counter,
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|p| p.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A uniform number in [0, 1) for weighted alias routing.
+fn unit_random() -> f64 {
+    (uuid::Uuid::new_v4().as_u128() >> 75) as f64 / (1u64 << 53) as f64
 }
 
 impl Function {
-    /// Runs one invocation, or refuses it when a concurrency limit is reached.
-    pub async fn invoke(&self, inv: Invocation) -> Result<InvokeOutcome, Throttle> {
-        let _permit = self.acquire().inspect_err(|_| self.metrics.throttles.increment(1))?;
-        self.metrics.concurrent.increment(1.0);
+    /// The instance a qualifier names: nothing or `$LATEST`, a version number, or an alias
+    /// (picking the alias's second version with its weight).
+    pub fn resolve(&self, qualifier: Option<&str>) -> Option<Arc<Instance>> {
+        match qualifier {
+            None | Some(LATEST) => Some(self.latest.clone()),
+            Some(q) if q.bytes().all(|b| b.is_ascii_digit()) => {
+                read(&self.versions).get(&q.parse().ok()?).cloned()
+            }
+            Some(alias) => {
+                let target = {
+                    let aliases = read(&self.aliases);
+                    let a = aliases.get(alias)?;
+                    let mut target = a.version.clone();
+                    let mut roll = unit_random();
+                    for (version, weight) in &a.weights {
+                        if roll < *weight {
+                            target = version.clone();
+                            break;
+                        }
+                        roll -= weight;
+                    }
+                    target
+                };
+                self.resolve(Some(&target))
+            }
+        }
+    }
+
+    pub fn latest(&self) -> &Arc<Instance> {
+        &self.latest
+    }
+
+    pub fn versions(&self) -> Vec<Arc<Instance>> {
+        read(&self.versions).values().cloned().collect()
+    }
+
+    pub fn aliases(&self) -> Vec<AliasRecord> {
+        read(&self.aliases).values().cloned().collect()
+    }
+
+    pub fn alias(&self, name: &str) -> Option<AliasRecord> {
+        read(&self.aliases).get(name).cloned()
+    }
+
+    pub fn reserved_concurrency(&self) -> Option<u32> {
+        self.concurrency.reserved(&self.name)
+    }
+
+    /// How many more invocations could start now.
+    pub fn available_concurrency(&self) -> u32 {
+        self.concurrency.available(&self.name)
+    }
+
+    /// Runs one invocation on `instance`, or refuses it when a concurrency limit is reached.
+    pub async fn invoke(&self, instance: &Instance, inv: Invocation) -> Result<InvokeOutcome, Throttle> {
+        let _permit = self
+            .concurrency
+            .try_acquire(&self.name)
+            .inspect_err(|_| self.throttles.increment(1))?;
+        let metrics = &instance.metrics;
+        metrics.concurrent.increment(1.0);
         let started = Instant::now();
-        let executed = self.runner.invoke(&inv, &self.version).await;
+        let executed = instance.runner.invoke(&inv, &instance.version).await;
         let elapsed = started.elapsed();
-        self.metrics.concurrent.decrement(1.0);
+        metrics.concurrent.decrement(1.0);
         let duration = elapsed.saturating_sub(executed.init_duration.unwrap_or_default());
-        self.metrics.invocations.increment(1);
-        self.metrics.duration.record(duration.as_secs_f64());
+        metrics.invocations.increment(1);
+        metrics.duration.record(duration.as_secs_f64());
         if let Err(e) = &executed.result {
-            self.metrics.errors.increment(1);
-            tracing::warn!(function = %self.name, request_id = %inv.request_id,
+            metrics.errors.increment(1);
+            tracing::warn!(function = %self.name, version = %instance.version, request_id = %inv.request_id,
                 error_type = %e.error_type, error = %e.error_message, "invocation failed");
         }
-        for line in String::from_utf8_lossy(&executed.output).lines() {
-            tracing::info!(function = %self.name, request_id = %inv.request_id, "{line}");
+        if !executed.output.is_empty() {
+            for line in String::from_utf8_lossy(&executed.output).lines() {
+                tracing::info!(function = %self.name, request_id = %inv.request_id, "{line}");
+            }
         }
         let log = lambda_log(
             &inv.request_id,
-            &self.version,
+            &instance.version,
             &executed.output,
             duration,
-            self.config.memory_mb,
+            instance.config.memory_mb,
             executed.max_memory_bytes,
             executed.init_duration,
         );
@@ -118,28 +279,15 @@ impl Function {
             result: executed.result,
             log,
             duration,
-            executed_version: self.version.clone(),
+            executed_version: instance.version.clone(),
         })
     }
 
-    /// A function with reserved concurrency runs only within its reservation; the others
-    /// share what is left of the account's limit.
-    fn acquire(&self) -> Result<OwnedSemaphorePermit, Throttle> {
-        match &self.reserved {
-            Some(reserved) => reserved
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Throttle::Reserved),
-            None => self
-                .unreserved
-                .clone()
-                .try_acquire_owned()
-                .map_err(|_| Throttle::Account),
-        }
-    }
-
     fn shutdown(&self) {
-        self.runner.shutdown();
+        self.latest.runner.shutdown();
+        for v in read(&self.versions).values() {
+            v.runner.shutdown();
+        }
     }
 }
 
@@ -167,10 +315,7 @@ fn lambda_log(
         "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {used_mb} MB\t"
     );
     if let Some(init) = init_duration {
-        report.push_str(&format!(
-            "Init Duration: {:.2} ms\t",
-            init.as_secs_f64() * 1000.0
-        ));
+        report.push_str(&format!("Init Duration: {:.2} ms\t", init.as_secs_f64() * 1000.0));
     }
     report.push('\n');
     log.extend_from_slice(report.as_bytes());
@@ -184,151 +329,373 @@ pub struct BuildError {
     pub errors: Vec<ConfigError>,
 }
 
+/// A refused management request, mapped one to one onto Lambda's error types.
+#[derive(Debug, Error)]
+pub enum ManageError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    InvalidParameter(String),
+    #[error("{0}")]
+    State(#[from] StateError),
+    #[error("{0}")]
+    Io(String),
+}
+
 /// All functions of a configuration, by name.
 pub struct Functions {
     by_name: HashMap<String, Arc<Function>>,
-    account_limit: u32,
+    concurrency: Arc<Concurrency>,
+    factory: RunnerFactory,
+    data_dir: PathBuf,
+    store: OnceLock<Arc<dyn StateStore>>,
+}
+
+fn snapshot_of(fc: &FunctionConfig, task_root: Option<PathBuf>) -> VersionConfig {
+    VersionConfig {
+        runtime: match fc.runtime {
+            Runtime::Process => "process",
+            Runtime::Http => "http",
+            Runtime::Native => "native",
+        }
+        .to_string(),
+        task_root,
+        command: fc.command.clone(),
+        handler: fc.handler.clone(),
+        memory_mb: fc.memory_mb,
+        timeout_ms: u64::try_from(fc.timeout.as_millis()).unwrap_or(u64::MAX),
+        environment: fc.environment.clone(),
+        url: fc.url.clone(),
+        description: fc.description.clone(),
+    }
+}
+
+fn now_text() -> String {
+    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string()
 }
 
 impl Functions {
     /// Builds every function, reporting all problems together: missing packages, unknown
     /// native handlers, concurrency reservations that leave too little unreserved.
-    pub fn build(
-        config: &Config,
-        native: &NativeRegistry,
-        data_dir: &Path,
-    ) -> Result<Self, BuildError> {
-        let memory = MemoryCap::detect();
-        tracing::debug!(memory = %memory.describe(), "memory caps");
+    pub fn build(config: &Config, native: &NativeRegistry, data_dir: &Path) -> Result<Self, BuildError> {
+        let factory = RunnerFactory {
+            memory: MemoryCap::detect(),
+            native: native.clone(),
+        };
+        tracing::debug!(memory = %factory.memory.describe(), "memory caps");
+        let concurrency = Concurrency::new(config.concurrency.limit);
         let mut errors = Vec::new();
-        let reserved_total: u64 = config
-            .functions
-            .values()
-            .filter_map(|f| f.reserved_concurrency)
-            .map(u64::from)
-            .sum();
-        let limit = config.concurrency.limit;
-        let max_reservable = limit.saturating_sub(100);
-        if reserved_total > u64::from(max_reservable) {
-            for (name, f) in &config.functions {
-                if f.reserved_concurrency.is_some_and(|r| r > 0) {
-                    errors.push(config.error_at(
-                        &format!("functions.{name}.reserved_concurrency"),
-                        format!("reservations add up to {reserved_total}, but at most {max_reservable} of concurrency.limit {limit} can be reserved: 100 stay unreserved"),
-                    ));
-                }
-            }
-        }
-        let unreserved = Arc::new(Semaphore::new(
-            (u64::from(limit) - reserved_total.min(u64::from(limit))) as usize,
-        ));
         let limits = SizeLimits {
             zipped: config.limits.package_zipped,
             unpacked: config.limits.package_unpacked,
         };
         let mut by_name = HashMap::new();
         for (name, fc) in &config.functions {
-            let at = |field: &str| format!("functions.{name}.{field}");
-            let runner = match fc.runtime {
-                Runtime::Process => {
-                    let Some(pkg) = &fc.package else {
-                        errors.push(config.error_at(&format!("functions.{name}"), "missing field `package` (required for runtime `process`)"));
+            if let Err(message) = concurrency.set_reserved(name, fc.reserved_concurrency) {
+                errors.push(config.error_at(
+                    &format!("functions.{name}.reserved_concurrency"),
+                    format!("{message} (concurrency.limit is {})", config.concurrency.limit),
+                ));
+            }
+            let task_root = match (&fc.runtime, &fc.package) {
+                (Runtime::Process, Some(pkg)) => match package::prepare(pkg, limits, &data_dir.join("packages")) {
+                    Ok(dir) => Some(dir),
+                    Err(e) => {
+                        errors.push(config.error_at(&format!("functions.{name}.package"), e.to_string()));
                         continue;
-                    };
-                    let task_root =
-                        match package::prepare(pkg, limits, &data_dir.join("packages")) {
-                            Ok(dir) => dir,
-                            Err(e) => {
-                                errors.push(config.error_at(&at("package"), e.to_string()));
-                                continue;
-                            }
-                        };
-                    let argv = fc
-                        .command
-                        .clone()
-                        .unwrap_or_else(|| vec!["./bootstrap".to_string()]);
-                    let spec = ProcessSpec {
-                        function_name: name.clone(),
-                        version: LATEST.to_string(),
-                        memory_mb: fc.memory_mb,
-                        timeout: fc.timeout,
-                        task_root,
-                        argv,
-                        handler: fc.handler.clone().unwrap_or_default(),
-                        environment: fc.environment.clone(),
-                        region: REGION.to_string(),
-                    };
-                    Runner::Process(ProcessRunner::new(spec, memory.clone()))
-                }
-                Runtime::Http => {
-                    let Some(url) = &fc.url else {
-                        errors.push(config.error_at(&format!("functions.{name}"), "missing field `url` (required for runtime `http`)"));
-                        continue;
-                    };
-                    match HttpRunner::new(url.clone(), fc.timeout) {
-                        Ok(r) => Runner::Http(r),
-                        Err(e) => {
-                            errors.push(config.error_at(&at("url"), format!("cannot build an HTTP client: {e}")));
-                            continue;
-                        }
                     }
-                }
-                Runtime::Native => {
-                    let handler = fc.handler.clone().unwrap_or_else(|| name.clone());
-                    match native.get(&handler) {
-                        Some(h) => Runner::Native(NativeRunner::new(
-                            h,
-                            name.clone(),
-                            fc.memory_mb,
-                            fc.timeout,
-                        )),
-                        None => {
-                            errors.push(config.error_at(
-                                &if fc.handler.is_some() { at("handler") } else { format!("functions.{name}") },
-                                format!("no native handler named `{handler}` is registered"),
-                            ));
-                            continue;
-                        }
-                    }
+                },
+                _ => None,
+            };
+            let snapshot = snapshot_of(fc, task_root);
+            let code_sha256 = snapshot
+                .task_root
+                .as_deref()
+                .map(tree_sha256)
+                .transpose()
+                .unwrap_or_default()
+                .unwrap_or_default();
+            let latest = match factory.instance(name, LATEST, snapshot, code_sha256, now_text()) {
+                Ok(i) => i,
+                Err(message) => {
+                    let at = if fc.runtime == Runtime::Native && fc.handler.is_some() {
+                        format!("functions.{name}.handler")
+                    } else {
+                        format!("functions.{name}")
+                    };
+                    errors.push(config.error_at(&at, message));
+                    continue;
                 }
             };
-            let reserved = fc
-                .reserved_concurrency
-                .map(|r| Arc::new(Semaphore::new(r as usize)));
+            let labels = [("function", name.clone())];
             by_name.insert(
                 name.clone(),
                 Arc::new(Function {
                     name: name.clone(),
                     arn: function_arn(name),
-                    version: LATEST.to_string(),
                     config: fc.clone(),
-                    runner,
-                    reserved,
-                    unreserved: unreserved.clone(),
-                    metrics: FunctionMetrics::new(name, LATEST),
+                    latest: Arc::new(latest),
+                    versions: RwLock::new(BTreeMap::new()),
+                    aliases: RwLock::new(BTreeMap::new()),
+                    concurrency: concurrency.clone(),
+                    throttles: metrics::counter!(m::FUNCTION_THROTTLES, &labels),
                 }),
             );
         }
         if errors.is_empty() {
             Ok(Self {
                 by_name,
-                account_limit: limit,
+                concurrency,
+                factory,
+                data_dir: data_dir.to_path_buf(),
+                store: OnceLock::new(),
             })
         } else {
             Err(BuildError { errors })
         }
     }
 
+    /// Brings in what the state store remembers: published versions, aliases made through the
+    /// API, concurrency set through the API; then applies the aliases the file declares.
+    pub async fn attach_store(&self, store: Arc<dyn StateStore>, config: &Config) -> Result<(), BuildError> {
+        let _ = self.store.set(store.clone());
+        let mut errors = Vec::new();
+        let state_error = |e: StateError| config.error_at("state", e.to_string());
+        for f in self.by_name.values() {
+            let versions = match store.versions(&f.name).await {
+                Ok(v) => v,
+                Err(e) => {
+                    errors.push(state_error(e));
+                    continue;
+                }
+            };
+            for record in versions {
+                match self.instance_from_record(&record) {
+                    Ok(instance) => {
+                        write(&f.versions).insert(record.version, Arc::new(instance));
+                    }
+                    Err(message) => errors.push(config.error_at(
+                        &format!("functions.{}", f.name),
+                        format!("published version {} cannot run: {message}", record.version),
+                    )),
+                }
+            }
+            match store.aliases(&f.name).await {
+                Ok(aliases) => {
+                    let mut map = write(&f.aliases);
+                    for a in aliases {
+                        map.insert(a.name.clone(), a);
+                    }
+                }
+                Err(e) => errors.push(state_error(e)),
+            }
+            match store.concurrency(&f.name).await {
+                Ok(Some(reserved)) => {
+                    if let Err(message) = self.concurrency.set_reserved(&f.name, reserved) {
+                        tracing::warn!(function = %f.name, "reserved concurrency set through the API no longer fits: {message}");
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => errors.push(state_error(e)),
+            }
+            for (alias, ac) in &f.config.aliases {
+                let at = format!("functions.{}.aliases.{alias}", f.name);
+                let weights: Vec<(String, f64)> = ac
+                    .additional_version_weights
+                    .iter()
+                    .map(|(v, w)| (v.clone(), *w))
+                    .collect();
+                for v in std::iter::once(&ac.version).chain(weights.iter().map(|(v, _)| v)) {
+                    if f.resolve(Some(v)).is_none() || (v != LATEST && !v.bytes().all(|b| b.is_ascii_digit())) {
+                        errors.push(config.error_at(
+                            &format!("{at}.version"),
+                            format!("version {v} of `{}` is not published; publish it first (`sluice publish {}`)", f.name, f.name),
+                        ));
+                    }
+                }
+                let record = AliasRecord {
+                    function: f.name.clone(),
+                    name: alias.clone(),
+                    version: ac.version.clone(),
+                    weights,
+                    description: ac.description.clone().unwrap_or_default(),
+                    revision_id: uuid::Uuid::new_v4().to_string(),
+                };
+                if let Err(e) = store.put_alias(&record).await {
+                    errors.push(state_error(e));
+                }
+                write(&f.aliases).insert(alias.clone(), record);
+            }
+        }
+        if errors.is_empty() { Ok(()) } else { Err(BuildError { errors }) }
+    }
+
+    fn instance_from_record(&self, record: &VersionRecord) -> Result<Instance, String> {
+        let config: VersionConfig = serde_json::from_str(&record.snapshot).map_err(|e| e.to_string())?;
+        self.factory.instance(
+            &record.function,
+            &record.version.to_string(),
+            config,
+            record.code_sha256.clone(),
+            record.created_at.clone(),
+        )
+    }
+
+    fn store(&self) -> Result<&Arc<dyn StateStore>, ManageError> {
+        self.store
+            .get()
+            .ok_or_else(|| ManageError::InvalidParameter("no state store is attached".into()))
+    }
+
     pub fn get(&self, name: &str) -> Option<&Arc<Function>> {
         self.by_name.get(name)
+    }
+
+    fn function(&self, name: &str) -> Result<&Arc<Function>, ManageError> {
+        self.get(name)
+            .ok_or_else(|| ManageError::NotFound(format!("Function not found: {}", function_arn(name))))
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.by_name.keys().map(String::as_str)
     }
 
+    pub fn all(&self) -> impl Iterator<Item = &Arc<Function>> {
+        self.by_name.values()
+    }
+
     pub fn account_limit(&self) -> u32 {
-        self.account_limit
+        self.concurrency.limit()
+    }
+
+    /// Publishes `$LATEST` as a new immutable version: its code is copied and its
+    /// configuration frozen. As in Lambda, publishing again without a change returns the last
+    /// version instead of making a new one.
+    pub async fn publish_version(&self, name: &str, description: Option<&str>) -> Result<Arc<Instance>, ManageError> {
+        let f = self.function(name)?;
+        let store = self.store()?.clone();
+        let latest = f.latest.clone();
+        // The package of $LATEST may have changed on disk since start: hash it as it is now.
+        let code_sha256 = match latest.config.task_root.clone() {
+            Some(root) => tokio::task::spawn_blocking(move || tree_sha256(&root))
+                .await
+                .map_err(|e| ManageError::Io(e.to_string()))?
+                .map_err(|e| ManageError::Io(format!("cannot read the package of {name}: {e}")))?,
+            None => String::new(),
+        };
+        if let Some(last) = f.versions().last() {
+            let same_config = VersionConfig { task_root: None, ..last.config.clone() }
+                == VersionConfig { task_root: None, description: last.config.description.clone(), ..latest.config.clone() };
+            if same_config && last.code_sha256 == code_sha256 {
+                return Ok(last.clone());
+            }
+        }
+        let mut frozen = latest.config.clone();
+        if let Some(root) = &latest.config.task_root {
+            let target = self
+                .data_dir
+                .join("versions")
+                .join(name)
+                .join(uuid::Uuid::new_v4().simple().to_string());
+            let (src, dst) = (root.clone(), target.clone());
+            tokio::task::spawn_blocking(move || copy_tree(&src, &dst))
+                .await
+                .map_err(|e| ManageError::Io(e.to_string()))?
+                .map_err(|e| ManageError::Io(format!("cannot copy the package of {name}: {e}")))?;
+            frozen.task_root = Some(target);
+        }
+        if let Some(d) = description {
+            frozen.description = Some(d.to_string());
+        }
+        let snapshot = serde_json::to_string(&frozen).map_err(|e| ManageError::Io(e.to_string()))?;
+        let record = store
+            .publish_version(name, &snapshot, &code_sha256, description.unwrap_or_default())
+            .await?;
+        let instance = Arc::new(self.instance_from_record(&record).map_err(ManageError::InvalidParameter)?);
+        write(&f.versions).insert(record.version, instance.clone());
+        Ok(instance)
+    }
+
+    fn check_alias_target(f: &Function, version: &str, weights: &[(String, f64)]) -> Result<(), ManageError> {
+        for v in std::iter::once(version).chain(weights.iter().map(|(v, _)| v.as_str())) {
+            if f.resolve(Some(v)).is_none() || !(v == LATEST || v.bytes().all(|b| b.is_ascii_digit())) {
+                return Err(ManageError::NotFound(format!(
+                    "Function not found: {}:{v}",
+                    f.arn
+                )));
+            }
+        }
+        if weights.len() > 1 || weights.iter().any(|(v, w)| !(0.0..=1.0).contains(w) || v == version || v == LATEST) {
+            return Err(ManageError::InvalidParameter(
+                "RoutingConfig takes one additional version, other than the alias's own and not $LATEST, with a weight between 0.0 and 1.0".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    pub async fn create_alias(&self, name: &str, alias: &str, version: &str, weights: Vec<(String, f64)>, description: &str) -> Result<AliasRecord, ManageError> {
+        let f = self.function(name)?;
+        if !valid_alias_name(alias) {
+            return Err(ManageError::InvalidParameter(format!("1 validation error detected: Value '{alias}' at 'name' failed to satisfy constraint: Member must satisfy regular expression pattern: (?!^[0-9]+$)([a-zA-Z0-9-_]+)")));
+        }
+        if f.alias(alias).is_some() {
+            return Err(ManageError::Conflict(format!("Alias already exists: {}:{alias}", f.arn)));
+        }
+        Self::check_alias_target(f, version, &weights)?;
+        let record = AliasRecord {
+            function: name.to_string(),
+            name: alias.to_string(),
+            version: version.to_string(),
+            weights,
+            description: description.to_string(),
+            revision_id: uuid::Uuid::new_v4().to_string(),
+        };
+        self.store()?.put_alias(&record).await?;
+        write(&f.aliases).insert(alias.to_string(), record.clone());
+        Ok(record)
+    }
+
+    pub fn get_alias(&self, name: &str, alias: &str) -> Result<AliasRecord, ManageError> {
+        let f = self.function(name)?;
+        f.alias(alias)
+            .ok_or_else(|| ManageError::NotFound(format!("Alias not found: {}:{alias}", f.arn)))
+    }
+
+    pub async fn update_alias(&self, name: &str, alias: &str, version: Option<&str>, weights: Option<Vec<(String, f64)>>, description: Option<&str>) -> Result<AliasRecord, ManageError> {
+        let f = self.function(name)?;
+        let mut record = self.get_alias(name, alias)?;
+        if let Some(v) = version {
+            record.version = v.to_string();
+        }
+        if let Some(w) = weights {
+            record.weights = w;
+        }
+        if let Some(d) = description {
+            record.description = d.to_string();
+        }
+        Self::check_alias_target(f, &record.version, &record.weights)?;
+        record.revision_id = uuid::Uuid::new_v4().to_string();
+        self.store()?.put_alias(&record).await?;
+        write(&f.aliases).insert(alias.to_string(), record.clone());
+        Ok(record)
+    }
+
+    pub async fn delete_alias(&self, name: &str, alias: &str) -> Result<(), ManageError> {
+        let f = self.function(name)?;
+        self.store()?.delete_alias(name, alias).await?;
+        write(&f.aliases).remove(alias);
+        Ok(())
+    }
+
+    pub async fn put_concurrency(&self, name: &str, reserved: Option<u32>) -> Result<(), ManageError> {
+        let f = self.function(name)?;
+        self.concurrency
+            .set_reserved(&f.name, reserved)
+            .map_err(ManageError::InvalidParameter)?;
+        self.store()?.put_concurrency(name, reserved).await?;
+        Ok(())
     }
 
     /// Retires every idle execution environment.
@@ -336,6 +703,88 @@ impl Functions {
         for f in self.by_name.values() {
             f.shutdown();
         }
+    }
+}
+
+fn valid_alias_name(name: &str) -> bool {
+    (1..=128).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !name.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Lambda's CodeSha256: base64 of a SHA-256. Sluice hashes the package tree (paths, modes and
+/// contents, in path order), so the same code gives the same hash wherever it was unpacked.
+fn tree_sha256(root: &Path) -> std::io::Result<String> {
+    use base64::Engine;
+    use sha2::{Digest, Sha256};
+    use std::os::unix::fs::PermissionsExt;
+    let mut files = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                stack.push(entry.path());
+            } else {
+                files.push((entry.path(), meta.permissions().mode()));
+            }
+        }
+    }
+    files.sort();
+    let mut hasher = Sha256::new();
+    for (path, mode) in files {
+        let rel = path.strip_prefix(root).unwrap_or(&path);
+        hasher.update(rel.as_os_str().as_encoded_bytes());
+        hasher.update(mode.to_le_bytes());
+        hasher.update(std::fs::read(&path)?);
+    }
+    Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
+}
+
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dst)?;
+    for entry in std::fs::read_dir(src)? {
+        let entry = entry?;
+        let target = dst.join(entry.file_name());
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
+        } else {
+            // std::fs::copy keeps the permission bits, so bootstrap stays executable.
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+impl Functions {
+    /// Invokes `name` or `name:qualifier` synchronously, as a source does.
+    pub fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> sluice_connectors::DispatchFuture<'a> {
+        use sluice_connectors::DispatchError;
+        Box::pin(async move {
+            let (name, qualifier) = match function.split_once(':') {
+                Some((n, q)) => (n, Some(q)),
+                None => (function, None),
+            };
+            let not_found = || DispatchError::NotFound(function.to_string());
+            let f = self.get(name).ok_or_else(not_found)?;
+            let instance = f.resolve(qualifier).ok_or_else(not_found)?;
+            let arn = match qualifier {
+                Some(q) => format!("{}:{q}", f.arn),
+                None => f.arn.clone(),
+            };
+            let outcome = f
+                .invoke(&instance, Invocation::new(payload, arn))
+                .await
+                .map_err(|t| DispatchError::Throttled(t.reason().to_string()))?;
+            outcome.result.map_err(|e| DispatchError::Function {
+                error_type: e.error_type,
+                message: e.error_message,
+            })
+        })
     }
 }
 
@@ -360,36 +809,27 @@ mod tests {
             "START RequestId: abc Version: $LATEST\nhello\nworld\nEND RequestId: abc\nREPORT RequestId: abc\tDuration: 1.50 ms\tBilled Duration: 2 ms\tMemory Size: 128 MB\tMax Memory Used: 20 MB\tInit Duration: 12.00 ms\t\n"
         );
     }
-}
 
-impl sluice_connectors::Dispatch for Functions {
-    fn invoke<'a>(
-        &'a self,
-        function: &'a str,
-        payload: Bytes,
-    ) -> sluice_connectors::DispatchFuture<'a> {
-        use sluice_connectors::DispatchError;
-        Box::pin(async move {
-            let (name, qualifier) = match function.split_once(':') {
-                Some((n, q)) => (n, Some(q)),
-                None => (function, None),
-            };
-            let f = match self.get(name) {
-                Some(f) if qualifier.is_none_or(|q| q == LATEST) => f,
-                _ => return Err(DispatchError::NotFound(function.to_string())),
-            };
-            let arn = match qualifier {
-                Some(q) => format!("{}:{q}", f.arn),
-                None => f.arn.clone(),
-            };
-            let outcome = f
-                .invoke(Invocation::new(payload, arn))
-                .await
-                .map_err(|t| DispatchError::Throttled(t.reason().to_string()))?;
-            outcome.result.map_err(|e| DispatchError::Function {
-                error_type: e.error_type,
-                message: e.error_message,
-            })
-        })
+    #[test]
+    fn alias_names_follow_lambdas_pattern() {
+        assert!(valid_alias_name("live"));
+        assert!(valid_alias_name("blue-2_x"));
+        assert!(!valid_alias_name("123"));
+        assert!(!valid_alias_name("$LATEST"));
+        assert!(!valid_alias_name(""));
+    }
+
+    #[test]
+    fn tree_hash_depends_on_content_and_mode_not_location() {
+        use std::os::unix::fs::PermissionsExt;
+        let a = tempfile::tempdir().expect("a");
+        let b = tempfile::tempdir().expect("b");
+        for d in [a.path(), b.path()] {
+            std::fs::write(d.join("bootstrap"), "#!/bin/sh\n").expect("write");
+            std::fs::set_permissions(d.join("bootstrap"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
+        assert_eq!(tree_sha256(a.path()).expect("a"), tree_sha256(b.path()).expect("b"));
+        std::fs::set_permissions(b.path().join("bootstrap"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        assert_ne!(tree_sha256(a.path()).expect("a"), tree_sha256(b.path()).expect("b"));
     }
 }

@@ -4,10 +4,14 @@
 //! Lambda-compatible Invoke API; the `sluice` binary is a thin shell around it.
 
 pub(crate) mod api;
+pub mod async_invoke;
+pub mod concurrency;
 pub mod function;
 pub mod invocation;
+pub(crate) mod manage;
 pub mod metrics;
 pub mod runtime;
+pub mod state;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -54,14 +58,17 @@ pub enum StartError {
     },
 }
 
-/// A running Sluice: its API listener and its functions.
+/// A running Sluice: its API listener, its functions, its sources and its async queue.
 pub struct Running {
     addr: SocketAddr,
     functions: Arc<Functions>,
+    queue: Arc<async_invoke::AsyncQueue>,
     stop: Option<oneshot::Sender<()>>,
     server: JoinHandle<()>,
     sources: CancellationToken,
-    source_tasks: Vec<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+    writer: JoinHandle<()>,
+    grace: Duration,
     _temp: Option<tempfile::TempDir>,
 }
 
@@ -74,25 +81,36 @@ impl Running {
         &self.functions
     }
 
-    /// Stops accepting requests, lets in-flight invocations finish within `grace`, then
-    /// retires every execution environment.
+    pub fn async_queue(&self) -> &Arc<async_invoke::AsyncQueue> {
+        &self.queue
+    }
+
+    /// Stops reading sources and the async queue and stops accepting requests; lets in-flight
+    /// invocations finish within `grace`; then retires every execution environment. What did
+    /// not finish stays in the queue (or at its source) for the next start.
     pub async fn shutdown_within(mut self, grace: Duration) {
         self.sources.cancel();
-        for task in self.source_tasks.drain(..) {
-            let _ = task.await;
-        }
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        if tokio::time::timeout(grace, &mut self.server).await.is_err() {
+        let mut pending = std::mem::take(&mut self.background);
+        pending.push(self.server);
+        let aborts: Vec<_> = pending.iter().map(|t| t.abort_handle()).collect();
+        if tokio::time::timeout(grace, futures::future::join_all(pending)).await.is_err() {
             tracing::warn!(grace = ?grace, "in-flight invocations did not finish within the grace period");
-            self.server.abort();
+            for a in aborts {
+                a.abort();
+            }
         }
+        // Nothing can queue an event any more: the API and the sources are down.
+        self.writer.abort();
         self.functions.shutdown();
     }
 
+    /// Stops within the configured grace period (`shutdown.grace`).
     pub async fn shutdown(self) {
-        self.shutdown_within(Duration::from_secs(30)).await;
+        let grace = self.grace;
+        self.shutdown_within(grace).await;
     }
 }
 
@@ -126,6 +144,20 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         source,
     })?;
     let functions = Arc::new(Functions::build(&config, &options.native, &data_dir)?);
+    let store: Arc<dyn state::StateStore> = Arc::from(
+        state::open(&config.state, &config.base_dir)
+            .await
+            .map_err(|e| BuildError { errors: vec![config.error_at("state", e.to_string())] })?,
+    );
+    functions.attach_store(store.clone(), &config).await?;
+    let dead_letters = config
+        .dead_letters
+        .iter()
+        .map(|(name, dl)| (name.clone(), sluice_plugins::build(dl)))
+        .collect();
+    let sources = CancellationToken::new();
+    let (queue, writer, mut background) =
+        async_invoke::AsyncQueue::start(store, functions.clone(), dead_letters, sources.child_token());
     let addr = options.listen.unwrap_or(config.api.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -133,12 +165,23 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let addr = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
+    let hooks: Vec<_> = config
+        .sources
+        .iter()
+        .filter(|(_, s)| s.enabled)
+        .filter_map(|(name, s)| match &s.kind {
+            sluice_config::SourceKind::Http(h) => Some((name.clone(), s.function.clone(), h.clone())),
+            _ => None,
+        })
+        .collect();
     let app = api::router(api::ApiState {
         functions: functions.clone(),
-    });
+        queue: queue.clone(),
+    })
+    .merge(sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let result = axum::serve(listener, app)
+        let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
             .with_graceful_shutdown(async move {
                 let _ = stop_rx.await;
             })
@@ -147,26 +190,29 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             tracing::error!(error = %e, "the API server stopped");
         }
     });
-    let sources = CancellationToken::new();
-    let source_tasks = start_sources(&config, &functions, &sources);
+    let source_tasks = start_sources(&config, &queue, &sources);
     tracing::info!(%addr, functions = functions.names().count(), sources = source_tasks.len(), "Sluice is listening");
+    background.extend(source_tasks);
     Ok(Running {
         addr,
         functions,
+        queue,
         stop: Some(stop_tx),
         server,
         sources,
-        source_tasks,
+        background,
+        writer,
+        grace: config.shutdown_grace,
         _temp: temp,
     })
 }
 
 fn start_sources(
     config: &Config,
-    functions: &Arc<Functions>,
+    queue: &Arc<async_invoke::AsyncQueue>,
     stop: &CancellationToken,
 ) -> Vec<JoinHandle<()>> {
-    let dispatch: Arc<dyn sluice_connectors::Dispatch> = functions.clone();
+    let dispatch: Arc<dyn sluice_connectors::Dispatch> = queue.clone();
     let mut tasks = Vec::new();
     for (name, source) in &config.sources {
         if !source.enabled {
@@ -184,6 +230,8 @@ fn start_sources(
                 );
                 tasks.push(tokio::spawn(source.run(dispatch.clone(), stop.child_token())));
             }
+            // Webhooks are routes on the API listener, mounted when it starts.
+            sluice_config::SourceKind::Http(_) => {}
         }
     }
     tasks

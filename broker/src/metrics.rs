@@ -11,6 +11,12 @@ pub const FUNCTION_DURATION: &str = "sluice_function_duration_seconds";
 pub const FUNCTION_CONCURRENT_EXECUTIONS: &str = "sluice_function_concurrent_executions";
 pub const FUNCTION_COLD_STARTS: &str = "sluice_function_cold_starts_total";
 pub const FUNCTION_TIMEOUTS: &str = "sluice_function_timeouts_total";
+pub const ASYNC_EVENTS_RECEIVED: &str = "sluice_async_events_received_total";
+pub const ASYNC_EVENTS_DROPPED: &str = "sluice_async_events_dropped_total";
+pub const ASYNC_EVENT_AGE: &str = "sluice_async_event_age_seconds";
+pub const ASYNC_RETRIES: &str = "sluice_async_retries_total";
+pub const DEAD_LETTER_ERRORS: &str = "sluice_dead_letter_errors_total";
+pub const DEAD_LETTERS_WRITTEN: &str = "sluice_dead_letters_written_total";
 pub const API_INVALID_REQUESTS: &str = "sluice_api_invalid_requests_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -50,5 +56,11 @@ fn describe() {
     describe_gauge!(FUNCTION_CONCURRENT_EXECUTIONS, "Invocations running now");
     describe_counter!(FUNCTION_COLD_STARTS, "Execution environments started");
     describe_counter!(FUNCTION_TIMEOUTS, "Invocations stopped at the function's timeout");
+    describe_counter!(ASYNC_EVENTS_RECEIVED, "Asynchronous events accepted into the durable queue");
+    describe_counter!(ASYNC_EVENTS_DROPPED, "Asynchronous events given up with no on_failure destination");
+    describe_histogram!(ASYNC_EVENT_AGE, "Age of an asynchronous event when a try of it starts");
+    describe_counter!(ASYNC_RETRIES, "Asynchronous events scheduled for another try after a function error");
+    describe_counter!(DEAD_LETTER_ERRORS, "Failed writes to a destination or dead letter (the event stays queued and is written again)");
+    describe_counter!(DEAD_LETTERS_WRITTEN, "Records written to a destination or dead letter");
     describe_counter!(API_INVALID_REQUESTS, "Invoke API requests rejected as malformed");
 }

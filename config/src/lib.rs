@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+mod cron_expr;
 mod decode;
 mod error;
 mod interpolate;
@@ -38,6 +39,16 @@ pub mod defaults {
     pub const TIMEOUT: Duration = Duration::from_secs(3);
     /// What a `process` function runs when it gives no `command`, as Lambda's custom runtimes do.
     pub const COMMAND: &str = "./bootstrap";
+    /// Lambda's default for asynchronous invocation: two retries after the first attempt.
+    pub const MAX_RETRY_ATTEMPTS: u32 = 2;
+    /// Lambda's default maximum age of an asynchronous event, 6 hours.
+    pub const MAX_EVENT_AGE: Duration = Duration::from_secs(6 * 3_600);
+    /// Delay before the first asynchronous retry; it doubles for each later one.
+    pub const RETRY_DELAY: Duration = Duration::from_secs(60);
+    /// How long SIGTERM waits for in-flight invocations before stopping anyway.
+    pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+    /// Methods an `http` source accepts when it names none.
+    pub const HTTP_METHODS: &[&str] = &["POST"];
 }
 
 /// Reads and checks the configuration file at `path`, substituting `${VAR}` from the process
@@ -104,6 +115,12 @@ pub struct Config {
     pub functions: BTreeMap<String, FunctionConfig>,
     /// Push sources (mappings) by name.
     pub sources: BTreeMap<String, SourceConfig>,
+    /// `dead_letters`: where failed events are written, by name. Functions name them in
+    /// `on_success` / `on_failure`.
+    pub dead_letters: BTreeMap<String, DeadLetterConfig>,
+    /// `shutdown.grace`: how long SIGTERM lets in-flight invocations finish, 0 s–15 min,
+    /// default 30 s.
+    pub shutdown_grace: Duration,
     /// Where every node of the file stood, by path (`functions.resize.package`), so that errors
     /// found after loading (a missing package, say) can still name the line and column.
     /// Scalars are placed at their value; mappings, lists and empty values at their key, so
@@ -165,6 +182,48 @@ pub struct FunctionConfig {
     pub tags: BTreeMap<String, String>,
     /// Required for `http`: where the event is POSTed.
     pub url: Option<String>,
+    /// Asynchronous invocation: retries after a failed first attempt, 0–2, default 2.
+    pub max_retry_attempts: u32,
+    /// Asynchronous invocation: an event older than this is not invoked again but sent to
+    /// `on_failure`, 60 s–6 h, default 6 h.
+    pub max_event_age: Duration,
+    /// Asynchronous invocation: delay before the first retry, doubled for each later retry,
+    /// 0 s–15 min, default 1 min.
+    pub retry_delay: Duration,
+    /// Where the result of a successful asynchronous invocation goes: the name of another
+    /// function or of a dead letter (`Config::dead_letters`).
+    pub on_success: Option<String>,
+    /// Where an asynchronous event goes after its last failed attempt or past its maximum age:
+    /// the name of another function or of a dead letter.
+    pub on_failure: Option<String>,
+    /// Aliases by name (`live`), each pointing at a version.
+    pub aliases: BTreeMap<String, AliasConfig>,
+}
+
+/// A named pointer to a function version, optionally sending a share of the invocations to a
+/// second version (Lambda's weighted alias).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AliasConfig {
+    /// `version`: `$LATEST` or a version number as text (`"1"`).
+    pub version: String,
+    /// `additional_version_weights`: at most one other version number and the share of
+    /// invocations it gets, strictly between 0 and 1.
+    pub additional_version_weights: BTreeMap<String, f64>,
+    /// At most 256 characters.
+    pub description: Option<String>,
+}
+
+/// A durable place for events that failed for good (or, as an `on_success` destination, for
+/// results).
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetterConfig {
+    pub kind: DeadLetterKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum DeadLetterKind {
+    /// `type: file`, `path:` (resolved against base_dir): JSON Lines.
+    File { path: PathBuf },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -179,6 +238,20 @@ pub struct SourceConfig {
 pub enum SourceKind {
     /// `type: schedule`
     Schedule(ScheduleConfig),
+    /// `type: http`: a webhook on Sluice's own listener.
+    Http(HttpSourceConfig),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpSourceConfig {
+    /// `path`: where the webhook listens, like `/hooks/orders`. Unique among http sources and
+    /// outside the paths of Sluice's own API.
+    pub path: String,
+    /// `invocation: async` answers 202 once the event is queued; `sync` (the default) waits
+    /// for the function and answers with its result.
+    pub asynchronous: bool,
+    /// `methods`: uppercase HTTP methods accepted, default `["POST"]`.
+    pub methods: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -192,6 +265,15 @@ pub struct ScheduleConfig {
 pub enum Schedule {
     /// `rate: 5 minutes`, `rate(5 minutes)`, `rate: 10 seconds`.
     Rate(Duration),
+    /// `cron: "0 12 * * ? *"` or `cron: cron(0 12 * * ? *)`: EventBridge's six fields
+    /// (minutes hours day-of-month month day-of-week year).
+    Cron {
+        /// The six EventBridge fields as written, without the `cron(…)` wrapper.
+        expression: String,
+        /// The same schedule in the `cron` crate's seven-field syntax (seconds first, `?`
+        /// written `*`), ready for `cron::Schedule::from_str`.
+        cron: String,
+    },
 }
 
 impl Config {
@@ -222,6 +304,8 @@ impl Default for Config {
             concurrency: ConcurrencyConfig::default(),
             functions: BTreeMap::new(),
             sources: BTreeMap::new(),
+            dead_letters: BTreeMap::new(),
+            shutdown_grace: defaults::SHUTDOWN_GRACE,
             locations: BTreeMap::new(),
             origin: "<default>".to_owned(),
             base_dir: PathBuf::from("."),
@@ -305,6 +389,40 @@ mod tests {
         assert_eq!(
             (f.reserved_concurrency, &f.description, &f.url),
             (None, &None, &None)
+        );
+        assert_eq!(f.max_retry_attempts, 2);
+        assert_eq!(f.max_event_age, Duration::from_secs(21_600));
+        assert_eq!(f.retry_delay, Duration::from_secs(60));
+        assert_eq!((&f.on_success, &f.on_failure), (&None, &None));
+        assert!(f.aliases.is_empty());
+    }
+
+    #[test]
+    fn an_http_source_defaults_to_synchronous_post() {
+        let config = parse(
+            "functions:\n  f:\n    package: p\nsources:\n  s:\n    type: http\n    function: f\n    path: /in\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.sources["s"].kind,
+            SourceKind::Http(HttpSourceConfig {
+                path: "/in".to_owned(),
+                asynchronous: false,
+                methods: vec!["POST".to_owned()],
+            })
+        );
+    }
+
+    #[test]
+    fn a_destination_may_be_declared_after_the_function_that_names_it() {
+        let config = parse(
+            "functions:\n  a:\n    package: p\n    on_failure: b\n    on_success: dlq\n  b:\n    package: p\ndead_letters:\n  dlq: { type: file, path: dead.jsonl }\n",
+        )
+        .unwrap();
+        let a = &config.functions["a"];
+        assert_eq!(
+            (a.on_failure.as_deref(), a.on_success.as_deref()),
+            (Some("b"), Some("dlq"))
         );
     }
 

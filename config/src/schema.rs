@@ -5,14 +5,16 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
+use crate::cron_expr::parse_cron;
 use crate::decode::{Decoder, Field, Fields, child, closest, index};
 use crate::interpolate::is_variable_name;
 use crate::shell::split_words;
 use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
 use crate::{
-    ConcurrencyConfig, Config, FunctionConfig, Limits, Runtime, Schedule, ScheduleConfig,
-    SourceConfig, SourceKind, defaults,
+    AliasConfig, ConcurrencyConfig, Config, DeadLetterConfig, DeadLetterKind, FunctionConfig,
+    HttpSourceConfig, Limits, Runtime, Schedule, ScheduleConfig, SourceConfig, SourceKind,
+    defaults,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -20,12 +22,15 @@ const TOP_KEYS: &[&str] = &[
     "state",
     "limits",
     "concurrency",
+    "shutdown",
     "functions",
     "sources",
+    "dead_letters",
 ];
 const API_KEYS: &[&str] = &["listen"];
 const LIMITS_KEYS: &[&str] = &["package_zipped", "package_unpacked"];
 const CONCURRENCY_KEYS: &[&str] = &["limit"];
+const SHUTDOWN_KEYS: &[&str] = &["grace"];
 const FUNCTION_KEYS: &[&str] = &[
     "runtime",
     "package",
@@ -38,10 +43,39 @@ const FUNCTION_KEYS: &[&str] = &[
     "description",
     "tags",
     "url",
+    "max_retry_attempts",
+    "max_event_age",
+    "retry_delay",
+    "on_success",
+    "on_failure",
+    "aliases",
 ];
+const ALIAS_KEYS: &[&str] = &["version", "additional_version_weights", "description"];
 const SCHEDULE_KEYS: &[&str] = &["type", "function", "enabled", "rate", "cron", "input"];
-const SOURCE_TYPES: &[&str] = &["schedule"];
+const HTTP_KEYS: &[&str] = &[
+    "type",
+    "function",
+    "enabled",
+    "path",
+    "invocation",
+    "methods",
+];
+const SOURCE_TYPES: &[&str] = &["http", "schedule"];
+const FILE_DEAD_LETTER_KEYS: &[&str] = &["type", "path"];
+const DEAD_LETTER_TYPES: &[&str] = &["file"];
 const RUNTIMES: &[&str] = &["process", "http", "native"];
+const INVOCATIONS: &[&str] = &["sync", "async"];
+const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+/// Where Sluice's own API lives: the Lambda Invoke API and its siblings, the Runtime API,
+/// metrics and health. A webhook there would shadow it or be shadowed.
+const RESERVED_HTTP_PATHS: &[&str] = &[
+    "/2015-03-31",
+    "/2017-10-31",
+    "/2019-09-30",
+    "/2018-06-01",
+    "/metrics",
+    "/healthz",
+];
 
 /// Variables the runtime sets for every function; a function may not override them.
 const RESERVED_ENV: &[&str] = &[
@@ -61,6 +95,20 @@ const TIMEOUT_MAX: Duration = Duration::from_secs(900);
 const CONCURRENCY_LIMIT: std::ops::RangeInclusive<i128> = 1..=100_000;
 const DESCRIPTION_MAX_CHARS: usize = 256;
 const FUNCTION_NAME_MAX: usize = 64;
+const DEAD_LETTER_NAME_MAX: usize = 64;
+const ALIAS_NAME_MAX: usize = 128;
+const MAX_RETRY_ATTEMPTS: std::ops::RangeInclusive<i128> = 0..=2;
+const MAX_EVENT_AGE: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(60)..=Duration::from_secs(6 * 3_600);
+const RETRY_DELAY: std::ops::RangeInclusive<Duration> = Duration::ZERO..=Duration::from_secs(900);
+const SHUTDOWN_GRACE: std::ops::RangeInclusive<Duration> =
+    Duration::ZERO..=Duration::from_secs(900);
+
+/// The names a destination (`on_success`, `on_failure`) can point at.
+struct Destinations<'a> {
+    functions: &'a [&'a str],
+    dead_letters: &'a [&'a str],
+}
 
 pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) -> Config {
     let mut config = Config {
@@ -114,8 +162,41 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
         };
     }
 
+    if let Some(shutdown) = d.section(&top, "shutdown", SHUTDOWN_KEYS) {
+        config.shutdown_grace = d
+            .parse(&shutdown, "grace", "a duration", |text| {
+                bounded_duration(text, "grace", &SHUTDOWN_GRACE, "between 0s and 15m")
+            })
+            .or(config.shutdown_grace);
+    }
+
+    let dead_letters = d.entries(&top, "dead_letters");
+    let dead_letter_names: Vec<&str> = dead_letters.iter().map(|entry| entry.key).collect();
+    for entry in &dead_letters {
+        let path = child(&top.path_of("dead_letters"), entry.key);
+        if !is_function_name(entry.key) {
+            d.error_at(
+                &path,
+                Some(entry.key_location),
+                format!(
+                    "invalid dead letter name `{}`: use 1 to {DEAD_LETTER_NAME_MAX} letters, digits, `-` or `_`",
+                    entry.key
+                ),
+            );
+        }
+        if let Some(dead_letter) = decode_dead_letter(d, entry.value, &path, &config.base_dir) {
+            config
+                .dead_letters
+                .insert(entry.key.to_owned(), dead_letter);
+        }
+    }
+
     let functions = d.entries(&top, "functions");
     let declared: Vec<&str> = functions.iter().map(|entry| entry.key).collect();
+    let destinations = Destinations {
+        functions: &declared,
+        dead_letters: &dead_letter_names,
+    };
     for entry in &functions {
         let path = child(&top.path_of("functions"), entry.key);
         if !is_function_name(entry.key) {
@@ -128,14 +209,20 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
                 ),
             );
         }
-        if let Some(function) = decode_function(d, entry.key, entry.value, &path, &config) {
+        if let Some(function) =
+            decode_function(d, entry.key, entry.value, &path, &config, &destinations)
+        {
             config.functions.insert(entry.key.to_owned(), function);
         }
     }
 
+    // Webhook paths taken so far, with the source that took each.
+    let mut http_paths = BTreeMap::new();
     for entry in d.entries(&top, "sources") {
         let path = child(&top.path_of("sources"), entry.key);
-        if let Some(source) = decode_source(d, entry.value, &path, &declared) {
+        if let Some(source) =
+            decode_source(d, entry.key, entry.value, &path, &declared, &mut http_paths)
+        {
             config.sources.insert(entry.key.to_owned(), source);
         }
     }
@@ -185,12 +272,40 @@ fn parse_positive_size(text: &str) -> Result<u64, String> {
     }
 }
 
-/// Lambda's rule for function names.
+/// Lambda's rule for function names, which dead letter names follow too.
 fn is_function_name(name: &str) -> bool {
-    (1..=FUNCTION_NAME_MAX).contains(&name.len())
+    is_word(name, FUNCTION_NAME_MAX)
+}
+
+/// 1 to `max` letters, digits, `-` or `_`.
+fn is_word(name: &str, max: usize) -> bool {
+    (1..=max).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// What is wrong with an alias name, by Lambda's rule: 1 to 128 letters, digits, `-` or `_`,
+/// not only digits (that would read as a version).
+fn alias_name_problem(name: &str) -> Option<String> {
+    if name == "$LATEST" {
+        Some("`$LATEST` is a version, not an alias name".to_owned())
+    } else if !is_word(name, ALIAS_NAME_MAX) {
+        Some(format!(
+            "invalid alias name `{name}`: use 1 to {ALIAS_NAME_MAX} letters, digits, `-` or `_`"
+        ))
+    } else if name.bytes().all(|b| b.is_ascii_digit()) {
+        Some(format!(
+            "invalid alias name `{name}`: a name of only digits would read as a version number"
+        ))
+    } else {
+        None
+    }
+}
+
+/// A published version number: 1, 2, …
+fn is_version_number(text: &str) -> bool {
+    !text.is_empty() && !text.starts_with('0') && text.bytes().all(|b| b.is_ascii_digit())
 }
 
 fn parse_runtime(text: &str) -> Result<Runtime, String> {
@@ -222,6 +337,7 @@ fn decode_function(
     node: &Node,
     path: &str,
     config: &Config,
+    destinations: &Destinations<'_>,
 ) -> Option<FunctionConfig> {
     let fields = d.mapping(node, path, Some(FUNCTION_KEYS))?;
     // An unreadable runtime leaves the runtime-specific rules unchecked rather than checking
@@ -291,16 +407,26 @@ fn decode_function(
         )
         .ok()
         .and_then(|n| u32::try_from(n).ok());
-    let description = d
-        .string(&fields, "description")
-        .and_then_check(|description| match description.chars().count() {
-            n if n > DESCRIPTION_MAX_CHARS => Err(format!(
-                "is {n} characters long; at most {DESCRIPTION_MAX_CHARS} are allowed"
-            )),
-            _ => Ok(description),
-        });
-    let description = report(d, &fields, "description", description).ok();
+    let description = decode_description(d, &fields);
     let tags = decode_tags(d, &fields);
+    let max_retry_attempts = d
+        .int(&fields, "max_retry_attempts", MAX_RETRY_ATTEMPTS, "")
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(defaults::MAX_RETRY_ATTEMPTS);
+    let max_event_age = d
+        .parse(&fields, "max_event_age", "a duration", |text| {
+            bounded_duration(text, "max_event_age", &MAX_EVENT_AGE, "between 1m and 6h")
+        })
+        .or(defaults::MAX_EVENT_AGE);
+    let retry_delay = d
+        .parse(&fields, "retry_delay", "a duration", |text| {
+            bounded_duration(text, "retry_delay", &RETRY_DELAY, "between 0s and 15m")
+        })
+        .or(defaults::RETRY_DELAY);
+    let on_success = decode_destination(d, &fields, "on_success", name, destinations);
+    let on_failure = decode_destination(d, &fields, "on_failure", name, destinations);
+    let aliases = decode_aliases(d, &fields);
 
     let runtime = runtime?;
     let command = command
@@ -319,7 +445,212 @@ fn decode_function(
         description,
         tags,
         url: url.ok(),
+        max_retry_attempts,
+        max_event_age,
+        retry_delay,
+        on_success,
+        on_failure,
+        aliases,
     })
+}
+
+/// `description`, at most 256 characters as in Lambda.
+fn decode_description(d: &mut Decoder<'_>, fields: &Fields<'_>) -> Option<String> {
+    let description =
+        d.string(fields, "description")
+            .and_then_check(|description| match description.chars().count() {
+                n if n > DESCRIPTION_MAX_CHARS => Err(format!(
+                    "is {n} characters long; at most {DESCRIPTION_MAX_CHARS} are allowed"
+                )),
+                _ => Ok(description),
+            });
+    report(d, fields, "description", description).ok()
+}
+
+/// `on_success` / `on_failure`: the name of another function or of a dead letter, and not a
+/// name that is both.
+fn decode_destination(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    key: &str,
+    function: &str,
+    destinations: &Destinations<'_>,
+) -> Option<String> {
+    let target = d.string(fields, key).ok()?;
+    let is_function = destinations.functions.contains(&target.as_str());
+    let is_dead_letter = destinations.dead_letters.contains(&target.as_str());
+    let problem = if is_function && is_dead_letter {
+        format!(
+            "`{target}` names both a function and a dead letter: rename one of them so that the destination is clear"
+        )
+    } else if is_dead_letter {
+        return Some(target);
+    } else if target == function {
+        format!(
+            "`{target}` is this function itself: a destination must be another function or a dead letter"
+        )
+    } else if is_function {
+        return Some(target);
+    } else {
+        let candidates: Vec<&str> = destinations
+            .functions
+            .iter()
+            .chain(destinations.dead_letters)
+            .copied()
+            .filter(|candidate| *candidate != function)
+            .collect();
+        with_suggestion(
+            format!(
+                "unknown destination `{target}`: it is neither a function under `functions` nor a dead letter under `dead_letters`"
+            ),
+            &target,
+            &candidates,
+        )
+    };
+    d.error(&fields.path_of(key), problem);
+    None
+}
+
+fn decode_aliases(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<String, AliasConfig> {
+    let path = fields.path_of("aliases");
+    let mut aliases = BTreeMap::new();
+    for entry in d.entries(fields, "aliases") {
+        let alias_path = child(&path, entry.key);
+        if let Some(problem) = alias_name_problem(entry.key) {
+            d.error_at(&alias_path, Some(entry.key_location), problem);
+        }
+        if let Some(alias) = decode_alias(d, entry.value, &alias_path) {
+            aliases.insert(entry.key.to_owned(), alias);
+        }
+    }
+    aliases
+}
+
+fn decode_alias(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<AliasConfig> {
+    let fields = d.mapping(node, path, Some(ALIAS_KEYS))?;
+    // An unquoted `version: 3` is a YAML integer; its text is the version all the same.
+    let version = match fields.get("version") {
+        Some(node) => d
+            .text_node(node, &fields.path_of("version"), "a version")
+            .and_then_check(|version| {
+                if version == "$LATEST" || is_version_number(&version) {
+                    Ok(version)
+                } else {
+                    Err(format!(
+                        "invalid version `{version}`: expected `$LATEST` or a version number, like `1`"
+                    ))
+                }
+            }),
+        None => Checked::Field(Field::Absent),
+    };
+    let version = report(d, &fields, "version", version);
+    if matches!(version, Field::Absent) {
+        d.error(
+            path,
+            "missing field `version` (`$LATEST` or a version number, like `1`)",
+        );
+    }
+    let version = version.ok();
+    let additional_version_weights = decode_weights(d, &fields, version.as_deref());
+    let description = decode_description(d, &fields);
+    Some(AliasConfig {
+        version: version?,
+        additional_version_weights,
+        description,
+    })
+}
+
+/// `additional_version_weights: { "2": 0.1 }`: one other published version and its share.
+fn decode_weights(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    version: Option<&str>,
+) -> BTreeMap<String, f64> {
+    let path = fields.path_of("additional_version_weights");
+    let mut weights = BTreeMap::new();
+    for (i, entry) in d
+        .entries(fields, "additional_version_weights")
+        .iter()
+        .enumerate()
+    {
+        let weight_path = child(&path, entry.key);
+        let key_problem = if i > 0 {
+            Some(
+                "at most one additional version is allowed: an alias splits its traffic between two versions"
+                    .to_owned(),
+            )
+        } else if entry.key == "$LATEST" {
+            Some(
+                "the additional version must be a published version number, not `$LATEST`"
+                    .to_owned(),
+            )
+        } else if !is_version_number(entry.key) {
+            Some(format!(
+                "invalid version `{}`: expected a version number, like `2`",
+                entry.key
+            ))
+        } else if version == Some("$LATEST") {
+            // As in Lambda: the unpublished `$LATEST` changes under the split.
+            Some(
+                "an alias that points at `$LATEST` cannot split its traffic: point `version` at a published version"
+                    .to_owned(),
+            )
+        } else if version == Some(entry.key) {
+            Some(format!(
+                "version `{}` is already the alias's `version`: the additional version must be another one",
+                entry.key
+            ))
+        } else {
+            None
+        };
+        if let Some(problem) = key_problem {
+            d.error_at(&weight_path, Some(entry.key_location), problem);
+            continue;
+        }
+        if let Some(weight) = decode_weight(d, entry.value, &weight_path) {
+            weights.insert(entry.key.to_owned(), weight);
+        }
+    }
+    weights
+}
+
+/// A share of invocations, strictly between 0 and 1.
+fn decode_weight(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<f64> {
+    match d.scalar(node, path, "a number") {
+        Field::Value((text, plain)) => {
+            let weight = if plain {
+                yaml::float_value(&text)
+            } else {
+                None
+            };
+            match weight {
+                Some(weight) if weight > 0.0 && weight < 1.0 => Some(weight),
+                Some(_) => {
+                    d.error(
+                        path,
+                        format!("weight must be greater than 0 and less than 1, got {text}"),
+                    );
+                    None
+                }
+                None => {
+                    let found = yaml::scalar_type(&text, plain);
+                    d.error(
+                        path,
+                        format!("expected a weight between 0 and 1, found {found} (`{text}`)"),
+                    );
+                    None
+                }
+            }
+        }
+        Field::Absent => {
+            d.error(
+                path,
+                "missing weight: give the share of invocations for this version, like `0.1`",
+            );
+            None
+        }
+        Field::Invalid => None,
+    }
 }
 
 /// A value that was read but failed a check, with the message for its node.
@@ -424,13 +755,26 @@ fn check_url(text: &str) -> Result<String, String> {
 }
 
 fn parse_timeout(text: &str) -> Result<Duration, String> {
-    let timeout = parse_duration(text)?;
-    if (TIMEOUT_MIN..=TIMEOUT_MAX).contains(&timeout) {
-        Ok(timeout)
+    bounded_duration(
+        text,
+        "timeout",
+        &(TIMEOUT_MIN..=TIMEOUT_MAX),
+        "between 1s and 900s (15m)",
+    )
+}
+
+/// A duration within `range`; `bounds` says the range in the error message.
+fn bounded_duration(
+    text: &str,
+    what: &str,
+    range: &std::ops::RangeInclusive<Duration>,
+    bounds: &str,
+) -> Result<Duration, String> {
+    let duration = parse_duration(text)?;
+    if range.contains(&duration) {
+        Ok(duration)
     } else {
-        Err(format!(
-            "timeout `{text}` is out of range: must be between 1s and 900s (15m)"
-        ))
+        Err(format!("{what} `{text}` is out of range: must be {bounds}"))
     }
 }
 
@@ -487,42 +831,86 @@ fn decode_tags(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<String, Str
     tags
 }
 
-fn decode_source(
+/// The `type` of a source or dead letter, when it is one of `supported`; reports a missing or
+/// unsupported one.
+fn decode_type(
     d: &mut Decoder<'_>,
-    node: &Node,
+    fields: &Fields<'_>,
     path: &str,
-    declared: &[&str],
-) -> Option<SourceConfig> {
-    let fields = d.mapping(node, path, None)?;
-    let kind = match d.string(&fields, "type") {
+    what: &str,
+    supported: &[&str],
+) -> Option<String> {
+    let kind = match d.string(fields, "type") {
         Field::Value(kind) => kind,
         Field::Absent => {
             d.error(
                 path,
                 format!(
                     "missing field `type` (supported types are: {})",
-                    SOURCE_TYPES.join(", ")
+                    supported.join(", ")
                 ),
             );
             return None;
         }
         Field::Invalid => return None,
     };
-    if kind != "schedule" {
+    if !supported.contains(&kind.as_str()) {
         // The other keys belong to a schema this version does not know, so they are not
         // checked: one clear error beats a screenful of "unknown field".
         let message = with_suggestion(
             format!(
-                "unsupported source type `{kind}`: supported types are: {}",
-                SOURCE_TYPES.join(", ")
+                "unsupported {what} type `{kind}`: supported types are: {}",
+                supported.join(", ")
             ),
             &kind,
-            SOURCE_TYPES,
+            supported,
         );
         d.error(&fields.path_of("type"), message);
         return None;
     }
-    d.check_keys(&fields, SCHEDULE_KEYS);
+    Some(kind)
+}
+
+fn decode_dead_letter(
+    d: &mut Decoder<'_>,
+    node: &Node,
+    path: &str,
+    base_dir: &Path,
+) -> Option<DeadLetterConfig> {
+    let fields = d.mapping(node, path, None)?;
+    decode_type(d, &fields, path, "dead letter", DEAD_LETTER_TYPES)?;
+    d.check_keys(&fields, FILE_DEAD_LETTER_KEYS);
+    let file = d.string(&fields, "path").and_then_check(|file| {
+        if file.is_empty() {
+            Err("must not be empty".to_owned())
+        } else {
+            Ok(resolve(base_dir, &file))
+        }
+    });
+    let file = report(d, &fields, "path", file);
+    if matches!(file, Field::Absent) {
+        d.error(
+            path,
+            "missing field `path` (the JSON Lines file dead letters are appended to)",
+        );
+    }
+    Some(DeadLetterConfig {
+        kind: DeadLetterKind::File { path: file.ok()? },
+    })
+}
+
+fn decode_source(
+    d: &mut Decoder<'_>,
+    name: &str,
+    node: &Node,
+    path: &str,
+    declared: &[&str],
+    http_paths: &mut BTreeMap<String, String>,
+) -> Option<SourceConfig> {
+    let fields = d.mapping(node, path, None)?;
+    let kind = decode_type(d, &fields, path, "source", SOURCE_TYPES)?;
+    let http = kind == "http";
+    d.check_keys(&fields, if http { HTTP_KEYS } else { SCHEDULE_KEYS });
 
     let function = match d.string(&fields, "function") {
         Field::Value(function) => {
@@ -535,31 +923,225 @@ fn decode_source(
         Field::Invalid => None,
     };
     let enabled = d.boolean(&fields, "enabled").or(true);
-    let rate = d.parse(&fields, "rate", "a rate", parse_rate);
-    if fields.get("cron").is_some() {
-        d.error(
-            &fields.path_of("cron"),
-            "cron schedules are not supported yet; use rate",
-        );
-    } else if !rate.is_present() {
-        d.error(
-            path,
-            "missing field `rate` (a schedule needs one, like `rate: 5 minutes`)",
-        );
-    }
+    let kind = if http {
+        SourceKind::Http(decode_http(d, &fields, path, name, http_paths)?)
+    } else {
+        SourceKind::Schedule(decode_schedule(d, &fields, path)?)
+    };
+    Some(SourceConfig {
+        function: function?,
+        enabled,
+        kind,
+    })
+}
+
+fn decode_schedule(d: &mut Decoder<'_>, fields: &Fields<'_>, path: &str) -> Option<ScheduleConfig> {
+    let rate = d.parse(fields, "rate", "a rate", parse_rate);
+    let cron = d.parse(fields, "cron", "a cron expression", parse_cron);
     let input = fields
         .get("input")
         .and_then(|node| to_json(d, node, &fields.path_of("input")))
         .filter(|value| !value.is_null());
+    let schedule = match (rate, cron) {
+        (Field::Value(rate), Field::Absent) => Schedule::Rate(rate),
+        (Field::Absent, Field::Value(cron)) => Schedule::Cron {
+            expression: cron.expression,
+            cron: cron.cron,
+        },
+        (Field::Absent, Field::Absent) => {
+            d.error(
+                path,
+                "missing field `rate` or `cron` (a schedule needs one, like `rate: 5 minutes` or `cron: 0 12 * * ? *`)",
+            );
+            return None;
+        }
+        (rate, cron) => {
+            if rate.is_present() && cron.is_present() {
+                d.error(
+                    path,
+                    "both `rate` and `cron` are given: a schedule takes one of them",
+                );
+            }
+            return None;
+        }
+    };
+    Some(ScheduleConfig { schedule, input })
+}
 
-    Some(SourceConfig {
-        function: function?,
-        enabled,
-        kind: SourceKind::Schedule(ScheduleConfig {
-            schedule: Schedule::Rate(rate.ok()?),
-            input,
-        }),
+fn decode_http(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    path: &str,
+    name: &str,
+    http_paths: &mut BTreeMap<String, String>,
+) -> Option<HttpSourceConfig> {
+    let url_path = match d.parse(fields, "path", "a path", check_http_path) {
+        Field::Value(url_path) => match http_paths.get(&url_path) {
+            Some(first) => {
+                d.error(
+                    &fields.path_of("path"),
+                    format!("path `{url_path}` is already used by source `{first}`"),
+                );
+                None
+            }
+            None => {
+                http_paths.insert(url_path.clone(), name.to_owned());
+                Some(url_path)
+            }
+        },
+        Field::Absent => {
+            d.error(
+                path,
+                "missing field `path` (where the webhook listens, like `/hooks/orders`)",
+            );
+            None
+        }
+        Field::Invalid => None,
+    };
+    let asynchronous = d
+        .parse(
+            fields,
+            "invocation",
+            "`sync` or `async`",
+            |text| match text {
+                "sync" => Ok(false),
+                "async" => Ok(true),
+                other => Err(with_suggestion(
+                    format!(
+                        "unknown invocation `{other}`, expected one of: {}",
+                        INVOCATIONS.join(", ")
+                    ),
+                    other,
+                    INVOCATIONS,
+                )),
+            },
+        )
+        .or(false);
+    let methods = match decode_methods(d, fields) {
+        Field::Value(methods) => Some(methods),
+        Field::Absent => Some(
+            defaults::HTTP_METHODS
+                .iter()
+                .map(|method| (*method).to_owned())
+                .collect(),
+        ),
+        Field::Invalid => None,
+    };
+    Some(HttpSourceConfig {
+        path: url_path?,
+        asynchronous,
+        methods: methods?,
     })
+}
+
+fn check_http_path(text: &str) -> Result<String, String> {
+    if !text.starts_with('/') {
+        return Err(format!("invalid path `{text}`: must start with `/`"));
+    }
+    if let Some(c) = text
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "/_.~-".contains(*c)))
+    {
+        return Err(format!(
+            "invalid path `{text}`: `{c}` is not allowed; use letters, digits and `/`, `_`, `.`, `~`, `-`"
+        ));
+    }
+    // `..` would let `/x/../metrics` past the reserved check; `//` and `.` are mistakes.
+    let segments: Vec<&str> = text[1..].split('/').collect();
+    let last = segments.len() - 1;
+    if segments
+        .iter()
+        .enumerate()
+        .any(|(i, segment)| matches!(*segment, "." | "..") || (segment.is_empty() && i != last))
+    {
+        return Err(format!(
+            "invalid path `{text}`: empty, `.` and `..` segments are not allowed"
+        ));
+    }
+    // By whole segments: `/metrics` and `/metrics/x` are Sluice's, `/metrics-in` is free.
+    if let Some(reserved) = RESERVED_HTTP_PATHS.iter().find(|reserved| {
+        text.strip_prefix(**reserved)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    }) {
+        return Err(format!(
+            "path `{text}` is reserved: Sluice's own API is served under `{reserved}`"
+        ));
+    }
+    Ok(text.to_owned())
+}
+
+fn decode_methods(d: &mut Decoder<'_>, fields: &Fields<'_>) -> Field<Vec<String>> {
+    let Some(node) = fields.get("methods") else {
+        return Field::Absent;
+    };
+    let path = fields.path_of("methods");
+    let items = match &node.kind {
+        Kind::Sequence(items) => items,
+        _ if node.is_null() => return Field::Absent,
+        _ => {
+            d.error(
+                &path,
+                format!(
+                    "expected a list of methods, like `[POST, PUT]`, found {}",
+                    node.type_name()
+                ),
+            );
+            return Field::Invalid;
+        }
+    };
+    if items.is_empty() {
+        d.error(
+            &path,
+            "must not be empty: give at least one method, like `[POST]`",
+        );
+        return Field::Invalid;
+    }
+    let mut methods: Vec<String> = Vec::with_capacity(items.len());
+    let mut ok = true;
+    for (i, item) in items.iter().enumerate() {
+        let item_path = index(&path, i);
+        let method = match d.string_node(item, &item_path) {
+            Field::Value(method) => method,
+            Field::Absent => {
+                d.error(&item_path, "expected a method, found nothing");
+                ok = false;
+                continue;
+            }
+            Field::Invalid => {
+                ok = false;
+                continue;
+            }
+        };
+        let upper = method.to_ascii_uppercase();
+        let problem = if methods.contains(&method) {
+            Some(format!("duplicate method `{method}`"))
+        } else if HTTP_METHODS.contains(&method.as_str()) {
+            None
+        } else if HTTP_METHODS.contains(&upper.as_str()) {
+            Some(format!("methods are written in uppercase: `{upper}`"))
+        } else {
+            Some(with_suggestion(
+                format!(
+                    "unsupported method `{method}`, expected one of: {}",
+                    HTTP_METHODS.join(", ")
+                ),
+                &method,
+                HTTP_METHODS,
+            ))
+        };
+        match problem {
+            Some(problem) => {
+                d.error(&item_path, problem);
+                ok = false;
+            }
+            None => methods.push(method),
+        }
+    }
+    if ok {
+        Field::Value(methods)
+    } else {
+        Field::Invalid
+    }
 }
 
 /// Checks `name[:qualifier]` against the declared functions.

@@ -9,7 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use sluice_config::{Config, ConfigErrors, Location, Runtime, Schedule, SourceKind, parse_str};
+use sluice_config::{
+    AliasConfig, Config, ConfigErrors, DeadLetterKind, HttpSourceConfig, Location, Runtime,
+    Schedule, SourceKind, parse_str,
+};
 
 fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -43,7 +46,7 @@ fn error_fixtures_report_exactly_the_expected_errors() {
         .filter(|name| name.starts_with("error-") && name.ends_with(".yaml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 13, "fixtures missing: {names:?}");
+    assert!(names.len() >= 25, "fixtures missing: {names:?}");
 
     let mut failures = Vec::new();
     for name in &names {
@@ -81,6 +84,17 @@ fn full_config_loads_every_value() {
     assert_eq!(config.limits.package_zipped, 10_000_000);
     assert_eq!(config.limits.package_unpacked, 1_073_741_824);
     assert_eq!(config.concurrency.limit, 50);
+    assert_eq!(config.shutdown_grace, Duration::from_secs(120));
+    assert_eq!(
+        config.dead_letters.keys().collect::<Vec<_>>(),
+        ["failed-resizes"]
+    );
+    assert_eq!(
+        config.dead_letters["failed-resizes"].kind,
+        DeadLetterKind::File {
+            path: PathBuf::from("/srv/sluice/dead/resize.jsonl")
+        }
+    );
     assert_eq!(
         config.functions.keys().collect::<Vec<_>>(),
         ["argv", "embedded", "hook", "resize"]
@@ -114,6 +128,28 @@ fn full_config_loads_every_value() {
     assert_eq!(resize.description.as_deref(), Some("Makes thumbnails"));
     assert_eq!(resize.tags.get("team").map(String::as_str), Some("media"));
     assert_eq!(resize.url, None);
+    assert_eq!(resize.max_retry_attempts, 1);
+    assert_eq!(resize.max_event_age, Duration::from_secs(3_600));
+    assert_eq!(resize.retry_delay, Duration::from_secs(30));
+    assert_eq!(resize.on_success.as_deref(), Some("hook"));
+    assert_eq!(resize.on_failure.as_deref(), Some("failed-resizes"));
+    assert_eq!(resize.aliases.keys().collect::<Vec<_>>(), ["edge", "live"]);
+    assert_eq!(
+        resize.aliases["live"],
+        AliasConfig {
+            version: "3".to_owned(),
+            additional_version_weights: [("4".to_owned(), 0.1)].into(),
+            description: Some("What production calls".to_owned()),
+        }
+    );
+    assert_eq!(
+        resize.aliases["edge"],
+        AliasConfig {
+            version: "$LATEST".to_owned(),
+            additional_version_weights: BTreeMap::new(),
+            description: None,
+        }
+    );
 
     let hook = &config.functions["hook"];
     assert_eq!(hook.runtime, Runtime::Http);
@@ -124,11 +160,23 @@ fn full_config_loads_every_value() {
     assert_eq!(hook.timeout, Duration::from_secs(10));
     assert_eq!((hook.package.as_ref(), hook.command.as_ref()), (None, None));
     assert_eq!(hook.memory_mb, 128);
+    assert_eq!(hook.max_retry_attempts, 0);
+    assert_eq!(hook.max_event_age, Duration::from_secs(60));
+    assert_eq!(hook.retry_delay, Duration::ZERO);
+    assert_eq!(
+        (hook.on_success.as_deref(), hook.on_failure.as_deref()),
+        (None, Some("embedded"))
+    );
 
     let embedded = &config.functions["embedded"];
     assert_eq!(embedded.runtime, Runtime::Native);
     assert_eq!(embedded.handler.as_deref(), Some("embedded"));
     assert_eq!(embedded.timeout, Duration::from_secs(3));
+    assert_eq!(embedded.max_retry_attempts, 2);
+    assert_eq!(embedded.max_event_age, Duration::from_secs(6 * 3_600));
+    assert_eq!(embedded.retry_delay, Duration::from_secs(60));
+    assert_eq!((&embedded.on_success, &embedded.on_failure), (&None, &None));
+    assert!(embedded.aliases.is_empty());
 
     let argv = &config.functions["argv"];
     assert_eq!(
@@ -144,7 +192,9 @@ fn full_config_loads_every_value() {
     let nightly = &config.sources["nightly"];
     assert_eq!(nightly.function, "resize:live");
     assert!(nightly.enabled);
-    let SourceKind::Schedule(schedule) = &nightly.kind;
+    let SourceKind::Schedule(schedule) = &nightly.kind else {
+        panic!("not a schedule: {:?}", nightly.kind)
+    };
     assert_eq!(
         schedule.schedule,
         Schedule::Rate(Duration::from_secs(86_400))
@@ -164,9 +214,56 @@ fn full_config_loads_every_value() {
     let heartbeat = &config.sources["heartbeat"];
     assert_eq!(heartbeat.function, "hook");
     assert!(!heartbeat.enabled);
-    let SourceKind::Schedule(schedule) = &heartbeat.kind;
+    let SourceKind::Schedule(schedule) = &heartbeat.kind else {
+        panic!("not a schedule: {:?}", heartbeat.kind)
+    };
     assert_eq!(schedule.schedule, Schedule::Rate(Duration::from_secs(30)));
     assert_eq!(schedule.input, None);
+
+    let weekdays = &config.sources["weekdays"];
+    let SourceKind::Schedule(schedule) = &weekdays.kind else {
+        panic!("not a schedule: {:?}", weekdays.kind)
+    };
+    assert_eq!(
+        schedule.schedule,
+        Schedule::Cron {
+            expression: "0 9 ? * MON-FRI *".to_owned(),
+            cron: "0 0 9 * * MON-FRI *".to_owned(),
+        }
+    );
+    let monthly = &config.sources["monthly"];
+    let SourceKind::Schedule(schedule) = &monthly.kind else {
+        panic!("not a schedule: {:?}", monthly.kind)
+    };
+    assert_eq!(
+        schedule.schedule,
+        Schedule::Cron {
+            expression: "30 2 1 JAN,JUL ? *".to_owned(),
+            cron: "0 30 2 1 JAN,JUL * *".to_owned(),
+        }
+    );
+
+    let orders_hook = &config.sources["orders-hook"];
+    assert_eq!(orders_hook.function, "resize:live");
+    assert!(orders_hook.enabled);
+    assert_eq!(
+        orders_hook.kind,
+        SourceKind::Http(HttpSourceConfig {
+            path: "/hooks/orders".to_owned(),
+            asynchronous: true,
+            methods: vec!["PUT".to_owned(), "POST".to_owned()],
+        })
+    );
+    let ping = &config.sources["ping"];
+    assert!(!ping.enabled);
+    assert_eq!(
+        ping.kind,
+        SourceKind::Http(HttpSourceConfig {
+            path: "/metrics-in/ping".to_owned(),
+            asynchronous: false,
+            methods: vec!["POST".to_owned()],
+        })
+    );
 }
 
 #[test]
@@ -179,10 +276,14 @@ fn locations_name_every_node_by_path() {
         config.location("functions.resize.environment.EMPTY"),
         at(22, 7)
     );
-    assert_eq!(config.location("functions.argv.command[2]"), at(36, 30));
+    assert_eq!(config.location("functions.argv.command[2]"), at(52, 30));
     assert_eq!(
         config.location("sources.nightly.input.sizes[1]"),
-        at(44, 19)
+        at(60, 19)
+    );
+    assert_eq!(
+        config.location("functions.resize.aliases.live.additional_version_weights.4"),
+        at(36, 44)
     );
     assert_eq!(config.location("functions.nope"), None);
 
@@ -216,6 +317,8 @@ fn empty_file_gives_the_defaults() {
         assert_eq!(config.limits.package_zipped, 50_000_000);
         assert_eq!(config.limits.package_unpacked, 250_000_000);
         assert_eq!(config.concurrency.limit, 1000);
+        assert_eq!(config.shutdown_grace, Duration::from_secs(30));
+        assert!(config.dead_letters.is_empty());
     }
 }
 

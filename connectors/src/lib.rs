@@ -1,6 +1,7 @@
 //! Sluice's event sources. Each source is small and looks like its siblings: its config comes
 //! from `sluice-config`, and it hands events to the broker through [`Dispatch`].
 
+pub mod http;
 pub mod schedule;
 
 use std::future::Future;
@@ -27,10 +28,13 @@ impl DispatchError {
     }
 }
 
-pub type DispatchFuture<'a> = Pin<Box<dyn Future<Output = Result<Bytes, DispatchError>> + Send + 'a>>;
+pub type DispatchFuture<'a, T = Bytes> = Pin<Box<dyn Future<Output = Result<T, DispatchError>> + Send + 'a>>;
 
-/// How a source hands one event to a function (`name` or `name:qualifier`) and learns the
-/// outcome. The broker implements it; tests may implement it to observe a source.
+/// How a source hands one event to a function (`name` or `name:qualifier`). The broker
+/// implements it; tests may implement it to observe a source.
 pub trait Dispatch: Send + Sync + 'static {
+    /// Invokes synchronously and returns the function's result.
     fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> DispatchFuture<'a>;
+    /// Queues the event durably for asynchronous invocation and returns its request id.
+    fn invoke_async<'a>(&'a self, function: &'a str, payload: Bytes) -> DispatchFuture<'a, String>;
 }

@@ -1,8 +1,8 @@
 //! `type: schedule`: invoke a function at a fixed rate with EventBridge's scheduled-event
 //! payload, or with the configured `input`.
 
+use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 use bytes::Bytes;
@@ -34,9 +34,11 @@ impl ScheduleSource {
         }
     }
 
-    fn period(&self) -> Duration {
-        match self.config.schedule {
-            Schedule::Rate(d) => d,
+    /// When the tick after `now` fires; `None` when a cron schedule has no future time.
+    fn next_after(&self, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+        match &self.config.schedule {
+            Schedule::Rate(d) => chrono::Duration::from_std(*d).ok().map(|d| now + d),
+            Schedule::Cron { cron, .. } => cron::Schedule::from_str(cron).ok()?.after(&now).next(),
         }
     }
 
@@ -65,16 +67,43 @@ impl ScheduleSource {
         Bytes::from(body.unwrap_or_default())
     }
 
-    /// Ticks until `stop` is cancelled. A tick that finds the previous invocation still running
-    /// is skipped rather than queued, so a slow function never builds a backlog.
+    /// Ticks until `stop` is cancelled. A rate schedule fires at once and then every period; a
+    /// cron schedule at its times (UTC, as EventBridge). A tick that finds the previous
+    /// invocation still running is skipped rather than queued, so a slow function never
+    /// builds a backlog.
     pub async fn run(self, dispatch: Arc<dyn Dispatch>, stop: CancellationToken) {
-        let mut ticker = tokio::time::interval(self.period());
-        ticker.set_missed_tick_behavior(MissedTickBehavior::Skip);
         let labels = [("source", self.name.clone()), ("function", self.function.clone())];
+        let mut ticker = match &self.config.schedule {
+            Schedule::Rate(period) => {
+                let mut t = tokio::time::interval(*period);
+                t.set_missed_tick_behavior(MissedTickBehavior::Skip);
+                Some(t)
+            }
+            Schedule::Cron { .. } => None,
+        };
         loop {
+            let tick = async {
+                match ticker.as_mut() {
+                    Some(t) => {
+                        t.tick().await;
+                        true
+                    }
+                    None => {
+                        let now = chrono::Utc::now();
+                        let Some(next) = self.next_after(now) else {
+                            return false;
+                        };
+                        tokio::time::sleep((next - now).to_std().unwrap_or_default()).await;
+                        true
+                    }
+                }
+            };
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = ticker.tick() => {}
+                more = tick => if !more {
+                    tracing::info!(source = %self.name, "the cron schedule has no future times");
+                    return;
+                },
             }
             metrics::counter!(SCHEDULE_EVENTS, &labels).increment(1);
             let event = self.event(chrono::Utc::now());
@@ -95,6 +124,28 @@ impl ScheduleSource {
 mod tests {
     use super::*;
     use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[test]
+    fn cron_schedules_fire_at_their_times_in_utc() {
+        // EventBridge `0 12 * * ? *`: noon every day.
+        let src = ScheduleSource::new(
+            "noon",
+            "f",
+            ScheduleConfig {
+                schedule: Schedule::Cron {
+                    expression: "0 12 * * ? *".into(),
+                    cron: "0 0 12 * * * *".into(),
+                },
+                input: None,
+            },
+            "us-east-1",
+            "000000000000",
+        );
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T13:00:00Z").expect("t").with_timezone(&chrono::Utc);
+        let next = src.next_after(now).expect("a future time");
+        assert_eq!(next.to_rfc3339(), "2026-11-27T12:00:00+00:00");
+    }
 
     fn source(input: Option<serde_json::Value>, every: Duration) -> ScheduleSource {
         ScheduleSource::new(
@@ -142,6 +193,10 @@ mod tests {
                 .expect("lock")
                 .push((function.to_string(), payload));
             Box::pin(async { Ok(Bytes::new()) })
+        }
+
+        fn invoke_async<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a, String> {
+            Box::pin(async { Err(crate::DispatchError::NotFound("not used".into())) })
         }
     }
 

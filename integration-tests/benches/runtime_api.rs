@@ -17,6 +17,16 @@ fn payload() -> bytes::Bytes {
 const WARMUP: usize = 2_000;
 const PER_ROW: usize = 40_000;
 
+/// (warm-up, measured) invocations per row. `cargo bench` passes `--bench`; `cargo test
+/// --all-targets` runs this binary without it, and then a short smoke run is enough.
+fn counts() -> (usize, usize) {
+    if std::env::args().any(|arg| arg == "--bench") {
+        (WARMUP, PER_ROW)
+    } else {
+        (20, 200)
+    }
+}
+
 struct Row {
     label: String,
     calls: usize,
@@ -100,11 +110,12 @@ async fn run() {
     )
     .await
     .expect("sluice starts");
+    let (warmup, per_row) = counts();
     let function = running.functions().get("noop").expect("noop").clone();
     let arn = function.arn.clone();
 
     println!(
-        "runtime_api bench: {PER_ROW} warm invocations per row, no-op Rust function (lambda_runtime), payload {} bytes",
+        "runtime_api bench: {per_row} warm invocations per row, no-op Rust function (lambda_runtime), payload {} bytes",
         payload().len()
     );
     println!(
@@ -118,7 +129,7 @@ async fn run() {
         let direct = measure(
             format!("direct in-process call, {concurrency} caller(s)"),
             concurrency,
-            PER_ROW,
+            per_row,
             || async {
                 let event: serde_json::Value = serde_json::from_slice(&payload()).expect("json");
                 let out = sluice_integration_tests::noop_handler(event).await;
@@ -134,18 +145,19 @@ async fn run() {
             let f = f.clone();
             let a = a.clone();
             async move {
+                let instance = f.latest().clone();
                 let outcome = f
-                    .invoke(Invocation::new(payload(), a))
+                    .invoke(&instance, Invocation::new(payload(), a))
                     .await
                     .expect("not throttled");
                 assert!(outcome.result.is_ok(), "noop failed: {:?}", outcome.result);
             }
         };
-        let _ = measure(String::new(), concurrency, WARMUP, call.clone()).await;
+        let _ = measure(String::new(), concurrency, warmup, call.clone()).await;
         let via = measure(
             format!("Runtime API, {concurrency} environment(s)"),
             concurrency,
-            PER_ROW,
+            per_row,
             call,
         )
         .await;

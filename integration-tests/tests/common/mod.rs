@@ -63,8 +63,10 @@ impl Function {
             .set("handler", "app.handler")
             .set(
                 "command",
+                // -B: no __pycache__ written into the source tree.
                 &quoted_list(&[
                     &python.to_string_lossy(),
+                    "-B",
                     "-m",
                     "awslambdaric",
                     "app.handler",

@@ -1,0 +1,432 @@
+//! The state store: the durable async-invocation queue, published versions, aliases and
+//! concurrency settings, behind one trait. SQLite (a file) is the embedded default.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StateError {
+    #[error("unsupported state store `{0}`: use sqlite://PATH")]
+    Unsupported(String),
+    #[error("state store: {0}")]
+    Db(#[from] sqlx::Error),
+    #[error("state store: corrupt record: {0}")]
+    Corrupt(#[from] serde_json::Error),
+    #[error("cannot create the state directory {path}: {source}")]
+    Dir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One try of an asynchronous event.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct AttemptRecord {
+    /// RFC 3339.
+    pub time: String,
+    pub executed_version: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_type: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_message: Option<String>,
+    pub duration_ms: f64,
+}
+
+/// An accepted asynchronous event, waiting for its (next) try.
+#[derive(Debug, Clone, PartialEq)]
+pub struct QueuedEvent {
+    /// The request id handed to the caller; it stays the same across retries, as in Lambda.
+    pub id: String,
+    pub function: String,
+    pub qualifier: Option<String>,
+    pub payload: Vec<u8>,
+    pub trace_id: String,
+    pub received_at_ms: i64,
+    pub next_attempt_ms: i64,
+    pub attempts: Vec<AttemptRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionRecord {
+    pub function: String,
+    pub version: u32,
+    /// The configuration snapshot, as the broker serialized it.
+    pub snapshot: String,
+    pub code_sha256: String,
+    pub description: String,
+    pub created_at: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct AliasRecord {
+    pub function: String,
+    pub name: String,
+    pub version: String,
+    /// `{version: weight}`, at most one entry.
+    pub weights: Vec<(String, f64)>,
+    pub description: String,
+    pub revision_id: String,
+}
+
+#[async_trait]
+pub trait StateStore: Send + Sync + 'static {
+    /// Durably records events; they are on disk when this returns.
+    async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError>;
+    /// Events of `function` due at `now_ms`, oldest first.
+    async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError>;
+    /// When the next event of `function` due strictly after `after_ms` falls due.
+    async fn next_due(&self, function: &str, after_ms: i64) -> Result<Option<i64>, StateError>;
+    async fn reschedule(&self, id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> Result<(), StateError>;
+    /// Forgets an event whose outcome is final.
+    async fn remove(&self, id: &str) -> Result<(), StateError>;
+    async fn queued(&self) -> Result<u64, StateError>;
+
+    /// Records a new version with the next number and returns it.
+    async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError>;
+    async fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, StateError>;
+    async fn put_alias(&self, alias: &AliasRecord) -> Result<(), StateError>;
+    async fn delete_alias(&self, function: &str, name: &str) -> Result<bool, StateError>;
+    async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>, StateError>;
+    /// Reserved concurrency set through the API (`None`: removed), which overrides the file.
+    async fn put_concurrency(&self, function: &str, reserved: Option<u32>) -> Result<(), StateError>;
+    /// `None` when the API never set it; `Some(None)` when it was removed through the API.
+    async fn concurrency(&self, function: &str) -> Result<Option<Option<u32>>, StateError>;
+}
+
+/// Opens the store named by `state:` (`sqlite://PATH`, relative to `base_dir`).
+pub async fn open(url: &str, base_dir: &Path) -> Result<Box<dyn StateStore>, StateError> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        let path = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base_dir.join(path) };
+        Ok(Box::new(SqliteStore::open(&path).await?))
+    } else {
+        Err(StateError::Unsupported(url.to_string()))
+    }
+}
+
+pub struct SqliteStore {
+    pool: SqlitePool,
+}
+
+const SCHEMA: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS async_events (
+        id TEXT PRIMARY KEY,
+        function TEXT NOT NULL,
+        qualifier TEXT,
+        payload BLOB NOT NULL,
+        trace_id TEXT NOT NULL,
+        received_at_ms INTEGER NOT NULL,
+        next_attempt_ms INTEGER NOT NULL,
+        attempts TEXT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS async_events_due ON async_events (function, next_attempt_ms)",
+    "CREATE TABLE IF NOT EXISTS versions (
+        function TEXT NOT NULL,
+        version INTEGER NOT NULL,
+        snapshot TEXT NOT NULL,
+        code_sha256 TEXT NOT NULL,
+        description TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        PRIMARY KEY (function, version))",
+    "CREATE TABLE IF NOT EXISTS aliases (
+        function TEXT NOT NULL,
+        name TEXT NOT NULL,
+        version TEXT NOT NULL,
+        weights TEXT NOT NULL,
+        description TEXT NOT NULL,
+        revision_id TEXT NOT NULL,
+        PRIMARY KEY (function, name))",
+    "CREATE TABLE IF NOT EXISTS function_concurrency (
+        function TEXT PRIMARY KEY,
+        reserved INTEGER)",
+];
+
+impl SqliteStore {
+    pub async fn open(path: &Path) -> Result<Self, StateError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Dir { path: dir.to_path_buf(), source })?;
+        }
+        let options = SqliteConnectOptions::from_str("sqlite://")?
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: an accepted event survives a power cut, not only a crash of Sluice.
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(std::time::Duration::from_secs(10));
+        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        for statement in SCHEMA {
+            sqlx::query(statement).execute(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+}
+
+fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<QueuedEvent, StateError> {
+    let attempts: String = row.try_get("attempts")?;
+    Ok(QueuedEvent {
+        id: row.try_get("id")?,
+        function: row.try_get("function")?,
+        qualifier: row.try_get("qualifier")?,
+        payload: row.try_get("payload")?,
+        trace_id: row.try_get("trace_id")?,
+        received_at_ms: row.try_get("received_at_ms")?,
+        next_attempt_ms: row.try_get("next_attempt_ms")?,
+        attempts: serde_json::from_str(&attempts)?,
+    })
+}
+
+fn version_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<VersionRecord, StateError> {
+    let version: i64 = row.try_get("version")?;
+    Ok(VersionRecord {
+        function: row.try_get("function")?,
+        version: u32::try_from(version).unwrap_or(0),
+        snapshot: row.try_get("snapshot")?,
+        code_sha256: row.try_get("code_sha256")?,
+        description: row.try_get("description")?,
+        created_at: row.try_get("created_at")?,
+    })
+}
+
+#[async_trait]
+impl StateStore for SqliteStore {
+    async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError> {
+        let mut tx = self.pool.begin().await?;
+        for e in events {
+            sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+                .bind(&e.id)
+                .bind(&e.function)
+                .bind(&e.qualifier)
+                .bind(&e.payload)
+                .bind(&e.trace_id)
+                .bind(e.received_at_ms)
+                .bind(e.next_attempt_ms)
+                .bind(serde_json::to_string(&e.attempts)?)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError> {
+        let rows = sqlx::query("SELECT * FROM async_events WHERE function = ? AND next_attempt_ms <= ? ORDER BY next_attempt_ms, received_at_ms LIMIT ?")
+            .bind(function)
+            .bind(now_ms)
+            .bind(i64::from(limit))
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(event_from_row).collect()
+    }
+
+    async fn next_due(&self, function: &str, after_ms: i64) -> Result<Option<i64>, StateError> {
+        let row = sqlx::query("SELECT MIN(next_attempt_ms) AS t FROM async_events WHERE function = ? AND next_attempt_ms > ?")
+            .bind(function)
+            .bind(after_ms)
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get::<Option<i64>, _>("t")?)
+    }
+
+    async fn reschedule(&self, id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> Result<(), StateError> {
+        sqlx::query("UPDATE async_events SET attempts = ?, next_attempt_ms = ? WHERE id = ?")
+            .bind(serde_json::to_string(attempts)?)
+            .bind(next_attempt_ms)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, id: &str) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM async_events WHERE id = ?").bind(id).execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn queued(&self) -> Result<u64, StateError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM async_events").fetch_one(&self.pool).await?;
+        Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
+    }
+
+    async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError> {
+        let mut tx = self.pool.begin().await?;
+        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE function = ?")
+            .bind(function)
+            .fetch_one(&mut *tx)
+            .await?;
+        let version: i64 = row.try_get("v")?;
+        let created_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string();
+        sqlx::query("INSERT INTO versions (function, version, snapshot, code_sha256, description, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+            .bind(function)
+            .bind(version)
+            .bind(snapshot)
+            .bind(code_sha256)
+            .bind(description)
+            .bind(&created_at)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(VersionRecord {
+            function: function.to_string(),
+            version: u32::try_from(version).unwrap_or(0),
+            snapshot: snapshot.to_string(),
+            code_sha256: code_sha256.to_string(),
+            description: description.to_string(),
+            created_at,
+        })
+    }
+
+    async fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, StateError> {
+        let rows = sqlx::query("SELECT * FROM versions WHERE function = ? ORDER BY version")
+            .bind(function)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter().map(version_from_row).collect()
+    }
+
+    async fn put_alias(&self, a: &AliasRecord) -> Result<(), StateError> {
+        let weights = serde_json::to_string(&a.weights)?;
+        sqlx::query("INSERT INTO aliases (function, name, version, weights, description, revision_id) VALUES (?, ?, ?, ?, ?, ?)
+                     ON CONFLICT (function, name) DO UPDATE SET version = excluded.version, weights = excluded.weights, description = excluded.description, revision_id = excluded.revision_id")
+            .bind(&a.function)
+            .bind(&a.name)
+            .bind(&a.version)
+            .bind(weights)
+            .bind(&a.description)
+            .bind(&a.revision_id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn delete_alias(&self, function: &str, name: &str) -> Result<bool, StateError> {
+        let done = sqlx::query("DELETE FROM aliases WHERE function = ? AND name = ?")
+            .bind(function)
+            .bind(name)
+            .execute(&self.pool)
+            .await?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>, StateError> {
+        let rows = sqlx::query("SELECT * FROM aliases WHERE function = ? ORDER BY name")
+            .bind(function)
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                let weights: String = row.try_get("weights")?;
+                Ok(AliasRecord {
+                    function: row.try_get("function")?,
+                    name: row.try_get("name")?,
+                    version: row.try_get("version")?,
+                    weights: serde_json::from_str(&weights)?,
+                    description: row.try_get("description")?,
+                    revision_id: row.try_get("revision_id")?,
+                })
+            })
+            .collect()
+    }
+
+    async fn put_concurrency(&self, function: &str, reserved: Option<u32>) -> Result<(), StateError> {
+        sqlx::query("INSERT INTO function_concurrency (function, reserved) VALUES (?, ?) ON CONFLICT (function) DO UPDATE SET reserved = excluded.reserved")
+            .bind(function)
+            .bind(reserved.map(i64::from))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    async fn concurrency(&self, function: &str) -> Result<Option<Option<u32>>, StateError> {
+        let row = sqlx::query("SELECT reserved FROM function_concurrency WHERE function = ?")
+            .bind(function)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some(row.try_get::<Option<i64>, _>("reserved")?.and_then(|r| u32::try_from(r).ok()))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str, function: &str, next: i64) -> QueuedEvent {
+        QueuedEvent {
+            id: id.into(),
+            function: function.into(),
+            qualifier: None,
+            payload: b"{}".to_vec(),
+            trace_id: "t".into(),
+            received_at_ms: 1,
+            next_attempt_ms: next,
+            attempts: vec![],
+        }
+    }
+
+    #[tokio::test]
+    async fn queued_events_survive_reopening_and_fall_due_in_order() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        {
+            let store = SqliteStore::open(&path).await.expect("open");
+            store.enqueue(&[event("b", "f", 20), event("a", "f", 10), event("c", "g", 0)]).await.expect("enqueue");
+        }
+        let store = SqliteStore::open(&path).await.expect("reopen");
+        assert_eq!(store.queued().await.expect("count"), 3);
+        let due: Vec<_> = store.due("f", 15, 10).await.expect("due").into_iter().map(|e| e.id).collect();
+        assert_eq!(due, ["a"]);
+        assert_eq!(store.next_due("f", 0).await.expect("next"), Some(10));
+        assert_eq!(store.next_due("f", 10).await.expect("next"), Some(20));
+        let attempt = AttemptRecord {
+            time: "now".into(),
+            executed_version: "$LATEST".into(),
+            error_type: Some("E".into()),
+            error_message: Some("m".into()),
+            duration_ms: 1.0,
+        };
+        store.reschedule("a", std::slice::from_ref(&attempt), 30).await.expect("reschedule");
+        let due = store.due("f", 100, 10).await.expect("due");
+        assert_eq!(due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(due[1].attempts, vec![attempt]);
+        store.remove("b").await.expect("remove");
+        assert_eq!(store.queued().await.expect("count"), 2);
+    }
+
+    #[tokio::test]
+    async fn versions_number_up_per_function_and_aliases_upsert() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("s.db")).await.expect("open");
+        assert_eq!(store.publish_version("f", "{}", "sha", "one").await.expect("v1").version, 1);
+        assert_eq!(store.publish_version("f", "{}", "sha", "two").await.expect("v2").version, 2);
+        assert_eq!(store.publish_version("g", "{}", "sha", "").await.expect("g1").version, 1);
+        assert_eq!(store.versions("f").await.expect("list").len(), 2);
+        let mut alias = AliasRecord {
+            function: "f".into(),
+            name: "live".into(),
+            version: "1".into(),
+            weights: vec![("2".into(), 0.25)],
+            description: String::new(),
+            revision_id: "r1".into(),
+        };
+        store.put_alias(&alias).await.expect("put");
+        alias.version = "2".into();
+        alias.weights.clear();
+        store.put_alias(&alias).await.expect("update");
+        assert_eq!(store.aliases("f").await.expect("aliases"), vec![alias]);
+        assert!(store.delete_alias("f", "live").await.expect("delete"));
+        assert!(!store.delete_alias("f", "live").await.expect("delete again"));
+        assert_eq!(store.concurrency("f").await.expect("none"), None);
+        store.put_concurrency("f", Some(5)).await.expect("put");
+        assert_eq!(store.concurrency("f").await.expect("some"), Some(Some(5)));
+        store.put_concurrency("f", None).await.expect("remove");
+        assert_eq!(store.concurrency("f").await.expect("removed"), Some(None));
+    }
+}
