@@ -217,6 +217,7 @@ async fn invoke(
         };
     }
     let tail = header(&headers, "x-amz-log-type") == Some("Tail");
+    inv.want_log = tail;
 
     let outcome = match function.invoke(&instance, inv).await {
         Ok(o) => o,

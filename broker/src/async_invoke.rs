@@ -63,7 +63,7 @@ struct Accept {
 pub struct AsyncQueue {
     store: Arc<dyn StateStore>,
     functions: Arc<Functions>,
-    dead_letters: HashMap<String, Box<dyn DeadLetterSink>>,
+    dead_letters: HashMap<String, Arc<dyn DeadLetterSink>>,
     writer: mpsc::Sender<Accept>,
     wakers: HashMap<String, Arc<Notify>>,
 }
@@ -84,7 +84,7 @@ impl AsyncQueue {
     pub fn start(
         store: Arc<dyn StateStore>,
         functions: Arc<Functions>,
-        dead_letters: HashMap<String, Box<dyn DeadLetterSink>>,
+        dead_letters: HashMap<String, Arc<dyn DeadLetterSink>>,
         stop: CancellationToken,
     ) -> (Arc<Self>, JoinHandle<()>, Vec<JoinHandle<()>>) {
         let (writer, rx) = mpsc::channel(MAX_BATCH * 4);
@@ -106,6 +106,10 @@ impl AsyncQueue {
             .map(|f| tokio::spawn(queue.clone().work(f.clone(), stop.clone())))
             .collect();
         (queue, writer, workers)
+    }
+
+    pub fn functions(&self) -> &Arc<Functions> {
+        &self.functions
     }
 
     /// Queues an event durably and returns its request id.
@@ -282,6 +286,7 @@ impl AsyncQueue {
             cognito_identity: None,
             trace_id: e.trace_id.clone(),
             invoked_arn,
+            want_log: false,
         };
         let outcome = match f.invoke(&instance, inv).await {
             Ok(o) => o,

@@ -31,7 +31,8 @@ pub const LATEST: &str = "$LATEST";
 pub struct InvokeOutcome {
     pub request_id: String,
     pub result: Result<Bytes, FunctionError>,
-    /// Lambda's log for this invocation: START, the function's output, END and REPORT.
+    /// Lambda's log for this invocation: START, the function's output, END and REPORT; empty
+    /// unless the invocation asked for it (`Invocation::want_log`).
     pub log: Vec<u8>,
     pub duration: Duration,
     pub executed_version: String,
@@ -265,15 +266,19 @@ impl Function {
                 tracing::info!(function = %self.name, request_id = %inv.request_id, "{line}");
             }
         }
-        let log = lambda_log(
-            &inv.request_id,
-            &instance.version,
-            &executed.output,
-            duration,
-            instance.config.memory_mb,
-            executed.max_memory_bytes,
-            executed.init_duration,
-        );
+        let log = if inv.want_log {
+            lambda_log(
+                &inv.request_id,
+                &instance.version,
+                &executed.output,
+                duration,
+                instance.config.memory_mb,
+                executed.max_memory_bytes,
+                executed.init_duration,
+            )
+        } else {
+            Vec::new()
+        };
         Ok(InvokeOutcome {
             request_id: inv.request_id,
             result: executed.result,
@@ -572,8 +577,9 @@ impl Functions {
 
     /// Publishes `$LATEST` as a new immutable version: its code is copied and its
     /// configuration frozen. As in Lambda, publishing again without a change returns the last
-    /// version instead of making a new one.
-    pub async fn publish_version(&self, name: &str, description: Option<&str>) -> Result<Arc<Instance>, ManageError> {
+    /// version instead of making a new one. With `expected_sha256`, publishes only if the code
+    /// of `$LATEST` still has that hash.
+    pub async fn publish_version(&self, name: &str, description: Option<&str>, expected_sha256: Option<&str>) -> Result<Arc<Instance>, ManageError> {
         let f = self.function(name)?;
         let store = self.store()?.clone();
         let latest = f.latest.clone();
@@ -585,6 +591,11 @@ impl Functions {
                 .map_err(|e| ManageError::Io(format!("cannot read the package of {name}: {e}")))?,
             None => String::new(),
         };
+        if let Some(expected) = expected_sha256.filter(|e| *e != code_sha256) {
+            return Err(ManageError::InvalidParameter(format!(
+                "CodeSHA256 ({expected}) is different from current CodeSHA256 in $LATEST ({code_sha256}). Please try again with the CodeSHA256 in $LATEST."
+            )));
+        }
         if let Some(last) = f.versions().last() {
             let same_config = VersionConfig { task_root: None, ..last.config.clone() }
                 == VersionConfig { task_root: None, description: last.config.description.clone(), ..latest.config.clone() };

@@ -28,6 +28,9 @@ pub struct Invocation {
     pub trace_id: String,
     /// The ARN the caller used, with its qualifier if it gave one.
     pub invoked_arn: String,
+    /// The caller wants Lambda's log lines (START/END/REPORT): measuring peak memory for the
+    /// REPORT line costs a read of the cgroup, so it is done only then.
+    pub want_log: bool,
 }
 
 impl Invocation {
@@ -39,6 +42,7 @@ impl Invocation {
             cognito_identity: None,
             trace_id: new_trace_id(),
             invoked_arn,
+            want_log: false,
         }
     }
 }
@@ -49,13 +53,10 @@ pub fn new_trace_id() -> String {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let root = uuid::Uuid::new_v4().simple().to_string();
-    let parent = uuid::Uuid::new_v4().simple().to_string();
-    format!(
-        "Root=1-{secs:08x}-{};Parent={};Sampled=0",
-        &root[..24],
-        &parent[..16]
-    )
+    // 24 hex digits for the root and 16 for the parent: 160 random bits, one UUID and a half.
+    let a = uuid::Uuid::new_v4().simple().to_string();
+    let b = uuid::Uuid::new_v4().as_u128() as u64;
+    format!("Root=1-{secs:08x}-{};Parent={b:016x};Sampled=0", &a[..24])
 }
 
 /// A function error in the shape Lambda reports it.

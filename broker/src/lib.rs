@@ -10,9 +10,11 @@ pub mod function;
 pub mod invocation;
 pub(crate) mod manage;
 pub mod metrics;
+pub mod pipeline;
 pub mod runtime;
 pub mod state;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -150,14 +152,18 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             .map_err(|e| BuildError { errors: vec![config.error_at("state", e.to_string())] })?,
     );
     functions.attach_store(store.clone(), &config).await?;
-    let dead_letters = config
+    let dead_letters: HashMap<String, Arc<dyn sluice_plugins::DeadLetterSink>> = config
         .dead_letters
         .iter()
-        .map(|(name, dl)| (name.clone(), sluice_plugins::build(dl)))
+        .map(|(name, dl)| (name.clone(), Arc::from(sluice_plugins::build(dl))))
         .collect();
     let sources = CancellationToken::new();
-    let (queue, writer, mut background) =
-        async_invoke::AsyncQueue::start(store, functions.clone(), dead_letters, sources.child_token());
+    let (queue, writer, mut background) = async_invoke::AsyncQueue::start(
+        store.clone(),
+        functions.clone(),
+        dead_letters.clone(),
+        sources.child_token(),
+    );
     let addr = options.listen.unwrap_or(config.api.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -190,7 +196,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             tracing::error!(error = %e, "the API server stopped");
         }
     });
-    let source_tasks = start_sources(&config, &queue, &sources);
+    let source_tasks = start_sources(&config, &queue, &store, &dead_letters, &sources);
     tracing::info!(%addr, functions = functions.names().count(), sources = source_tasks.len(), "Sluice is listening");
     background.extend(source_tasks);
     Ok(Running {
@@ -210,6 +216,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
 fn start_sources(
     config: &Config,
     queue: &Arc<async_invoke::AsyncQueue>,
+    store: &Arc<dyn state::StateStore>,
+    dead_letters: &HashMap<String, Arc<dyn sluice_plugins::DeadLetterSink>>,
     stop: &CancellationToken,
 ) -> Vec<JoinHandle<()>> {
     let dispatch: Arc<dyn sluice_connectors::Dispatch> = queue.clone();
@@ -232,6 +240,30 @@ fn start_sources(
             }
             // Webhooks are routes on the API listener, mounted when it starts.
             sluice_config::SourceKind::Http(_) => {}
+            kind => {
+                let Some(mapping_config) = source.kind.mapping() else {
+                    continue;
+                };
+                let on_failure = mapping_config
+                    .on_failure
+                    .as_ref()
+                    .and_then(|n| dead_letters.get(n).map(|s| (n.clone(), s.clone())));
+                let mapping = match pipeline::Mapping::new(
+                    name,
+                    &source.function,
+                    mapping_config.clone(),
+                    queue.functions().clone(),
+                    on_failure,
+                    stop.child_token(),
+                ) {
+                    Ok(m) => Arc::new(m),
+                    Err(e) => {
+                        tracing::error!(source = %name, error = %e, "cannot build the mapping");
+                        continue;
+                    }
+                };
+                tasks.push(tokio::spawn(pipeline::run_source(mapping, kind.clone(), store.clone())));
+            }
         }
     }
     tasks

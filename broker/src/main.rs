@@ -7,11 +7,17 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use base64::Engine;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use reqwest::Method;
+use serde_json::{Value, json};
 use tracing_subscriber::EnvFilter;
 
 #[derive(Parser)]
-#[command(name = "sluice", version, about = "Lambda's event source mappings and execution environment, self-hosted")]
+#[command(
+    name = "sluice",
+    version,
+    about = "Lambda's event source mappings and execution environment, self-hosted"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -43,19 +49,140 @@ enum Command {
         /// The event, as JSON.
         #[arg(long, default_value = "{}")]
         payload: String,
-        /// Sluice's API address; defaults to `api.listen` of `--config`, else 127.0.0.1:9000.
-        #[arg(long, env = "SLUICE_ENDPOINT")]
-        endpoint: Option<String>,
-        /// Read the API address from this configuration file.
-        #[arg(short, long)]
-        config: Option<PathBuf>,
-        /// `RequestResponse` or `DryRun`.
+        /// A version or alias, like the Invoke API's `Qualifier`.
+        #[arg(long)]
+        qualifier: Option<String>,
+        /// `RequestResponse`, `Event` (prints the request id once the event is queued) or
+        /// `DryRun`.
         #[arg(long, default_value = "RequestResponse")]
         invocation_type: String,
         /// Print the invocation's log tail to stderr.
         #[arg(long)]
         tail: bool,
+        #[command(flatten)]
+        remote: Remote,
     },
+    #[command(flatten)]
+    Manage(Manage),
+}
+
+/// Management commands: each is one call to the Lambda API of a running Sluice, whose JSON
+/// answer is printed as it comes.
+#[derive(Subcommand)]
+enum Manage {
+    /// Publish `$LATEST` as a new immutable version; with nothing changed since the last
+    /// version, that version is returned instead.
+    Publish {
+        name: String,
+        #[arg(long)]
+        description: Option<String>,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List a function's versions, `$LATEST` first.
+    Versions {
+        name: String,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Create, read, change and delete aliases.
+    Alias {
+        #[command(subcommand)]
+        action: AliasAction,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Read function configurations.
+    Functions {
+        #[command(subcommand)]
+        action: FunctionsAction,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Set, read and remove a function's reserved concurrency.
+    Concurrency {
+        #[command(subcommand)]
+        action: ConcurrencyAction,
+        #[command(flatten)]
+        remote: Remote,
+    },
+}
+
+/// Where the running Sluice is. Management commands are thin clients of its Lambda API.
+#[derive(Args)]
+struct Remote {
+    /// Sluice's API address; defaults to `api.listen` of `--config`, else 127.0.0.1:9000.
+    #[arg(long, env = "SLUICE_ENDPOINT", global = true)]
+    endpoint: Option<String>,
+    /// Read the API address from this configuration file.
+    #[arg(short, long, global = true)]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum AliasAction {
+    /// Point a new alias at a version.
+    Create {
+        name: String,
+        alias: String,
+        /// The version it points at: a number or `$LATEST`.
+        #[arg(long)]
+        version: String,
+        /// Send a share of the invocations to another version: `VERSION=WEIGHT` (`2=0.1`).
+        #[arg(long, value_parser = parse_weight)]
+        weight: Vec<(String, f64)>,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Show an alias.
+    Get { name: String, alias: String },
+    /// Change what is given; the rest stays.
+    Update {
+        name: String,
+        alias: String,
+        #[arg(long)]
+        version: Option<String>,
+        /// Replaces the alias's weights: `VERSION=WEIGHT` (`2=0.1`).
+        #[arg(long, value_parser = parse_weight, conflicts_with = "no_weights")]
+        weight: Vec<(String, f64)>,
+        /// Remove the alias's weights: every invocation goes to its version.
+        #[arg(long)]
+        no_weights: bool,
+        #[arg(long)]
+        description: Option<String>,
+    },
+    /// Delete an alias; its versions stay.
+    Delete { name: String, alias: String },
+    /// List a function's aliases.
+    List { name: String },
+}
+
+#[derive(Subcommand)]
+enum FunctionsAction {
+    /// Every function's `$LATEST` configuration.
+    List,
+    /// One function's configuration: `NAME`, `NAME:VERSION` or `NAME:ALIAS`.
+    Get { name: String },
+}
+
+#[derive(Subcommand)]
+enum ConcurrencyAction {
+    /// Reserve `N` concurrent executions for the function (0 stops every invocation).
+    Put { name: String, reserved: u32 },
+    /// Show the reservation (`{}` when there is none).
+    Get { name: String },
+    /// Remove the reservation: the function shares the unreserved pool again.
+    Delete { name: String },
+}
+
+fn parse_weight(s: &str) -> Result<(String, f64), String> {
+    let (version, weight) = s
+        .split_once('=')
+        .ok_or_else(|| format!("`{s}`: expected VERSION=WEIGHT, like `2=0.1`"))?;
+    let weight = weight
+        .parse()
+        .map_err(|_| format!("`{s}`: the weight `{weight}` is not a number"))?;
+    Ok((version.to_string(), weight))
 }
 
 fn parse_duration(s: &str) -> Result<Duration, String> {
@@ -88,11 +215,15 @@ fn main() -> ExitCode {
             Command::Invoke {
                 name,
                 payload,
-                endpoint,
-                config,
+                qualifier,
                 invocation_type,
                 tail,
-            } => invoke(&name, payload, endpoint, config, &invocation_type, tail).await,
+                remote,
+            } => invoke(&remote, &name, payload, qualifier, &invocation_type, tail).await,
+            Command::Manage(command) => {
+                let (remote, call) = command.into_call();
+                manage(&remote, call).await
+            }
         }
     });
     match result {
@@ -162,65 +293,274 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn invoke(
-    name: &str,
-    payload: String,
-    endpoint: Option<String>,
-    config: Option<PathBuf>,
-    invocation_type: &str,
-    tail: bool,
-) -> anyhow::Result<ExitCode> {
-    let endpoint = match (endpoint, config) {
-        (Some(e), _) => e,
-        (None, Some(path)) => match load(&path) {
-            Ok(c) => format!("http://{}", c.api.listen),
-            Err(code) => return Ok(code),
-        },
+/// The path prefixes of Lambda's API, which differ by the year each operation appeared.
+const FUNCTIONS: &str = "2015-03-31/functions";
+const CONCURRENCY_WRITE: &str = "2017-10-31/functions";
+const CONCURRENCY_READ: &str = "2019-09-30/functions";
+
+/// One request to the Lambda API of a running Sluice.
+struct Call {
+    method: Method,
+    /// Path segments, each percent-encoded on its own.
+    path: Vec<String>,
+    query: Vec<(&'static str, String)>,
+    headers: Vec<(&'static str, String)>,
+    body: Option<String>,
+}
+
+impl Call {
+    /// A call to `/{api}/{segments…}`; `api` is one of the prefixes above.
+    fn new(method: Method, api: &str, segments: &[&str]) -> Self {
+        Self {
+            method,
+            path: api
+                .split('/')
+                .chain(segments.iter().copied())
+                .map(str::to_string)
+                .collect(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    fn json(mut self, body: Value) -> Self {
+        self.body = Some(body.to_string());
+        self
+    }
+}
+
+/// A JSON object of the fields that are set.
+fn object<const N: usize>(fields: [(&str, Option<Value>); N]) -> Value {
+    Value::Object(
+        fields
+            .into_iter()
+            .filter_map(|(k, v)| Some((k.to_string(), v?)))
+            .collect(),
+    )
+}
+
+fn routing(weights: Vec<(String, f64)>) -> Value {
+    let weights: serde_json::Map<String, Value> = weights
+        .into_iter()
+        .map(|(v, w)| (v, Value::from(w)))
+        .collect();
+    json!({ "AdditionalVersionWeights": weights })
+}
+
+impl Manage {
+    /// Where the call goes and what it is.
+    fn into_call(self) -> (Remote, Call) {
+        match self {
+            Manage::Publish {
+                name,
+                description,
+                remote,
+            } => {
+                let body = object([("Description", description.map(Value::from))]);
+                let call = Call::new(Method::POST, FUNCTIONS, &[&name, "versions"]).json(body);
+                (remote, call)
+            }
+            Manage::Versions { name, remote } => (
+                remote,
+                Call::new(Method::GET, FUNCTIONS, &[&name, "versions"]),
+            ),
+            Manage::Alias { action, remote } => (remote, action.into_call()),
+            Manage::Functions { action, remote } => {
+                let call = match action {
+                    FunctionsAction::List => Call::new(Method::GET, FUNCTIONS, &[]),
+                    FunctionsAction::Get { name } => Call::new(Method::GET, FUNCTIONS, &[&name]),
+                };
+                (remote, call)
+            }
+            Manage::Concurrency { action, remote } => {
+                let call = match action {
+                    ConcurrencyAction::Put { name, reserved } => {
+                        Call::new(Method::PUT, CONCURRENCY_WRITE, &[&name, "concurrency"])
+                            .json(json!({ "ReservedConcurrentExecutions": reserved }))
+                    }
+                    ConcurrencyAction::Get { name } => {
+                        Call::new(Method::GET, CONCURRENCY_READ, &[&name, "concurrency"])
+                    }
+                    ConcurrencyAction::Delete { name } => {
+                        Call::new(Method::DELETE, CONCURRENCY_WRITE, &[&name, "concurrency"])
+                    }
+                };
+                (remote, call)
+            }
+        }
+    }
+}
+
+impl AliasAction {
+    fn into_call(self) -> Call {
+        match self {
+            AliasAction::Create {
+                name,
+                alias,
+                version,
+                weight,
+                description,
+            } => {
+                let body = object([
+                    ("Name", Some(Value::from(alias))),
+                    ("FunctionVersion", Some(Value::from(version))),
+                    ("Description", description.map(Value::from)),
+                    (
+                        "RoutingConfig",
+                        (!weight.is_empty()).then(|| routing(weight)),
+                    ),
+                ]);
+                Call::new(Method::POST, FUNCTIONS, &[&name, "aliases"]).json(body)
+            }
+            AliasAction::Get { name, alias } => {
+                Call::new(Method::GET, FUNCTIONS, &[&name, "aliases", &alias])
+            }
+            AliasAction::Update {
+                name,
+                alias,
+                version,
+                weight,
+                no_weights,
+                description,
+            } => {
+                let body = object([
+                    ("FunctionVersion", version.map(Value::from)),
+                    ("Description", description.map(Value::from)),
+                    (
+                        "RoutingConfig",
+                        (no_weights || !weight.is_empty()).then(|| routing(weight)),
+                    ),
+                ]);
+                Call::new(Method::PUT, FUNCTIONS, &[&name, "aliases", &alias]).json(body)
+            }
+            AliasAction::Delete { name, alias } => {
+                Call::new(Method::DELETE, FUNCTIONS, &[&name, "aliases", &alias])
+            }
+            AliasAction::List { name } => Call::new(Method::GET, FUNCTIONS, &[&name, "aliases"]),
+        }
+    }
+}
+
+fn endpoint(remote: &Remote) -> Result<String, ExitCode> {
+    let endpoint = match (&remote.endpoint, &remote.config) {
+        (Some(e), _) => e.clone(),
+        (None, Some(path)) => format!("http://{}", load(path)?.api.listen),
         (None, None) => "http://127.0.0.1:9000".to_string(),
     };
-    let url = format!(
-        "{}/2015-03-31/functions/{}/invocations",
-        endpoint.trim_end_matches('/'),
-        name
-    );
-    let mut request = reqwest::Client::new()
-        .post(&url)
-        .header("x-amz-invocation-type", invocation_type)
-        .body(payload);
-    if tail {
-        request = request.header("x-amz-log-type", "Tail");
+    Ok(if endpoint.contains("://") {
+        endpoint
+    } else {
+        format!("http://{endpoint}")
+    })
+}
+
+/// Sends `call`. A refusal is printed as Lambda's error type and message and comes back as
+/// the exit code to end with.
+async fn send(remote: &Remote, call: Call) -> anyhow::Result<Result<reqwest::Response, ExitCode>> {
+    let endpoint = match endpoint(remote) {
+        Ok(e) => e,
+        Err(code) => return Ok(Err(code)),
+    };
+    let mut url =
+        reqwest::Url::parse(&endpoint).with_context(|| format!("`{endpoint}` is not a URL"))?;
+    url.path_segments_mut()
+        .map_err(|()| anyhow::anyhow!("`{endpoint}` cannot take a path"))?
+        .pop_if_empty()
+        .extend(&call.path);
+    if !call.query.is_empty() {
+        url.query_pairs_mut().extend_pairs(&call.query);
+    }
+    let mut request = reqwest::Client::new().request(call.method, url);
+    for (name, value) in &call.headers {
+        request = request.header(*name, value);
+    }
+    if let Some(body) = call.body {
+        request = request.body(body);
     }
     let response = request
         .send()
         .await
         .with_context(|| format!("cannot reach Sluice at {endpoint}"))?;
     let status = response.status();
-    let function_error = response
-        .headers()
-        .get("x-amz-function-error")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
+    if status.is_success() {
+        return Ok(Ok(response));
+    }
     let error_type = response
         .headers()
         .get("x-amzn-errortype")
         .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    if let Some(log) = response
-        .headers()
-        .get("x-amz-log-result")
-        .and_then(|v| v.to_str().ok())
+        .unwrap_or("RequestFailed")
+        .to_string();
+    let body = response.text().await.unwrap_or_default();
+    let parsed: Value = serde_json::from_str(&body).unwrap_or_default();
+    let field = |name: &str| parsed.get(name).and_then(Value::as_str).map(str::to_string);
+    let message = field("Message")
+        .or_else(|| field("message"))
+        .unwrap_or(body);
+    match field("Reason") {
+        Some(reason) => eprintln!("error: {error_type} ({reason}): {message}"),
+        None => eprintln!("error: {error_type}: {message}"),
+    }
+    Ok(Err(ExitCode::FAILURE))
+}
+
+/// A management command: one call, its JSON answer printed as it came.
+async fn manage(remote: &Remote, call: Call) -> anyhow::Result<ExitCode> {
+    let response = match send(remote, call).await? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let body = response.text().await.context("cannot read the response")?;
+    match serde_json::from_str::<Value>(&body) {
+        Ok(value) => println!("{}", serde_json::to_string_pretty(&value)?),
+        Err(_) if body.is_empty() => {}
+        Err(_) => println!("{body}"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn invoke(
+    remote: &Remote,
+    name: &str,
+    payload: String,
+    qualifier: Option<String>,
+    invocation_type: &str,
+    tail: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut call = Call::new(Method::POST, FUNCTIONS, &[name, "invocations"]);
+    call.body = Some(payload);
+    call.headers
+        .push(("x-amz-invocation-type", invocation_type.to_string()));
+    if tail {
+        call.headers.push(("x-amz-log-type", "Tail".to_string()));
+    }
+    if let Some(q) = qualifier {
+        call.query.push(("Qualifier", q));
+    }
+    let response = match send(remote, call).await? {
+        Ok(r) => r,
+        Err(code) => return Ok(code),
+    };
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if invocation_type == "Event" {
+        // Queued, not run: the request id is what there is to show.
+        println!("{}", header("x-amzn-requestid").unwrap_or_default());
+        return Ok(ExitCode::SUCCESS);
+    }
+    let function_error = header("x-amz-function-error");
+    if let Some(log) = header("x-amz-log-result")
         .and_then(|v| base64::engine::general_purpose::STANDARD.decode(v).ok())
     {
         eprint!("{}", String::from_utf8_lossy(&log));
     }
     let body = response.text().await.context("cannot read the response")?;
-    if !status.is_success() {
-        eprintln!(
-            "error: {} ({status}): {body}",
-            error_type.as_deref().unwrap_or("request failed")
-        );
-        return Ok(ExitCode::FAILURE);
-    }
     if !body.is_empty() {
         println!("{body}");
     }

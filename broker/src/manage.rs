@@ -162,7 +162,9 @@ async fn get_function(
         Ok(f) => f,
         Err(r) => return r,
     };
-    let Some(instance) = f.resolve(fref.qualifier.as_deref()) else {
+    // An alias describes the version it points at; resolving it would pick by weight.
+    let version = fref.qualifier.as_deref().and_then(|q| f.alias(q)).map(|a| a.version);
+    let Some(instance) = f.resolve(version.as_deref().or(fref.qualifier.as_deref())) else {
         return error(ManageError::NotFound(format!(
             "Function not found: {}:{}",
             f.arn,
@@ -196,18 +198,9 @@ async fn publish_version(State(state): State<ApiState>, Path(raw): Path<String>,
         Ok(f) => f.clone(),
         Err(r) => return r,
     };
-    match state.functions.publish_version(&f.name, body.description.as_deref()).await {
-        Ok(instance) => {
-            if let Some(expected) = body.code_sha256.filter(|s| !s.is_empty()) {
-                if expected != instance.code_sha256 {
-                    return invalid(format!(
-                        "CodeSHA256 ({expected}) is different from current CodeSHA256 in $LATEST ({}). Please try again with the CodeSHA256 in $LATEST.",
-                        instance.code_sha256
-                    ));
-                }
-            }
-            ok(StatusCode::CREATED, configuration(&f, &instance))
-        }
+    let expected = body.code_sha256.as_deref().filter(|s| !s.is_empty());
+    match state.functions.publish_version(&f.name, body.description.as_deref(), expected).await {
+        Ok(instance) => ok(StatusCode::CREATED, configuration(&f, &instance)),
         Err(e) => error(e),
     }
 }

@@ -17,6 +17,14 @@ pub const ASYNC_EVENT_AGE: &str = "sluice_async_event_age_seconds";
 pub const ASYNC_RETRIES: &str = "sluice_async_retries_total";
 pub const DEAD_LETTER_ERRORS: &str = "sluice_dead_letter_errors_total";
 pub const DEAD_LETTERS_WRITTEN: &str = "sluice_dead_letters_written_total";
+pub const MAPPING_RECORDS: &str = "sluice_mapping_records_total";
+pub const MAPPING_BATCHES: &str = "sluice_mapping_batches_total";
+pub const MAPPING_RETRIES: &str = "sluice_mapping_retries_total";
+pub const MAPPING_BISECTS: &str = "sluice_mapping_bisects_total";
+pub const MAPPING_THROTTLES: &str = "sluice_mapping_throttles_total";
+pub const MAPPING_READ_ERRORS: &str = "sluice_mapping_read_errors_total";
+pub const MAPPING_ITERATOR_AGE: &str = "sluice_mapping_iterator_age_milliseconds";
+pub const MAPPING_OFFSET_LAG: &str = "sluice_mapping_offset_lag";
 pub const API_INVALID_REQUESTS: &str = "sluice_api_invalid_requests_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
@@ -62,5 +70,13 @@ fn describe() {
     describe_counter!(ASYNC_RETRIES, "Asynchronous events scheduled for another try after a function error");
     describe_counter!(DEAD_LETTER_ERRORS, "Failed writes to a destination or dead letter (the event stays queued and is written again)");
     describe_counter!(DEAD_LETTERS_WRITTEN, "Records written to a destination or dead letter");
+    describe_counter!(MAPPING_RECORDS, "Records of a mapping by final outcome: delivered, filtered, dead_lettered, dropped");
+    describe_counter!(MAPPING_BATCHES, "Invocations of a mapping's function with a batch");
+    describe_counter!(MAPPING_RETRIES, "Batches tried again after a failure");
+    describe_counter!(MAPPING_BISECTS, "Failed batches split in two");
+    describe_counter!(MAPPING_THROTTLES, "Batch invocations refused by a concurrency limit (tried again, no attempt spent)");
+    describe_counter!(MAPPING_READ_ERRORS, "Failed reads from a mapping's source");
+    describe_gauge!(MAPPING_ITERATOR_AGE, "How far behind the newest record of its shard a mapping reads, in milliseconds");
+    describe_gauge!(MAPPING_OFFSET_LAG, "Records between a mapping's committed offset and the end of its partition");
     describe_counter!(API_INVALID_REQUESTS, "Invoke API requests rejected as malformed");
 }

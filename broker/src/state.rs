@@ -12,7 +12,7 @@ use thiserror::Error;
 
 #[derive(Debug, Error)]
 pub enum StateError {
-    #[error("unsupported state store `{0}`: use sqlite://PATH")]
+    #[error("unsupported state store `{0}`: use sqlite://PATH or postgres://…")]
     Unsupported(String),
     #[error("state store: {0}")]
     Db(#[from] sqlx::Error),
@@ -76,8 +76,20 @@ pub struct AliasRecord {
     pub revision_id: String,
 }
 
+/// How far a mapping got in one shard or partition.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// The last position whose record, and every one before it, has a final outcome.
+    pub sequence: Option<String>,
+    /// The shard is closed and fully processed; its children may start.
+    pub finished: bool,
+}
+
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
+    async fn checkpoint(&self, source: &str, shard: &str) -> Result<Option<Checkpoint>, StateError>;
+    async fn put_checkpoint(&self, source: &str, shard: &str, checkpoint: &Checkpoint) -> Result<(), StateError>;
+
     /// Durably records events; they are on disk when this returns.
     async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError>;
     /// Events of `function` due at `now_ms`, oldest first.
@@ -106,6 +118,8 @@ pub async fn open(url: &str, base_dir: &Path) -> Result<Box<dyn StateStore>, Sta
     if let Some(path) = url.strip_prefix("sqlite://") {
         let path = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base_dir.join(path) };
         Ok(Box::new(SqliteStore::open(&path).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(Box::new(PostgresStore::open(url).await?))
     } else {
         Err(StateError::Unsupported(url.to_string()))
     }
@@ -120,15 +134,15 @@ const SCHEMA: &[&str] = &[
         id TEXT PRIMARY KEY,
         function TEXT NOT NULL,
         qualifier TEXT,
-        payload BLOB NOT NULL,
+        payload {BYTES} NOT NULL,
         trace_id TEXT NOT NULL,
-        received_at_ms INTEGER NOT NULL,
-        next_attempt_ms INTEGER NOT NULL,
+        received_at_ms BIGINT NOT NULL,
+        next_attempt_ms BIGINT NOT NULL,
         attempts TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS async_events_due ON async_events (function, next_attempt_ms)",
     "CREATE TABLE IF NOT EXISTS versions (
         function TEXT NOT NULL,
-        version INTEGER NOT NULL,
+        version BIGINT NOT NULL,
         snapshot TEXT NOT NULL,
         code_sha256 TEXT NOT NULL,
         description TEXT NOT NULL,
@@ -142,9 +156,15 @@ const SCHEMA: &[&str] = &[
         description TEXT NOT NULL,
         revision_id TEXT NOT NULL,
         PRIMARY KEY (function, name))",
+    "CREATE TABLE IF NOT EXISTS checkpoints (
+        source TEXT NOT NULL,
+        shard TEXT NOT NULL,
+        sequence TEXT,
+        finished BIGINT NOT NULL,
+        PRIMARY KEY (source, shard))",
     "CREATE TABLE IF NOT EXISTS function_concurrency (
         function TEXT PRIMARY KEY,
-        reserved INTEGER)",
+        reserved BIGINT)",
 ];
 
 impl SqliteStore {
@@ -161,13 +181,33 @@ impl SqliteStore {
             .busy_timeout(std::time::Duration::from_secs(10));
         let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
         for statement in SCHEMA {
-            sqlx::query(statement).execute(&pool).await?;
+            sqlx::query(&statement.replace("{BYTES}", "BLOB")).execute(&pool).await?;
         }
         Ok(Self { pool })
     }
 }
 
-fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<QueuedEvent, StateError> {
+/// The shared store, for several Sluice instances (and the choice of ops who run PostgreSQL).
+pub struct PostgresStore {
+    pool: sqlx::PgPool,
+}
+
+impl PostgresStore {
+    pub async fn open(url: &str) -> Result<Self, StateError> {
+        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(url).await?;
+        for statement in SCHEMA {
+            sqlx::query(&statement.replace("{BYTES}", "BYTEA")).execute(&pool).await?;
+        }
+        Ok(Self { pool })
+    }
+}
+
+/// The SQL is the same for SQLite and PostgreSQL (`$N` placeholders, `ON CONFLICT` upserts),
+/// so one body serves both stores.
+macro_rules! sql_store {
+    ($store:ident, $row:ty) => {
+        impl $store {
+        fn event_from_row(row: &$row) -> Result<QueuedEvent, StateError> {
     let attempts: String = row.try_get("attempts")?;
     Ok(QueuedEvent {
         id: row.try_get("id")?,
@@ -181,7 +221,7 @@ fn event_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<QueuedEvent, StateErr
     })
 }
 
-fn version_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<VersionRecord, StateError> {
+        fn version_from_row(row: &$row) -> Result<VersionRecord, StateError> {
     let version: i64 = row.try_get("version")?;
     Ok(VersionRecord {
         function: row.try_get("function")?,
@@ -193,12 +233,41 @@ fn version_from_row(row: &sqlx::sqlite::SqliteRow) -> Result<VersionRecord, Stat
     })
 }
 
-#[async_trait]
-impl StateStore for SqliteStore {
+        }
+
+        #[async_trait]
+impl StateStore for $store {
+    async fn checkpoint(&self, source: &str, shard: &str) -> Result<Option<Checkpoint>, StateError> {
+        let row = sqlx::query("SELECT sequence, finished FROM checkpoints WHERE source = $1 AND shard = $2")
+            .bind(source)
+            .bind(shard)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some(Checkpoint {
+                sequence: row.try_get("sequence")?,
+                finished: row.try_get::<i64, _>("finished")? != 0,
+            })),
+        }
+    }
+
+    async fn put_checkpoint(&self, source: &str, shard: &str, c: &Checkpoint) -> Result<(), StateError> {
+        sqlx::query("INSERT INTO checkpoints (source, shard, sequence, finished) VALUES ($1, $2, $3, $4)
+                     ON CONFLICT (source, shard) DO UPDATE SET sequence = excluded.sequence, finished = excluded.finished")
+            .bind(source)
+            .bind(shard)
+            .bind(&c.sequence)
+            .bind(i64::from(c.finished))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
     async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError> {
         let mut tx = self.pool.begin().await?;
         for e in events {
-            sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+            sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(&e.id)
                 .bind(&e.function)
                 .bind(&e.qualifier)
@@ -215,17 +284,17 @@ impl StateStore for SqliteStore {
     }
 
     async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError> {
-        let rows = sqlx::query("SELECT * FROM async_events WHERE function = ? AND next_attempt_ms <= ? ORDER BY next_attempt_ms, received_at_ms LIMIT ?")
+        let rows = sqlx::query("SELECT * FROM async_events WHERE function = $1 AND next_attempt_ms <= $2 ORDER BY next_attempt_ms, received_at_ms LIMIT $3")
             .bind(function)
             .bind(now_ms)
             .bind(i64::from(limit))
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(event_from_row).collect()
+        rows.iter().map(Self::event_from_row).collect()
     }
 
     async fn next_due(&self, function: &str, after_ms: i64) -> Result<Option<i64>, StateError> {
-        let row = sqlx::query("SELECT MIN(next_attempt_ms) AS t FROM async_events WHERE function = ? AND next_attempt_ms > ?")
+        let row = sqlx::query("SELECT MIN(next_attempt_ms) AS t FROM async_events WHERE function = $1 AND next_attempt_ms > $2")
             .bind(function)
             .bind(after_ms)
             .fetch_one(&self.pool)
@@ -234,7 +303,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn reschedule(&self, id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> Result<(), StateError> {
-        sqlx::query("UPDATE async_events SET attempts = ?, next_attempt_ms = ? WHERE id = ?")
+        sqlx::query("UPDATE async_events SET attempts = $1, next_attempt_ms = $2 WHERE id = $3")
             .bind(serde_json::to_string(attempts)?)
             .bind(next_attempt_ms)
             .bind(id)
@@ -244,7 +313,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn remove(&self, id: &str) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM async_events WHERE id = ?").bind(id).execute(&self.pool).await?;
+        sqlx::query("DELETE FROM async_events WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -255,13 +324,13 @@ impl StateStore for SqliteStore {
 
     async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError> {
         let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE function = ?")
+        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE function = $1")
             .bind(function)
             .fetch_one(&mut *tx)
             .await?;
         let version: i64 = row.try_get("v")?;
         let created_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string();
-        sqlx::query("INSERT INTO versions (function, version, snapshot, code_sha256, description, created_at) VALUES (?, ?, ?, ?, ?, ?)")
+        sqlx::query("INSERT INTO versions (function, version, snapshot, code_sha256, description, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
             .bind(function)
             .bind(version)
             .bind(snapshot)
@@ -282,16 +351,16 @@ impl StateStore for SqliteStore {
     }
 
     async fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, StateError> {
-        let rows = sqlx::query("SELECT * FROM versions WHERE function = ? ORDER BY version")
+        let rows = sqlx::query("SELECT * FROM versions WHERE function = $1 ORDER BY version")
             .bind(function)
             .fetch_all(&self.pool)
             .await?;
-        rows.iter().map(version_from_row).collect()
+        rows.iter().map(Self::version_from_row).collect()
     }
 
     async fn put_alias(&self, a: &AliasRecord) -> Result<(), StateError> {
         let weights = serde_json::to_string(&a.weights)?;
-        sqlx::query("INSERT INTO aliases (function, name, version, weights, description, revision_id) VALUES (?, ?, ?, ?, ?, ?)
+        sqlx::query("INSERT INTO aliases (function, name, version, weights, description, revision_id) VALUES ($1, $2, $3, $4, $5, $6)
                      ON CONFLICT (function, name) DO UPDATE SET version = excluded.version, weights = excluded.weights, description = excluded.description, revision_id = excluded.revision_id")
             .bind(&a.function)
             .bind(&a.name)
@@ -305,7 +374,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn delete_alias(&self, function: &str, name: &str) -> Result<bool, StateError> {
-        let done = sqlx::query("DELETE FROM aliases WHERE function = ? AND name = ?")
+        let done = sqlx::query("DELETE FROM aliases WHERE function = $1 AND name = $2")
             .bind(function)
             .bind(name)
             .execute(&self.pool)
@@ -314,7 +383,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>, StateError> {
-        let rows = sqlx::query("SELECT * FROM aliases WHERE function = ? ORDER BY name")
+        let rows = sqlx::query("SELECT * FROM aliases WHERE function = $1 ORDER BY name")
             .bind(function)
             .fetch_all(&self.pool)
             .await?;
@@ -334,7 +403,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn put_concurrency(&self, function: &str, reserved: Option<u32>) -> Result<(), StateError> {
-        sqlx::query("INSERT INTO function_concurrency (function, reserved) VALUES (?, ?) ON CONFLICT (function) DO UPDATE SET reserved = excluded.reserved")
+        sqlx::query("INSERT INTO function_concurrency (function, reserved) VALUES ($1, $2) ON CONFLICT (function) DO UPDATE SET reserved = excluded.reserved")
             .bind(function)
             .bind(reserved.map(i64::from))
             .execute(&self.pool)
@@ -343,7 +412,7 @@ impl StateStore for SqliteStore {
     }
 
     async fn concurrency(&self, function: &str) -> Result<Option<Option<u32>>, StateError> {
-        let row = sqlx::query("SELECT reserved FROM function_concurrency WHERE function = ?")
+        let row = sqlx::query("SELECT reserved FROM function_concurrency WHERE function = $1")
             .bind(function)
             .fetch_optional(&self.pool)
             .await?;
@@ -353,6 +422,12 @@ impl StateStore for SqliteStore {
         }
     }
 }
+
+    };
+}
+
+sql_store!(SqliteStore, sqlx::sqlite::SqliteRow);
+sql_store!(PostgresStore, sqlx::postgres::PgRow);
 
 #[cfg(test)]
 mod tests {
@@ -398,6 +473,20 @@ mod tests {
         assert_eq!(due[1].attempts, vec![attempt]);
         store.remove("b").await.expect("remove");
         assert_eq!(store.queued().await.expect("count"), 2);
+    }
+
+    #[tokio::test]
+    async fn checkpoints_are_per_source_and_shard() {
+        let dir = tempfile::tempdir().expect("dir");
+        let store = SqliteStore::open(&dir.path().join("s.db")).await.expect("open");
+        assert_eq!(store.checkpoint("m", "s1").await.expect("none"), None);
+        let c = Checkpoint { sequence: Some("42".into()), finished: false };
+        store.put_checkpoint("m", "s1", &c).await.expect("put");
+        store.put_checkpoint("other", "s1", &Checkpoint { sequence: None, finished: true }).await.expect("put");
+        assert_eq!(store.checkpoint("m", "s1").await.expect("some"), Some(c));
+        let done = Checkpoint { sequence: Some("99".into()), finished: true };
+        store.put_checkpoint("m", "s1", &done).await.expect("update");
+        assert_eq!(store.checkpoint("m", "s1").await.expect("some"), Some(done));
     }
 
     #[tokio::test]

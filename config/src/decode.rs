@@ -139,6 +139,19 @@ impl<'a> Decoder<'a> {
         });
     }
 
+    /// The value of a required field; reports `missing` at `path` (the enclosing mapping) when
+    /// it is absent.
+    pub(crate) fn required<T>(&mut self, field: Field<T>, path: &str, missing: &str) -> Option<T> {
+        match field {
+            Field::Value(value) => Some(value),
+            Field::Absent => {
+                self.error(path, missing);
+                None
+            }
+            Field::Invalid => None,
+        }
+    }
+
     /// An error about the node at `path`, placed where that node stands.
     pub(crate) fn error(&mut self, path: &str, message: impl Into<String>) {
         let location = self.locations.get(path).copied();
@@ -221,8 +234,26 @@ impl<'a> Decoder<'a> {
     }
 
     pub(crate) fn check_keys(&mut self, fields: &Fields<'_>, allowed: &[&str]) {
+        self.check_typed_keys(fields, allowed, &[], "");
+    }
+
+    /// Like [`Decoder::check_keys`] for a mapping with a `type`: a key in `known` (one that
+    /// other types take) is reported as not applying to `this` (like "`sqs` sources") rather
+    /// than as unknown.
+    pub(crate) fn check_typed_keys(
+        &mut self,
+        fields: &Fields<'_>,
+        allowed: &[&str],
+        known: &[&str],
+        this: &str,
+    ) {
         for entry in &fields.entries {
-            if !allowed.contains(&entry.key) {
+            if allowed.contains(&entry.key) {
+                continue;
+            }
+            let message = if known.contains(&entry.key) {
+                format!("`{}` does not apply to {this}", entry.key)
+            } else {
                 let mut message = format!(
                     "unknown field `{}`, expected one of: {}",
                     entry.key,
@@ -231,12 +262,13 @@ impl<'a> Decoder<'a> {
                 if let Some(near) = closest(entry.key, allowed) {
                     message.push_str(&format!("; did you mean `{near}`?"));
                 }
-                self.error_at(
-                    &fields.path_of(entry.key),
-                    Some(entry.key_location),
-                    message,
-                );
-            }
+                message
+            };
+            self.error_at(
+                &fields.path_of(entry.key),
+                Some(entry.key_location),
+                message,
+            );
         }
     }
 

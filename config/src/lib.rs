@@ -11,9 +11,13 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 mod cron_expr;
+mod dead_letter;
 mod decode;
+mod endpoints;
 mod error;
+pub mod filter;
 mod interpolate;
+mod mapping;
 mod schema;
 mod shell;
 mod units;
@@ -49,6 +53,18 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// Methods an `http` source accepts when it names none.
     pub const HTTP_METHODS: &[&str] = &["POST"];
+    /// Records per batch for every poll-based source but `sqs`, as in Lambda.
+    pub const BATCH_SIZE: u32 = 100;
+    /// Messages per batch for `sqs` sources, as in Lambda.
+    pub const SQS_BATCH_SIZE: u32 = 10;
+    /// How long a poller gathers records before invoking with a batch that is not full.
+    pub const BATCH_WINDOW: Duration = Duration::ZERO;
+    /// Lambda's limit for a synchronous invocation payload: "6 MB", enforced as 6 MiB.
+    pub const BATCH_MAX_BYTES: u64 = 6 * 1024 * 1024;
+    /// Batches processed at once per shard or partition.
+    pub const PARALLELIZATION: u32 = 1;
+    /// Unacknowledged messages a RabbitMQ consumer may hold (`basic.qos`).
+    pub const RABBITMQ_PREFETCH: u16 = 100;
 }
 
 /// Reads and checks the configuration file at `path`, substituting `${VAR}` from the process
@@ -113,10 +129,10 @@ pub struct Config {
     pub concurrency: ConcurrencyConfig,
     /// Functions by name, in file order is not kept: names are sorted.
     pub functions: BTreeMap<String, FunctionConfig>,
-    /// Push sources (mappings) by name.
+    /// Sources (push and poll-based mappings) by name.
     pub sources: BTreeMap<String, SourceConfig>,
     /// `dead_letters`: where failed events are written, by name. Functions name them in
-    /// `on_success` / `on_failure`.
+    /// `on_success` / `on_failure`, poll-based sources in `on_failure`.
     pub dead_letters: BTreeMap<String, DeadLetterConfig>,
     /// `shutdown.grace`: how long SIGTERM lets in-flight invocations finish, 0 s–15 min,
     /// default 30 s.
@@ -224,6 +240,28 @@ pub struct DeadLetterConfig {
 pub enum DeadLetterKind {
     /// `type: file`, `path:` (resolved against base_dir): JSON Lines.
     File { path: PathBuf },
+    /// `type: sqs`: one message per dead letter, sent to `queue_url`.
+    Sqs {
+        queue_url: String,
+        aws: AwsConnection,
+    },
+    /// `type: rabbitmq`: one persistent message per dead letter, published with publisher
+    /// confirms.
+    RabbitMq {
+        /// `uri`: `amqp://…` or `amqps://…`.
+        uri: String,
+        /// `exchange`: `""` (the default) is AMQP's default exchange, which routes by queue name.
+        exchange: String,
+        /// `routing_key`: with the default exchange, the queue's name (then required).
+        routing_key: String,
+    },
+    /// `type: kafka`: one record per dead letter, produced to `topic`.
+    Kafka {
+        brokers: Vec<String>,
+        topic: String,
+        /// `properties`: raw librdkafka producer properties.
+        properties: BTreeMap<String, String>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -240,6 +278,224 @@ pub enum SourceKind {
     Schedule(ScheduleConfig),
     /// `type: http`: a webhook on Sluice's own listener.
     Http(HttpSourceConfig),
+    /// `type: kinesis`
+    Kinesis(KinesisConfig),
+    /// `type: dynamodb_streams`
+    DynamoDbStreams(DynamoDbStreamsConfig),
+    /// `type: sqs`
+    Sqs(SqsConfig),
+    /// `type: rabbitmq`
+    RabbitMq(RabbitMqConfig),
+    /// `type: kafka`
+    Kafka(KafkaConfig),
+}
+
+impl SourceKind {
+    /// The `type:` spelling.
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            SourceKind::Schedule(_) => "schedule",
+            SourceKind::Http(_) => "http",
+            SourceKind::Kinesis(_) => "kinesis",
+            SourceKind::DynamoDbStreams(_) => "dynamodb_streams",
+            SourceKind::Sqs(_) => "sqs",
+            SourceKind::RabbitMq(_) => "rabbitmq",
+            SourceKind::Kafka(_) => "kafka",
+        }
+    }
+
+    /// The batching, filtering and retry settings of a poll-based source; `None` for the push
+    /// sources (`schedule`, `http`).
+    pub fn mapping(&self) -> Option<&MappingConfig> {
+        match self {
+            SourceKind::Schedule(_) | SourceKind::Http(_) => None,
+            SourceKind::Kinesis(c) => Some(&c.mapping),
+            SourceKind::DynamoDbStreams(c) => Some(&c.mapping),
+            SourceKind::Sqs(c) => Some(&c.mapping),
+            SourceKind::RabbitMq(c) => Some(&c.mapping),
+            SourceKind::Kafka(c) => Some(&c.mapping),
+        }
+    }
+}
+
+/// What an event source mapping does with the records a poll-based source reads. The keys sit
+/// directly under the source (`batch:`, `retry:`, `filters:`, …).
+#[derive(Debug, Clone, PartialEq)]
+pub struct MappingConfig {
+    /// `starting_position`: where reading starts when there is no checkpoint yet, default
+    /// `trim_horizon`. Only for `kinesis`, `dynamodb_streams` and `kafka`.
+    pub starting_position: StartingPosition,
+    /// `batch: { size, window, max_bytes }`
+    pub batch: BatchConfig,
+    /// `filters`: at most 5 Lambda filter patterns, as JSON; a record that matches none is
+    /// filtered out (final, acknowledged, not invoked). Empty: every record is delivered.
+    pub filters: Vec<serde_json::Value>,
+    /// `parallelization`: batches processed at once per shard or partition, 1–10, default 1
+    /// (records with the same key stay in order). Only for `kinesis`, `dynamodb_streams` and
+    /// `kafka`.
+    pub parallelization: u32,
+    /// `retry: { max_attempts, max_record_age }`
+    pub retry: RetryConfig,
+    /// `bisect_on_error`: split a failing batch in two and retry the halves, to isolate a
+    /// poison record. Only for `kinesis`, `dynamodb_streams` and `kafka`.
+    pub bisect_on_error: bool,
+    /// `report_batch_item_failures`: the function answers `batchItemFailures` and only those
+    /// records are retried.
+    pub report_batch_item_failures: bool,
+    /// `on_failure`: the dead letter (under `dead_letters`) a record goes to once its retries
+    /// are spent.
+    pub on_failure: Option<String>,
+    /// Mirrors [`SourceConfig::enabled`].
+    pub enabled: bool,
+}
+
+/// Where a stream or topic is read from when there is no checkpoint yet.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StartingPosition {
+    /// `trim_horizon`: the oldest record still kept.
+    TrimHorizon,
+    /// `latest`: only records written from now on.
+    Latest,
+    /// `at_timestamp` with `starting_position_timestamp` (RFC 3339): milliseconds since the
+    /// Unix epoch.
+    AtTimestamp(i64),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchConfig {
+    /// `size`: the most records per invocation, 1–10000; default 100, and 10 for `sqs`. An
+    /// `sqs` batch of more than 10 needs a `window`, as in Lambda.
+    pub size: u32,
+    /// `window`: how long to gather records before invoking with a batch that is not full,
+    /// 0 s–300 s, default 0 s.
+    pub window: Duration,
+    /// `max_bytes`: the most payload bytes per invocation, 1 B–6 MiB, default 6 MiB (Lambda's
+    /// payload limit).
+    pub max_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct RetryConfig {
+    /// `max_attempts`: retries of a failed batch, 0–10000; `-1` (the default) is `None`: retry
+    /// until the record expires.
+    pub max_attempts: Option<u32>,
+    /// `max_record_age`: a record older than this is not retried again, 60 s–7 d; `-1` (the
+    /// default) is `None`: no limit.
+    pub max_record_age: Option<Duration>,
+}
+
+/// How to reach an AWS service (or a local stand-in such as moto).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AwsConnection {
+    /// `endpoint_url`: an http(s) URL to use instead of the service's AWS endpoint.
+    pub endpoint_url: Option<String>,
+    /// `region`, like `eu-west-1`; otherwise the SDK's usual lookup (environment, profile).
+    pub region: Option<String>,
+}
+
+/// `type: kinesis`
+#[derive(Debug, Clone, PartialEq)]
+pub struct KinesisConfig {
+    /// `stream`: a stream name or an `arn:aws:kinesis:…:stream/NAME` ARN.
+    pub stream: String,
+    pub aws: AwsConnection,
+    pub mapping: MappingConfig,
+}
+
+/// `type: dynamodb_streams`: exactly one of `stream_arn` and `table`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DynamoDbStreamsConfig {
+    /// `stream_arn`: `arn:aws:dynamodb:…:table/TABLE/stream/LABEL`.
+    pub stream_arn: Option<String>,
+    /// `table`: a table whose current stream is read.
+    pub table: Option<String>,
+    pub aws: AwsConnection,
+    pub mapping: MappingConfig,
+}
+
+/// `type: sqs`
+#[derive(Debug, Clone, PartialEq)]
+pub struct SqsConfig {
+    /// `queue_url`: the queue's http(s) URL.
+    pub queue_url: String,
+    pub aws: AwsConnection,
+    /// `maximum_concurrency`: the most concurrent invocations this source causes, 2–1000;
+    /// `None`: bounded only by the function's concurrency.
+    pub maximum_concurrency: Option<u32>,
+    pub mapping: MappingConfig,
+}
+
+/// `type: rabbitmq`
+#[derive(Debug, Clone, PartialEq)]
+pub struct RabbitMqConfig {
+    /// `uri`: `amqp://…` or `amqps://…`, usually from `${ENV}` since it holds the password.
+    pub uri: String,
+    /// `queue`: the queue consumed.
+    pub queue: String,
+    /// `prefetch`: unacknowledged messages held at once, 1–65535, default 100.
+    pub prefetch: u16,
+    pub mapping: MappingConfig,
+}
+
+/// `type: kafka`
+#[derive(Debug, Clone, PartialEq)]
+pub struct KafkaConfig {
+    /// `brokers`: bootstrap servers, `HOST:PORT` each (a list, or one comma-separated string).
+    pub brokers: Vec<String>,
+    /// `topics`: the topics read. Exactly one of `topics` and `topic_pattern` is given.
+    pub topics: Vec<String>,
+    /// `topic_pattern`: a regular expression (it compiles with the `regex` crate); every topic
+    /// it matches is read.
+    pub topic_pattern: Option<String>,
+    /// `group_id`: the consumer group, which also keeps the committed offsets.
+    pub group_id: String,
+    pub security: KafkaSecurity,
+    /// `properties`: raw librdkafka properties; scalars become text. Those Sluice sets itself
+    /// (`bootstrap.servers`, `group.id`, offset commits, security) are refused.
+    pub properties: BTreeMap<String, String>,
+    pub mapping: MappingConfig,
+}
+
+/// `security: { protocol, sasl_mechanism, username, password, ca_location }` of a Kafka source.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KafkaSecurity {
+    /// `protocol`: `plaintext`, `ssl`, `sasl_plaintext` or `sasl_ssl`; `None` is plaintext.
+    pub protocol: Option<String>,
+    /// `sasl_mechanism`: `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`; required with a `sasl_*`
+    /// protocol, refused otherwise.
+    pub sasl_mechanism: Option<String>,
+    /// `username` and `password`: given together, and only with a `sasl_*` protocol.
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// `ca_location`: CA certificates to verify the brokers with (resolved against base_dir);
+    /// only with `ssl` or `sasl_ssl`.
+    pub ca_location: Option<PathBuf>,
+}
+
+impl Default for MappingConfig {
+    fn default() -> Self {
+        MappingConfig {
+            starting_position: StartingPosition::TrimHorizon,
+            batch: BatchConfig::default(),
+            filters: Vec::new(),
+            parallelization: defaults::PARALLELIZATION,
+            retry: RetryConfig::default(),
+            bisect_on_error: false,
+            report_batch_item_failures: false,
+            on_failure: None,
+            enabled: true,
+        }
+    }
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            size: defaults::BATCH_SIZE,
+            window: defaults::BATCH_WINDOW,
+            max_bytes: defaults::BATCH_MAX_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -6,15 +6,16 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::cron_expr::parse_cron;
+use crate::dead_letter::decode_dead_letter;
 use crate::decode::{Decoder, Field, Fields, child, closest, index};
 use crate::interpolate::is_variable_name;
+use crate::mapping::{MappingContext, PollType, decode_poll_source};
 use crate::shell::split_words;
 use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
 use crate::{
-    AliasConfig, ConcurrencyConfig, Config, DeadLetterConfig, DeadLetterKind, FunctionConfig,
-    HttpSourceConfig, Limits, Runtime, Schedule, ScheduleConfig, SourceConfig, SourceKind,
-    defaults,
+    AliasConfig, ConcurrencyConfig, Config, FunctionConfig, HttpSourceConfig, Limits, Runtime,
+    Schedule, ScheduleConfig, SourceConfig, SourceKind, defaults,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -60,9 +61,15 @@ const HTTP_KEYS: &[&str] = &[
     "invocation",
     "methods",
 ];
-const SOURCE_TYPES: &[&str] = &["http", "schedule"];
-const FILE_DEAD_LETTER_KEYS: &[&str] = &["type", "path"];
-const DEAD_LETTER_TYPES: &[&str] = &["file"];
+const SOURCE_TYPES: &[&str] = &[
+    "kafka",
+    "rabbitmq",
+    "sqs",
+    "kinesis",
+    "dynamodb_streams",
+    "http",
+    "schedule",
+];
 const RUNTIMES: &[&str] = &["process", "http", "native"];
 const INVOCATIONS: &[&str] = &["sync", "async"];
 const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
@@ -220,9 +227,12 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     let mut http_paths = BTreeMap::new();
     for entry in d.entries(&top, "sources") {
         let path = child(&top.path_of("sources"), entry.key);
-        if let Some(source) =
-            decode_source(d, entry.key, entry.value, &path, &declared, &mut http_paths)
-        {
+        let context = SourceContext {
+            name: entry.key,
+            destinations: &destinations,
+            base_dir: &config.base_dir,
+        };
+        if let Some(source) = decode_source(d, entry.value, &path, &context, &mut http_paths) {
             config.sources.insert(entry.key.to_owned(), source);
         }
     }
@@ -324,7 +334,7 @@ fn parse_runtime(text: &str) -> Result<Runtime, String> {
     }
 }
 
-fn with_suggestion(mut message: String, word: &str, candidates: &[&str]) -> String {
+pub(crate) fn with_suggestion(mut message: String, word: &str, candidates: &[&str]) -> String {
     if let Some(near) = closest(word, candidates) {
         message.push_str(&format!("; did you mean `{near}`?"));
     }
@@ -654,12 +664,12 @@ fn decode_weight(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<f64> {
 }
 
 /// A value that was read but failed a check, with the message for its node.
-enum Checked<T> {
+pub(crate) enum Checked<T> {
     Field(Field<T>),
     Failed(String),
 }
 
-trait AndThenCheck<T> {
+pub(crate) trait AndThenCheck<T> {
     fn and_then_check<U>(self, check: impl FnOnce(T) -> Result<U, String>) -> Checked<U>;
 }
 
@@ -676,7 +686,12 @@ impl<T> AndThenCheck<T> for Field<T> {
     }
 }
 
-fn report<T>(d: &mut Decoder<'_>, fields: &Fields<'_>, key: &str, checked: Checked<T>) -> Field<T> {
+pub(crate) fn report<T>(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    key: &str,
+    checked: Checked<T>,
+) -> Field<T> {
     match checked {
         Checked::Field(field) => field,
         Checked::Failed(message) => {
@@ -695,7 +710,7 @@ fn only_for(d: &mut Decoder<'_>, fields: &Fields<'_>, key: &str, wanted: &str, g
 
 /// Joins a relative path onto `base`, dropping `.` components so that error messages and logs
 /// show `/srv/functions/resize`, not `/srv/./functions/resize`.
-fn resolve(base: &Path, path: &str) -> PathBuf {
+pub(crate) fn resolve(base: &Path, path: &str) -> PathBuf {
     let joined = base.join(path);
     joined
         .components()
@@ -739,7 +754,7 @@ fn decode_command(d: &mut Decoder<'_>, fields: &Fields<'_>) -> Field<Vec<String>
     Field::Value(argv)
 }
 
-fn check_url(text: &str) -> Result<String, String> {
+pub(crate) fn check_url(text: &str) -> Result<String, String> {
     let uri: http::Uri = text
         .parse()
         .map_err(|e| format!("invalid URL `{text}`: {e}"))?;
@@ -764,7 +779,7 @@ fn parse_timeout(text: &str) -> Result<Duration, String> {
 }
 
 /// A duration within `range`; `bounds` says the range in the error message.
-fn bounded_duration(
+pub(crate) fn bounded_duration(
     text: &str,
     what: &str,
     range: &std::ops::RangeInclusive<Duration>,
@@ -833,7 +848,7 @@ fn decode_tags(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<String, Str
 
 /// The `type` of a source or dead letter, when it is one of `supported`; reports a missing or
 /// unsupported one.
-fn decode_type(
+pub(crate) fn decode_type(
     d: &mut Decoder<'_>,
     fields: &Fields<'_>,
     path: &str,
@@ -871,50 +886,45 @@ fn decode_type(
     Some(kind)
 }
 
-fn decode_dead_letter(
-    d: &mut Decoder<'_>,
-    node: &Node,
-    path: &str,
-    base_dir: &Path,
-) -> Option<DeadLetterConfig> {
-    let fields = d.mapping(node, path, None)?;
-    decode_type(d, &fields, path, "dead letter", DEAD_LETTER_TYPES)?;
-    d.check_keys(&fields, FILE_DEAD_LETTER_KEYS);
-    let file = d.string(&fields, "path").and_then_check(|file| {
-        if file.is_empty() {
-            Err("must not be empty".to_owned())
-        } else {
-            Ok(resolve(base_dir, &file))
-        }
-    });
-    let file = report(d, &fields, "path", file);
-    if matches!(file, Field::Absent) {
-        d.error(
-            path,
-            "missing field `path` (the JSON Lines file dead letters are appended to)",
-        );
+/// What a source is checked against, besides its own fields.
+struct SourceContext<'a> {
+    name: &'a str,
+    destinations: &'a Destinations<'a>,
+    base_dir: &'a Path,
+}
+
+/// Every key a source of type `kind` takes.
+fn source_keys(kind: &str) -> Vec<&'static str> {
+    match kind {
+        "http" => HTTP_KEYS.to_vec(),
+        "schedule" => SCHEDULE_KEYS.to_vec(),
+        other => PollType::from_name(other)
+            .map(PollType::keys)
+            .unwrap_or_default(),
     }
-    Some(DeadLetterConfig {
-        kind: DeadLetterKind::File { path: file.ok()? },
-    })
 }
 
 fn decode_source(
     d: &mut Decoder<'_>,
-    name: &str,
     node: &Node,
     path: &str,
-    declared: &[&str],
+    context: &SourceContext<'_>,
     http_paths: &mut BTreeMap<String, String>,
 ) -> Option<SourceConfig> {
     let fields = d.mapping(node, path, None)?;
     let kind = decode_type(d, &fields, path, "source", SOURCE_TYPES)?;
-    let http = kind == "http";
-    d.check_keys(&fields, if http { HTTP_KEYS } else { SCHEDULE_KEYS });
+    let known: Vec<&str> = SOURCE_TYPES.iter().flat_map(|t| source_keys(t)).collect();
+    d.check_typed_keys(
+        &fields,
+        &source_keys(&kind),
+        &known,
+        &format!("`{kind}` sources"),
+    );
 
+    let functions = context.destinations.functions;
     let function = match d.string(&fields, "function") {
         Field::Value(function) => {
-            check_function_ref(d, &fields.path_of("function"), function, declared)
+            check_function_ref(d, &fields.path_of("function"), function, functions)
         }
         Field::Absent => {
             d.error(path, "missing field `function`");
@@ -923,10 +933,18 @@ fn decode_source(
         Field::Invalid => None,
     };
     let enabled = d.boolean(&fields, "enabled").or(true);
-    let kind = if http {
-        SourceKind::Http(decode_http(d, &fields, path, name, http_paths)?)
-    } else {
-        SourceKind::Schedule(decode_schedule(d, &fields, path)?)
+    let kind = match kind.as_str() {
+        "http" => SourceKind::Http(decode_http(d, &fields, path, context.name, http_paths)?),
+        "schedule" => SourceKind::Schedule(decode_schedule(d, &fields, path)?),
+        other => {
+            let mapping = MappingContext {
+                enabled,
+                functions,
+                dead_letters: context.destinations.dead_letters,
+                base_dir: context.base_dir,
+            };
+            decode_poll_source(d, PollType::from_name(other)?, &fields, path, &mapping)?
+        }
     };
     Some(SourceConfig {
         function: function?,
@@ -1191,7 +1209,7 @@ fn check_function_ref(
 
 /// Converts any node to JSON, typing plain scalars as YAML does. Errors are reported per
 /// scalar; `None` when any part failed.
-fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
+pub(crate) fn to_json(d: &mut Decoder<'_>, node: &Node, path: &str) -> Option<serde_json::Value> {
     use serde_json::Value;
     match &node.kind {
         Kind::Sequence(items) => {

@@ -10,8 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_config::{
-    AliasConfig, Config, ConfigErrors, DeadLetterKind, HttpSourceConfig, Location, Runtime,
-    Schedule, SourceKind, parse_str,
+    AliasConfig, AwsConnection, BatchConfig, Config, ConfigErrors, DeadLetterKind,
+    DynamoDbStreamsConfig, HttpSourceConfig, KafkaSecurity, Location, MappingConfig,
+    RabbitMqConfig, RetryConfig, Runtime, Schedule, SourceKind, SqsConfig, StartingPosition,
+    parse_str,
 };
 
 fn fixtures_dir() -> PathBuf {
@@ -46,7 +48,7 @@ fn error_fixtures_report_exactly_the_expected_errors() {
         .filter(|name| name.starts_with("error-") && name.ends_with(".yaml"))
         .collect();
     names.sort();
-    assert!(names.len() >= 25, "fixtures missing: {names:?}");
+    assert!(names.len() >= 34, "fixtures missing: {names:?}");
 
     let mut failures = Vec::new();
     for name in &names {
@@ -87,12 +89,52 @@ fn full_config_loads_every_value() {
     assert_eq!(config.shutdown_grace, Duration::from_secs(120));
     assert_eq!(
         config.dead_letters.keys().collect::<Vec<_>>(),
-        ["failed-resizes"]
+        [
+            "clicks-dlq",
+            "failed-resizes",
+            "jobs-dlq",
+            "orders-dlq",
+            "tasks-dlq"
+        ]
     );
     assert_eq!(
         config.dead_letters["failed-resizes"].kind,
         DeadLetterKind::File {
             path: PathBuf::from("/srv/sluice/dead/resize.jsonl")
+        }
+    );
+    assert_eq!(
+        config.dead_letters["clicks-dlq"].kind,
+        DeadLetterKind::Sqs {
+            queue_url: "http://127.0.0.1:5000/123456789012/clicks-dlq".to_owned(),
+            aws: AwsConnection {
+                endpoint_url: Some("http://127.0.0.1:5000".to_owned()),
+                region: Some("us-east-1".to_owned()),
+            },
+        }
+    );
+    assert_eq!(
+        config.dead_letters["tasks-dlq"].kind,
+        DeadLetterKind::RabbitMq {
+            uri: "amqps://broker.example.com".to_owned(),
+            exchange: "dead".to_owned(),
+            routing_key: String::new(),
+        }
+    );
+    assert_eq!(
+        config.dead_letters["jobs-dlq"].kind,
+        DeadLetterKind::RabbitMq {
+            uri: "amqp://127.0.0.1".to_owned(),
+            exchange: String::new(),
+            routing_key: "jobs.dead".to_owned(),
+        }
+    );
+    assert_eq!(
+        config.dead_letters["orders-dlq"].kind,
+        DeadLetterKind::Kafka {
+            brokers: vec!["127.0.0.1:9092".to_owned()],
+            topic: "orders-dlq".to_owned(),
+            properties: strings(&[("acks", "all"), ("compression.type", "lz4")]),
         }
     );
     assert_eq!(
@@ -113,16 +155,13 @@ fn full_config_loads_every_value() {
     assert_eq!(resize.handler.as_deref(), Some("app.handler"));
     assert_eq!(resize.memory_mb, 256);
     assert_eq!(resize.timeout, Duration::from_secs(90));
-    let environment: BTreeMap<String, String> = [
+    let environment = strings(&[
         ("BUCKET", "thumbs"),
         ("DEBUG", "false"),
         ("EMPTY", ""),
         ("RETRIES", "3"),
         ("TEMPLATE", "${NAME}"),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-    .collect();
+    ]);
     assert_eq!(resize.environment, environment);
     assert_eq!(resize.reserved_concurrency, Some(10));
     assert_eq!(resize.description.as_deref(), Some("Makes thumbnails"));
@@ -264,6 +303,201 @@ fn full_config_loads_every_value() {
             methods: vec!["POST".to_owned()],
         })
     );
+
+    assert_poll_sources(&config);
+}
+
+fn strings(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+        .collect()
+}
+
+fn assert_poll_sources(config: &Config) {
+    let clicks = &config.sources["clicks"];
+    assert_eq!(clicks.function, "resize");
+    let SourceKind::Kinesis(kinesis) = &clicks.kind else {
+        panic!("not kinesis: {:?}", clicks.kind)
+    };
+    assert_eq!(
+        kinesis.stream,
+        "arn:aws:kinesis:eu-west-1:123456789012:stream/clicks"
+    );
+    assert_eq!(
+        kinesis.aws,
+        AwsConnection {
+            endpoint_url: Some("http://127.0.0.1:4566".to_owned()),
+            region: Some("eu-west-1".to_owned()),
+        }
+    );
+    assert_eq!(
+        kinesis.mapping,
+        MappingConfig {
+            // 2024-05-01T12:00:00+02:00
+            starting_position: StartingPosition::AtTimestamp(1_714_557_600_000),
+            batch: BatchConfig {
+                size: 500,
+                window: Duration::from_secs(2),
+                max_bytes: 1_000_000,
+            },
+            filters: vec![
+                serde_json::json!({ "data": { "kind": ["click"] } }),
+                serde_json::json!({
+                    "data": { "kind": [{ "prefix": "view-" }], "weight": [{ "numeric": [">", 2] }] }
+                }),
+            ],
+            parallelization: 4,
+            retry: RetryConfig {
+                max_attempts: Some(3),
+                max_record_age: Some(Duration::from_secs(3_600)),
+            },
+            bisect_on_error: true,
+            report_batch_item_failures: true,
+            on_failure: Some("clicks-dlq".to_owned()),
+            enabled: true,
+        }
+    );
+
+    // Everything left out takes its default; `-1` means no limit.
+    let table_changes = &config.sources["table-changes"];
+    assert!(!table_changes.enabled);
+    assert_eq!(
+        table_changes.kind,
+        SourceKind::DynamoDbStreams(DynamoDbStreamsConfig {
+            stream_arn: None,
+            table: Some("Orders".to_owned()),
+            aws: AwsConnection::default(),
+            mapping: MappingConfig {
+                starting_position: StartingPosition::Latest,
+                batch: BatchConfig {
+                    size: 100,
+                    window: Duration::ZERO,
+                    max_bytes: 6 * 1024 * 1024,
+                },
+                filters: Vec::new(),
+                parallelization: 1,
+                retry: RetryConfig {
+                    max_attempts: None,
+                    max_record_age: None,
+                },
+                bisect_on_error: false,
+                report_batch_item_failures: false,
+                on_failure: None,
+                enabled: false,
+            },
+        })
+    );
+    let SourceKind::DynamoDbStreams(stream_changes) = &config.sources["stream-changes"].kind else {
+        panic!("not dynamodb_streams")
+    };
+    assert_eq!(
+        stream_changes.stream_arn.as_deref(),
+        Some("arn:aws:dynamodb:us-east-1:123456789012:table/Orders/stream/2024-05-01T00:00:00.000")
+    );
+    assert_eq!(stream_changes.table, None);
+    assert_eq!(
+        stream_changes.mapping.starting_position,
+        StartingPosition::TrimHorizon
+    );
+    assert_eq!(stream_changes.mapping.retry, RetryConfig::default());
+
+    assert_eq!(
+        config.sources["jobs"].kind,
+        SourceKind::Sqs(SqsConfig {
+            queue_url: "http://127.0.0.1:5000/123456789012/jobs".to_owned(),
+            aws: AwsConnection {
+                endpoint_url: None,
+                region: Some("us-east-1".to_owned()),
+            },
+            maximum_concurrency: Some(5),
+            mapping: MappingConfig {
+                batch: BatchConfig {
+                    size: 100,
+                    window: Duration::from_millis(500),
+                    max_bytes: 6 * 1024 * 1024,
+                },
+                report_batch_item_failures: true,
+                on_failure: Some("failed-resizes".to_owned()),
+                ..MappingConfig::default()
+            },
+        })
+    );
+
+    assert_eq!(
+        config.sources["tasks"].kind,
+        SourceKind::RabbitMq(RabbitMqConfig {
+            uri: "amqp://ops:secret@127.0.0.1:5672/%2f".to_owned(),
+            queue: "tasks".to_owned(),
+            prefetch: 250,
+            mapping: MappingConfig {
+                on_failure: Some("tasks-dlq".to_owned()),
+                ..MappingConfig::default()
+            },
+        })
+    );
+
+    let SourceKind::Kafka(orders) = &config.sources["orders"].kind else {
+        panic!("not kafka")
+    };
+    assert_eq!(orders.brokers, ["127.0.0.1:9092", "[::1]:9093"]);
+    assert_eq!(orders.topics, ["orders", "2024"]);
+    assert_eq!(orders.topic_pattern, None);
+    assert_eq!(orders.group_id, "sluice-orders");
+    // Protocol and mechanism in librdkafka's spelling whatever the case given; credentials as
+    // text whatever they look like.
+    assert_eq!(
+        orders.security,
+        KafkaSecurity {
+            protocol: Some("sasl_ssl".to_owned()),
+            sasl_mechanism: Some("SCRAM-SHA-512".to_owned()),
+            username: Some("ops".to_owned()),
+            password: Some("12345".to_owned()),
+            ca_location: Some(PathBuf::from("/srv/sluice/certs/ca.pem")),
+        }
+    );
+    assert_eq!(
+        orders.properties,
+        strings(&[
+            ("check.crcs", "true"),
+            ("client.id", "sluice"),
+            ("fetch.min.bytes", "1024"),
+        ])
+    );
+    assert_eq!(
+        orders.mapping,
+        MappingConfig {
+            starting_position: StartingPosition::Latest,
+            batch: BatchConfig {
+                size: 100,
+                window: Duration::from_millis(500),
+                max_bytes: 6 * 1024 * 1024,
+            },
+            retry: RetryConfig {
+                max_attempts: Some(5),
+                max_record_age: Some(Duration::from_secs(3_600)),
+            },
+            bisect_on_error: true,
+            report_batch_item_failures: true,
+            on_failure: Some("orders-dlq".to_owned()),
+            ..MappingConfig::default()
+        }
+    );
+
+    let SourceKind::Kafka(audit) = &config.sources["audit"].kind else {
+        panic!("not kafka")
+    };
+    assert_eq!(audit.brokers, ["127.0.0.1:9092", "127.0.0.1:9093"]);
+    assert!(audit.topics.is_empty());
+    assert_eq!(audit.topic_pattern.as_deref(), Some("audit-.*"));
+    assert_eq!(audit.security, KafkaSecurity::default());
+    assert!(audit.properties.is_empty());
+    assert_eq!(audit.mapping, MappingConfig::default());
+    assert_eq!(
+        config.sources["audit"].kind.mapping(),
+        Some(&MappingConfig::default())
+    );
+    assert_eq!(config.sources["ping"].kind.mapping(), None);
 }
 
 #[test]

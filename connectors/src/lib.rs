@@ -1,8 +1,16 @@
 //! Sluice's event sources. Each source is small and looks like its siblings: its config comes
 //! from `sluice-config`, and it hands events to the broker through [`Dispatch`].
 
+pub mod dynamodb_streams;
 pub mod http;
+pub mod kafka;
+pub mod kinesis;
+pub mod queue;
+pub mod rabbitmq;
+pub mod record;
 pub mod schedule;
+pub mod sqs;
+pub mod stream;
 
 use std::future::Future;
 use std::pin::Pin;

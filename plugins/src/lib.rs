@@ -2,6 +2,9 @@
 //! be durable when it returns, because the source record is acknowledged right after.
 
 pub mod file;
+pub mod kafka;
+pub mod rabbitmq;
+pub mod sqs;
 
 use std::path::PathBuf;
 
@@ -19,12 +22,35 @@ pub enum DeadLetterError {
     },
     #[error("cannot encode dead letter: {0}")]
     Encode(#[from] serde_json::Error),
+    #[error("cannot write dead letter to kafka topic {topic}: {source}")]
+    Kafka {
+        topic: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+    #[error("cannot write dead letter to {destination}: {message}")]
+    Remote { destination: String, message: String },
+    #[error("cannot write dead letter to {destination}: {source}")]
+    RabbitMq {
+        destination: String,
+        #[source]
+        source: lapin::Error,
+    },
 }
 
 impl DeadLetterError {
     /// Whether writing again later can succeed; decided here, where the error is born.
     pub fn is_retriable(&self) -> bool {
-        matches!(self, Self::Io { .. })
+        match self {
+            // A producer librdkafka refused to create stays refused.
+            Self::Kafka { source, .. } => !matches!(
+                source,
+                rdkafka::error::KafkaError::ClientCreation(_) | rdkafka::error::KafkaError::ClientConfig(..)
+            ),
+            // The broker or the connection failed; it or another connection can take it later.
+            Self::RabbitMq { .. } => true,
+            _ => matches!(self, Self::Io { .. } | Self::Remote { .. }),
+        }
     }
 }
 
@@ -40,5 +66,20 @@ pub trait DeadLetterSink: Send + Sync + 'static {
 pub fn build(config: &DeadLetterConfig) -> Box<dyn DeadLetterSink> {
     match &config.kind {
         DeadLetterKind::File { path } => Box::new(file::FileDeadLetter::new(path.clone())),
+        DeadLetterKind::Kafka {
+            brokers,
+            topic,
+            properties,
+        } => Box::new(kafka::KafkaDeadLetter::new(brokers, topic, properties)),
+        DeadLetterKind::RabbitMq {
+            uri,
+            exchange,
+            routing_key,
+        } => Box::new(rabbitmq::RabbitMqDeadLetter::new(uri.clone(), exchange.clone(), routing_key.clone())),
+        DeadLetterKind::Sqs { queue_url, aws } => Box::new(sqs::SqsDeadLetter::new(
+            queue_url.clone(),
+            aws.endpoint_url.clone(),
+            aws.region.clone(),
+        )),
     }
 }

@@ -380,7 +380,7 @@ impl Environment {
             _ = wait_not_running(&mut status) => None,
             _ = tokio::time::sleep(INIT_TIMEOUT) => {
                 self.kill();
-                return self.done(Err(FunctionError::new(
+                return self.done(inv, Err(FunctionError::new(
                     "Runtime.InitTimeout",
                     format!("RequestId: {request_id} Error: the runtime did not ask for an event within {:.2} seconds of starting", INIT_TIMEOUT.as_secs_f64()),
                 )), false, cold_since);
@@ -391,9 +391,10 @@ impl Environment {
             return match state {
                 Status::InitFailed(e) => {
                     self.kill();
-                    self.done(Err(e), false, cold_since)
+                    self.done(inv, Err(e), false, cold_since)
                 }
                 Status::Exited(how) if cold_since.is_some() => self.done(
+                    inv,
                     Err(self.exit_error(request_id, &how)),
                     false,
                     cold_since,
@@ -413,12 +414,12 @@ impl Environment {
                 self.kill();
                 metrics::counter!(crate::metrics::FUNCTION_TIMEOUTS,
                     "function" => self.spec.function_name.clone()).increment(1);
-                return self.done_after_init(Err(FunctionError::timed_out(self.spec.timeout)), false, init_duration);
+                return self.done_after_init(inv, Err(FunctionError::timed_out(self.spec.timeout)), false, init_duration);
             }
         };
         match reply {
-            Some(Reply::Response(body)) => self.done_after_init(Ok(body), true, init_duration),
-            Some(Reply::Error(e)) => self.done_after_init(Err(e), true, init_duration),
+            Some(Reply::Response(body)) => self.done_after_init(inv, Ok(body), true, init_duration),
+            Some(Reply::Error(e)) => self.done_after_init(inv, Err(e), true, init_duration),
             None => {
                 // The process may have written its last words; give the exit a moment to land
                 // so the error says how it ended.
@@ -429,7 +430,7 @@ impl Environment {
                     Status::Running => "the runtime stopped answering".to_string(),
                 };
                 self.kill();
-                self.done_after_init(Err(self.exit_error(request_id, &how)), false, init_duration)
+                self.done_after_init(inv, Err(self.exit_error(request_id, &how)), false, init_duration)
             }
         }
     }
@@ -450,15 +451,17 @@ impl Environment {
 
     fn done(
         &self,
+        inv: &Invocation,
         result: Result<Bytes, FunctionError>,
         healthy: bool,
         cold_since: Option<Instant>,
     ) -> Attempt {
-        self.done_after_init(result, healthy, cold_since.map(|s| s.elapsed()))
+        self.done_after_init(inv, result, healthy, cold_since.map(|s| s.elapsed()))
     }
 
     fn done_after_init(
         &self,
+        inv: &Invocation,
         result: Result<Bytes, FunctionError>,
         healthy: bool,
         init_duration: Option<Duration>,
@@ -467,7 +470,11 @@ impl Environment {
             executed: Executed {
                 result,
                 output: self.output.take(),
-                max_memory_bytes: self.memory.peak_bytes(self.pid),
+                max_memory_bytes: if inv.want_log {
+                    self.memory.peak_bytes(self.pid)
+                } else {
+                    None
+                },
                 init_duration,
             },
             healthy: healthy && self.is_alive(),

@@ -56,8 +56,13 @@ impl Function {
     /// A Python function under `integration-tests/functions/<dir>` run by awslambdaric from the
     /// test virtualenv.
     pub fn python(name: &str, dir: &str) -> Self {
+        Self::python_at(name, &functions_dir().join(dir))
+    }
+
+    /// A Python package at `package` (with `app.py`) run by awslambdaric from the test
+    /// virtualenv.
+    pub fn python_at(name: &str, package: &Path) -> Self {
         let python = venv_python();
-        let package = functions_dir().join(dir);
         Self::process(name)
             .set("package", &quoted(&package.to_string_lossy()))
             .set("handler", "app.handler")
@@ -112,16 +117,41 @@ pub struct Sluice {
 impl Sluice {
     /// Starts Sluice with these functions, or panics saying why it did not start.
     pub async fn start(functions: &[Function]) -> Sluice {
+        Self::start_with(functions, "").await
+    }
+
+    /// Starts Sluice with these functions and more top-level YAML (`dead_letters:`,
+    /// `sources:`, `concurrency:`), whose relative paths are under [`Sluice::dir`].
+    pub async fn start_with(functions: &[Function], extra_yaml: &str) -> Sluice {
+        Self::start_in(Self::new_dir(), functions, extra_yaml).await
+    }
+
+    /// A directory for [`Sluice::start_in`], to put packages or state into before the start.
+    pub fn new_dir() -> TempDir {
         let dir = tempfile::tempdir().expect("temporary directory");
         std::fs::create_dir_all(dir.path().join(EMPTY_PACKAGE)).expect("empty package directory");
         std::fs::create_dir_all(dir.path().join("data")).expect("data directory");
+        dir
+    }
+
+    /// The state file of a Sluice started in `dir`.
+    pub fn state_file(dir: &Path) -> PathBuf {
+        dir.join("data/sluice.db")
+    }
+
+    /// Starts Sluice in `dir` (from [`Sluice::new_dir`]), on the state already there.
+    pub async fn start_in(dir: TempDir, functions: &[Function], extra_yaml: &str) -> Sluice {
         let mut yaml = format!(
             "state: {}\nfunctions:\n",
-            quoted(&format!("sqlite://{}/data/sluice.db", dir.path().display()))
+            quoted(&format!(
+                "sqlite://{}",
+                Self::state_file(dir.path()).display()
+            ))
         );
         for function in functions {
             yaml.push_str(&function.yaml());
         }
+        yaml.push_str(extra_yaml);
         let config = sluice_config::parse_str(&yaml, "test.yaml", dir.path(), &|key| {
             std::env::var(key).ok()
         })
@@ -149,6 +179,15 @@ impl Sluice {
             yaml,
             dir,
         }
+    }
+
+    /// Stops this Sluice and starts another on the same directory and state, with this
+    /// configuration (on a new port: use the new `url`).
+    pub async fn restart(mut self, functions: &[Function], extra_yaml: &str) -> Sluice {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        Self::start_in(self.dir, functions, extra_yaml).await
     }
 
     /// Starts Sluice with one function.
@@ -429,4 +468,79 @@ pub async fn run_program(
 /// A client script under `integration-tests/clients`.
 pub fn client_script(name: &str) -> PathBuf {
     sluice_integration_tests::clients_dir().join(name)
+}
+
+/// The records of a JSON Lines file (a `file` dead letter, a recorder's log); none when the
+/// file does not exist yet.
+pub fn json_lines(path: &Path) -> Vec<Value> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => text
+            .lines()
+            .filter(|line| !line.trim().is_empty())
+            .map(|line| {
+                serde_json::from_str(line).unwrap_or_else(|error| {
+                    panic!("{}: not JSON ({error}): {line}", path.display())
+                })
+            })
+            .collect(),
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(error) => panic!("cannot read {}: {error}", path.display()),
+    }
+}
+
+/// Waits until `path` holds at least `count` JSON lines, and returns them all.
+pub async fn wait_for_lines(path: &Path, count: usize, limit: Duration) -> Vec<Value> {
+    let started = Instant::now();
+    loop {
+        let lines = json_lines(path);
+        if lines.len() >= count {
+            return lines;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "{} has {} of {count} expected lines after {limit:?}: {lines:?}",
+            path.display(),
+            lines.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A Python handler that appends what it is given to the file named by `RECORD_TO` and
+/// answers as a Function URL handler does. An event with `fail` raises instead.
+const RECORDER: &str = r#"import json, os
+
+
+def handler(event, context):
+    with open(os.environ["RECORD_TO"], "a") as f:
+        f.write(json.dumps({
+            "event": event,
+            "request_id": context.aws_request_id,
+            "invoked_function_arn": context.invoked_function_arn,
+            "version": os.environ.get("AWS_LAMBDA_FUNCTION_VERSION"),
+        }) + "\n")
+    event = event if isinstance(event, dict) else {}
+    if event.get("fail"):
+        raise RuntimeError(event["fail"])
+    return {
+        "statusCode": 201,
+        "headers": {"content-type": "application/json", "x-recorder": "yes"},
+        "body": json.dumps({
+            "method": event.get("requestContext", {}).get("http", {}).get("method"),
+            "path": event.get("rawPath"),
+            "body": event.get("body"),
+        }),
+    }
+"#;
+
+/// Writes the recorder package (see [`RECORDER`]) under `dir` and returns a function running
+/// it that records to `record_to`.
+pub fn recorder(name: &str, dir: &Path, record_to: &Path) -> Function {
+    let package = dir.join(format!("recorder-{name}"));
+    std::fs::create_dir_all(&package).expect("recorder package directory");
+    std::fs::write(package.join("app.py"), RECORDER).expect("recorder app.py");
+    Function::python_at(name, &package).set(
+        "environment",
+        &format!("{{RECORD_TO: {}}}", quoted(&record_to.to_string_lossy())),
+    )
 }

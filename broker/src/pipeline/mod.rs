@@ -1,0 +1,457 @@
+//! The mapping pipeline every poll-based source uses: filter → batch → ordered lanes →
+//! synchronous invoke → outcome → retry, bisect or dead letter. It is the one place where
+//! Lambda's event source mapping rules live; connectors only read and acknowledge.
+
+pub mod items;
+pub mod kafka;
+pub mod queue;
+pub mod stream;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use serde_json::{Value, json};
+use sluice_config::MappingConfig;
+use sluice_config::filter::FilterPattern;
+use sluice_connectors::record::Record;
+use sluice_plugins::DeadLetterSink;
+use sluice_config::SourceKind;
+use sluice_connectors::dynamodb_streams::DynamoDbStreamsSource;
+use sluice_connectors::kinesis::KinesisSource;
+use sluice_connectors::queue::QueueSource;
+use sluice_connectors::sqs::SqsSource;
+use sluice_connectors::stream::{ReadError, StreamSource};
+use tokio_util::sync::CancellationToken;
+
+use crate::state::StateStore;
+
+use crate::function::{Function, Functions};
+use crate::invocation::{FunctionError, Invocation, MAX_SYNC_PAYLOAD};
+use crate::metrics as m;
+
+/// Connects a mapping's source (retrying until it answers or the mapping stops) and runs it.
+pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn StateStore>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        let connected: Result<Connected, ReadError> = match &kind {
+            SourceKind::Kinesis(k) => KinesisSource::connect(&k.stream, k.aws.endpoint_url.as_deref(), k.aws.region.as_deref())
+                .await
+                .map(|s| Connected::Stream(Arc::new(s))),
+            SourceKind::DynamoDbStreams(d) => {
+                let target = d.stream_arn.as_deref().or(d.table.as_deref()).unwrap_or_default();
+                DynamoDbStreamsSource::connect(target, d.aws.endpoint_url.as_deref(), d.aws.region.as_deref())
+                    .await
+                    .map(|s| Connected::Stream(Arc::new(s)))
+            }
+            SourceKind::Sqs(q) => SqsSource::connect(&q.queue_url, q.aws.endpoint_url.as_deref(), q.aws.region.as_deref())
+                .await
+                .map(|s| Connected::Queue(Arc::new(s), q.maximum_concurrency.unwrap_or(DEFAULT_SQS_POLLERS) as usize)),
+            _ => return,
+        };
+        match connected {
+            Ok(Connected::Stream(source)) => return stream::run(mapping, source, store).await,
+            Ok(Connected::Queue(source, pollers)) => return queue::run(mapping, source, pollers).await,
+            Err(e) => {
+                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                tracing::error!(source = %mapping.name, error = %e, "cannot connect to the source; retrying");
+            }
+        }
+        tokio::select! {
+            _ = mapping.stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+enum Connected {
+    Stream(Arc<dyn StreamSource>),
+    Queue(Arc<dyn QueueSource>, usize),
+}
+
+/// Lambda starts an SQS mapping with five pollers.
+const DEFAULT_SQS_POLLERS: u32 = 5;
+
+/// Why a batch was given up, as Lambda names it in on-failure records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GiveUp {
+    RetryAttemptsExhausted,
+    RecordAgeExceeded,
+}
+
+impl GiveUp {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::RetryAttemptsExhausted => "RetryAttemptsExhausted",
+            Self::RecordAgeExceeded => "RecordAgeExceeded",
+        }
+    }
+}
+
+/// The result of one invocation of a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BatchResult {
+    Succeeded,
+    /// The function reported these item identifiers as failed (`batchItemFailures`).
+    Partial(Vec<String>),
+    Failed(FunctionError),
+}
+
+/// One try of a batch, for the on-failure record.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    pub time: String,
+    pub error: Option<FunctionError>,
+    pub duration_ms: f64,
+    pub records: usize,
+}
+
+/// What is known of the source a batch came from, for events and on-failure records.
+#[derive(Debug, Clone)]
+pub struct BatchSource {
+    /// `KinesisBatchInfo`, `DDBStreamBatchInfo`, `SQSBatchInfo`, …
+    pub info_key: &'static str,
+    pub source_arn: String,
+    pub partition: String,
+}
+
+pub type Envelope = Arc<dyn Fn(&[&Record]) -> Value + Send + Sync>;
+
+/// One mapping: a source's records to a function, with its rules.
+pub struct Mapping {
+    pub name: String,
+    pub function: String,
+    pub config: MappingConfig,
+    filters: Vec<FilterPattern>,
+    functions: Arc<Functions>,
+    on_failure: Option<Arc<dyn DeadLetterSink>>,
+    on_failure_name: Option<String>,
+    pub(crate) stop: CancellationToken,
+}
+
+fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Backoff before the next try of a failed batch: short at first, growing to 10 s.
+fn retry_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(50u64.saturating_mul(1 << attempt.min(8))).min(Duration::from_secs(10))
+}
+
+/// How long a throttled batch waits before it is offered again (throttles spend no attempt).
+const THROTTLE_BACKOFF: Duration = Duration::from_millis(200);
+
+impl Mapping {
+    pub fn new(
+        name: &str,
+        function: &str,
+        config: MappingConfig,
+        functions: Arc<Functions>,
+        on_failure: Option<(String, Arc<dyn DeadLetterSink>)>,
+        stop: CancellationToken,
+    ) -> Result<Self, String> {
+        let filters = config
+            .filters
+            .iter()
+            .map(FilterPattern::parse)
+            .collect::<Result<Vec<_>, _>>()?;
+        let (on_failure_name, on_failure) = match on_failure {
+            Some((n, s)) => (Some(n), Some(s)),
+            None => (None, None),
+        };
+        Ok(Self {
+            name: name.to_string(),
+            function: function.to_string(),
+            config,
+            filters,
+            functions,
+            on_failure,
+            on_failure_name,
+            stop,
+        })
+    }
+
+    fn labels(&self) -> [(&'static str, String); 2] {
+        [("source", self.name.clone()), ("function", self.function.clone())]
+    }
+
+    pub(crate) fn count(&self, outcome: &'static str, n: usize) {
+        let [s, f] = self.labels();
+        metrics::counter!(m::MAPPING_RECORDS, &[s, f, ("outcome", outcome.to_string())]).increment(n as u64);
+    }
+
+    /// Splits records into those that pass the filters and those filtered out (which are
+    /// done: Lambda drops them and moves on).
+    pub fn filter(&self, records: Vec<Record>) -> Vec<Record> {
+        if self.filters.is_empty() {
+            return records;
+        }
+        let before = records.len();
+        let kept: Vec<Record> = records
+            .into_iter()
+            .filter(|r| sluice_config::filter::matches_any(&self.filters, &r.filter_view))
+            .collect();
+        self.count("filtered", before - kept.len());
+        kept
+    }
+
+    /// Cuts records (already in order) into invocation batches within `batch.size` and
+    /// `batch.max_bytes`.
+    pub fn batches<'a>(&self, records: &'a [Record]) -> Vec<&'a [Record]> {
+        let size = self.config.batch.size.max(1) as usize;
+        let max_bytes = self.config.batch.max_bytes.max(1) as usize;
+        let mut out = Vec::new();
+        let mut start = 0;
+        let mut bytes = 0;
+        for (i, r) in records.iter().enumerate() {
+            if i > start && (i - start >= size || bytes + r.size > max_bytes) {
+                out.push(&records[start..i]);
+                start = i;
+                bytes = 0;
+            }
+            bytes += r.size;
+        }
+        if start < records.len() {
+            out.push(&records[start..]);
+        }
+        out
+    }
+
+    fn resolve(&self) -> Option<(Arc<Function>, Arc<crate::function::Instance>, String)> {
+        let (name, qualifier) = match self.function.split_once(':') {
+            Some((n, q)) => (n, Some(q)),
+            None => (self.function.as_str(), None),
+        };
+        let f = self.functions.get(name)?.clone();
+        let instance = f.resolve(qualifier)?;
+        let arn = match qualifier {
+            Some(q) => format!("{}:{q}", f.arn),
+            None => f.arn.clone(),
+        };
+        Some((f, instance, arn))
+    }
+
+    /// Invokes the function once with `records`, waiting out throttles (which spend no
+    /// attempt). Returns `None` only when stopping.
+    pub async fn invoke(&self, records: &[&Record], envelope: &Envelope) -> Option<(BatchResult, Attempt)> {
+        let payload = Bytes::from(serde_json::to_vec(&envelope(records)).unwrap_or_default());
+        loop {
+            let started = now_ms();
+            let Some((f, instance, arn)) = self.resolve() else {
+                let error = FunctionError::new("ResourceNotFoundException", format!("Function not found: {}", self.function));
+                return Some((BatchResult::Failed(error.clone()), Attempt { time: rfc3339(started), error: Some(error), duration_ms: 0.0, records: records.len() }));
+            };
+            if payload.len() > MAX_SYNC_PAYLOAD {
+                let error = FunctionError::new("RequestTooLargeException", format!("the batch's event is {} bytes, over Lambda's {MAX_SYNC_PAYLOAD}", payload.len()));
+                return Some((BatchResult::Failed(error.clone()), Attempt { time: rfc3339(started), error: Some(error), duration_ms: 0.0, records: records.len() }));
+            }
+            match f.invoke(&instance, Invocation::new(payload.clone(), arn)).await {
+                Err(_throttle) => {
+                    let [s, fl] = self.labels();
+                    metrics::counter!(m::MAPPING_THROTTLES, &[s, fl]).increment(1);
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return None,
+                        _ = tokio::time::sleep(THROTTLE_BACKOFF) => continue,
+                    }
+                }
+                Ok(outcome) => {
+                    let result = match outcome.result {
+                        Err(e) => BatchResult::Failed(e),
+                        Ok(body) if self.config.report_batch_item_failures => {
+                            let ids: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+                            match items::parse(&body, &ids) {
+                                Ok(failed) if failed.is_empty() => BatchResult::Succeeded,
+                                Ok(failed) => BatchResult::Partial(failed),
+                                Err(message) => BatchResult::Failed(FunctionError::new("InvalidBatchItemFailures", message)),
+                            }
+                        }
+                        Ok(_) => BatchResult::Succeeded,
+                    };
+                    let error = match &result {
+                        BatchResult::Failed(e) => Some(e.clone()),
+                        BatchResult::Partial(ids) => Some(FunctionError::new("BatchItemFailures", format!("the function reported {} of {} records as failed", ids.len(), records.len()))),
+                        BatchResult::Succeeded => None,
+                    };
+                    let attempt = Attempt {
+                        time: rfc3339(started),
+                        error,
+                        duration_ms: outcome.duration.as_secs_f64() * 1000.0,
+                        records: records.len(),
+                    };
+                    return Some((result, attempt));
+                }
+            }
+        }
+    }
+
+    /// Runs one batch until every record's outcome is final: delivered, or given up (to the
+    /// on-failure destination; when there is none, returned so the caller can hand them to
+    /// the source's own dead-lettering, or drop them). Retries in place, in order; bisects a
+    /// failing batch when asked; resumes from the lowest failed item on a partial failure.
+    /// Returns `None` only when stopping with records whose outcome is not final (they must
+    /// not be acknowledged or checkpointed).
+    pub async fn run_to_completion<'a>(&self, records: &'a [Record], source: &BatchSource, envelope: &Envelope) -> Option<Vec<&'a Record>> {
+        let mut unrouted: Vec<&'a Record> = Vec::new();
+        // Work items: a slice of the batch and the attempts it has used.
+        let mut queue: std::collections::VecDeque<(Vec<&Record>, Vec<Attempt>)> =
+            std::collections::VecDeque::from([(records.iter().collect(), Vec::new())]);
+        while let Some((mut batch, mut attempts)) = queue.pop_front() {
+            loop {
+                if batch.is_empty() {
+                    break;
+                }
+                if let Some(max_age) = self.config.retry.max_record_age {
+                    let cutoff = now_ms() - max_age.as_millis() as i64;
+                    let (old, fresh): (Vec<&Record>, Vec<&Record>) = batch.iter().partition(|r| r.arrival_ms < cutoff);
+                    if !old.is_empty() {
+                        match self.give_up(&old, &attempts, GiveUp::RecordAgeExceeded, source).await {
+                            None => return None,
+                            Some(false) => unrouted.extend(old),
+                            Some(true) => {}
+                        }
+                        batch = fresh;
+                        continue;
+                    }
+                }
+                let (result, attempt) = self.invoke(&batch, envelope).await?;
+                let [s, f] = self.labels();
+                metrics::counter!(m::MAPPING_BATCHES, &[s, f]).increment(1);
+                match result {
+                    BatchResult::Succeeded => {
+                        self.count("delivered", batch.len());
+                        break;
+                    }
+                    BatchResult::Partial(failed) => {
+                        // Lambda resumes from the lowest failed item: everything before it is done.
+                        let failed: HashSet<String> = failed.into_iter().collect();
+                        let first = batch.iter().position(|r| failed.contains(&r.id)).unwrap_or(0);
+                        self.count("delivered", first);
+                        batch.drain(..first);
+                        attempts.push(attempt);
+                    }
+                    BatchResult::Failed(_) => {
+                        attempts.push(attempt);
+                        if self.config.bisect_on_error && batch.len() > 1 {
+                            // Splitting spends no attempt: the halves start afresh, in order.
+                            let second = batch.split_off(batch.len() / 2);
+                            let [s, f] = self.labels();
+                            metrics::counter!(m::MAPPING_BISECTS, &[s, f]).increment(1);
+                            queue.push_front((second, Vec::new()));
+                            queue.push_front((batch, Vec::new()));
+                            break;
+                        }
+                    }
+                }
+                let retries_used = attempts.len().saturating_sub(1) as u32;
+                if self.config.retry.max_attempts.is_some_and(|max| retries_used >= max) {
+                    match self.give_up(&batch, &attempts, GiveUp::RetryAttemptsExhausted, source).await {
+                        None => return None,
+                        Some(false) => unrouted.extend(batch),
+                        Some(true) => {}
+                    }
+                    break;
+                }
+                let [s, f] = self.labels();
+                metrics::counter!(m::MAPPING_RETRIES, &[s, f]).increment(1);
+                tokio::select! {
+                    _ = self.stop.cancelled() => return None,
+                    _ = tokio::time::sleep(retry_backoff(attempts.len() as u32)) => {}
+                }
+            }
+        }
+        Some(unrouted)
+    }
+
+    /// Lambda's on-failure record for a batch, with the full records under `sluice`.
+    pub fn failure_record(&self, records: &[&Record], attempts: &[Attempt], condition: GiveUp, source: &BatchSource) -> Value {
+        let first = records.first();
+        let last = records.last();
+        let last_error = attempts.iter().rev().find_map(|a| a.error.clone());
+        let function_arn = self
+            .resolve()
+            .map(|(_, _, arn)| arn)
+            .unwrap_or_else(|| crate::invocation::function_arn(&self.function));
+        let mut record = json!({
+            "requestContext": {
+                "requestId": uuid::Uuid::new_v4().to_string(),
+                "functionArn": function_arn,
+                "condition": condition.as_str(),
+                "approximateInvokeCount": attempts.len(),
+            },
+            "responseContext": {
+                "statusCode": 200,
+                "executedVersion": self.resolve().map(|(_, i, _)| i.version.clone()).unwrap_or_default(),
+                "functionError": if last_error.is_some() { "Unhandled" } else { "" },
+            },
+            "version": "1.0",
+            "timestamp": rfc3339(now_ms()),
+            "sluice": {
+                "source": self.name,
+                "function": self.function,
+                "reason": condition.as_str(),
+                "error": last_error,
+                "attempts": attempts.iter().map(|a| json!({
+                    "time": a.time,
+                    "records": a.records,
+                    "errorType": a.error.as_ref().map(|e| e.error_type.clone()),
+                    "errorMessage": a.error.as_ref().map(|e| e.error_message.clone()),
+                    "durationMs": a.duration_ms,
+                })).collect::<Vec<_>>(),
+                "records": records.iter().map(|r| &r.lambda).collect::<Vec<_>>(),
+            },
+        });
+        record[source.info_key] = json!({
+            "shardId": source.partition,
+            "startSequenceNumber": first.map(|r| r.position.clone()),
+            "endSequenceNumber": last.map(|r| r.position.clone()),
+            "approximateArrivalOfFirstRecord": first.map(|r| rfc3339(r.arrival_ms)),
+            "approximateArrivalOfLastRecord": last.map(|r| rfc3339(r.arrival_ms)),
+            "batchSize": records.len(),
+            "streamArn": source.source_arn,
+        });
+        record
+    }
+
+    /// Sends records whose retries are over to the on-failure destination, retrying the write
+    /// until it is durable (the records stay unacknowledged meanwhile). `Some(true)` when
+    /// written, `Some(false)` when the mapping has no destination (the caller decides: the
+    /// source's own dead-lettering, or drop), `None` when stopping before the write succeeded.
+    pub async fn give_up(&self, records: &[&Record], attempts: &[Attempt], condition: GiveUp, source: &BatchSource) -> Option<bool> {
+        let Some(sink) = &self.on_failure else {
+            self.count("given_up", records.len());
+            tracing::warn!(source = %self.name, records = records.len(), condition = condition.as_str(),
+                "records given up: the mapping has no on_failure destination");
+            return Some(false);
+        };
+        let record = self.failure_record(records, attempts, condition, source);
+        let destination = self.on_failure_name.clone().unwrap_or_default();
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match sink.write(&record).await {
+                Ok(()) => {
+                    self.count("dead_lettered", records.len());
+                    metrics::counter!(m::DEAD_LETTERS_WRITTEN, "source" => self.name.clone(), "destination" => destination.clone()).increment(1);
+                    return Some(true);
+                }
+                Err(error) => {
+                    metrics::counter!(m::DEAD_LETTER_ERRORS, "source" => self.name.clone(), "destination" => destination.clone()).increment(1);
+                    tracing::error!(source = %self.name, destination = %sink.describe(), %error,
+                        "cannot write to the on-failure destination; retrying, the records stay unacknowledged");
+                }
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return None,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+}

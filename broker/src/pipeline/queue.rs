@@ -1,0 +1,210 @@
+//! Driving a queue (SQS, RabbitMQ) through a mapping: gather a batch, invoke, then settle
+//! each message by its outcome. A message is acknowledged only when its outcome is final.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_connectors::queue::{Delivery, QueueSource, Redelivery};
+use sluice_connectors::record::Record;
+
+use super::{BatchResult, BatchSource, Envelope, GiveUp, Mapping};
+use crate::metrics as m;
+
+/// How long one receive call may wait for the first message of a batch (SQS long polling).
+const LONG_POLL: Duration = Duration::from_secs(20);
+/// How often a running batch's messages are kept from other consumers.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+
+/// Runs `mapping` over `source` with `pollers` concurrent poll loops until stopped.
+pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: usize) {
+    let loops = (0..pollers.max(1)).map(|_| poll(mapping.clone(), source.clone()));
+    futures::future::join_all(loops).await;
+}
+
+async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>) {
+    let size = mapping.config.batch.size.max(1) as usize;
+    let window = mapping.config.batch.window;
+    let envelope: Envelope = {
+        let s = source.clone();
+        Arc::new(move |records: &[&Record]| s.envelope(records))
+    };
+    let batch_source = BatchSource {
+        info_key: source.batch_info_key(),
+        source_arn: source.source_arn().to_string(),
+        partition: source.source_arn().to_string(),
+    };
+    while !mapping.stop.is_cancelled() {
+        let mut batch: Vec<Delivery> = Vec::new();
+        let mut gather_until: Option<Instant> = None;
+        loop {
+            let wait = match gather_until {
+                None => LONG_POLL,
+                Some(until) => until.saturating_duration_since(Instant::now()),
+            };
+            let received = tokio::select! {
+                _ = mapping.stop.cancelled() => {
+                    release(&mapping, source.as_ref(), &batch.iter().collect::<Vec<_>>()).await;
+                    return;
+                }
+                r = source.receive(size - batch.len(), wait) => r,
+            };
+            match received {
+                Ok(d) => batch.extend(d),
+                Err(e) => {
+                    metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                    tracing::warn!(source = %mapping.name, error = %e, "cannot receive from the queue");
+                    tokio::select! {
+                        _ = mapping.stop.cancelled() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                }
+            }
+            if batch.is_empty() {
+                continue;
+            }
+            let until = *gather_until.get_or_insert_with(|| Instant::now() + window);
+            if batch.len() >= size || Instant::now() >= until {
+                break;
+            }
+        }
+        settle(&mapping, source.as_ref(), batch, &batch_source, &envelope).await;
+    }
+}
+
+async fn ack(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    if let Err(e) = source.ack(deliveries).await {
+        // The messages come back and run again: at least once, never lost.
+        tracing::warn!(source = %mapping.name, error = %e, messages = deliveries.len(), "cannot acknowledge; the messages will be delivered again");
+    }
+}
+
+async fn release(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    if let Err(e) = source.release(deliveries).await {
+        tracing::warn!(source = %mapping.name, error = %e, "cannot release messages; they come back when the source times them out");
+    }
+}
+
+async fn reject(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Delivery]) {
+    if deliveries.is_empty() {
+        return;
+    }
+    if let Err(e) = source.reject(deliveries).await {
+        tracing::warn!(source = %mapping.name, error = %e, "cannot reject messages; they will be delivered again");
+    }
+}
+
+/// Settles one gathered batch: filtered messages are done; the rest run.
+async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery>, batch_source: &BatchSource, envelope: &Envelope) {
+    let kept: HashSet<String> = mapping
+        .filter(batch.iter().map(|d| d.record.clone()).collect())
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
+    let (pass, filtered): (Vec<&Delivery>, Vec<&Delivery>) = batch.iter().partition(|d| kept.contains(&d.record.id));
+    ack(mapping, source, &filtered).await;
+    if pass.is_empty() {
+        return;
+    }
+    // Keep the messages ours while the batch runs.
+    let keep = async {
+        loop {
+            tokio::time::sleep(KEEP_ALIVE).await;
+            if let Err(e) = source.keep_alive(&pass).await {
+                tracing::warn!(source = %mapping.name, error = %e, "cannot extend the messages' visibility");
+            }
+        }
+    };
+    let work = async {
+        match source.redelivery() {
+            Redelivery::InPlace => in_place(mapping, source, &pass, batch_source, envelope).await,
+            Redelivery::BySource => by_source(mapping, source, &pass, batch_source, envelope).await,
+        }
+    };
+    tokio::select! {
+        _ = keep => {}
+        _ = work => {}
+    }
+}
+
+async fn in_place(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope) {
+    let records: Vec<Record> = pass.iter().map(|d| d.record.clone()).collect();
+    let Some(unrouted) = mapping.run_to_completion(&records, batch_source, envelope).await else {
+        // Stopping: nothing is final, so everything goes back to the queue.
+        release(mapping, source, pass).await;
+        return;
+    };
+    let unrouted: HashSet<&str> = unrouted.iter().map(|r| r.id.as_str()).collect();
+    let (rejected, done): (Vec<&Delivery>, Vec<&Delivery>) = pass.iter().partition(|d| unrouted.contains(d.record.id.as_str()));
+    ack(mapping, source, &done).await;
+    reject(mapping, source, &rejected).await;
+}
+
+/// For a source that redelivers by itself: one try; successes are deleted, failures left for
+/// the source to deliver again, and messages past the retry budget go to the on-failure
+/// destination (or to the queue's own redrive policy when there is none). Messages of a
+/// FIFO group run in order, and a failure holds back only the rest of its own group.
+async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope) {
+    let retry = &mapping.config.retry;
+    let now = chrono::Utc::now().timestamp_millis();
+    let expired_age = |d: &&&Delivery| retry.max_record_age.is_some_and(|age| d.record.arrival_ms < now - age.as_millis() as i64);
+    let expired_tries = |d: &&&Delivery| retry.max_attempts.is_some_and(|max| d.receive_count > max.saturating_add(1));
+    let (too_old, rest): (Vec<&Delivery>, Vec<&Delivery>) = pass.iter().partition(expired_age);
+    let (exhausted, fresh): (Vec<&Delivery>, Vec<&Delivery>) = rest.iter().partition(expired_tries);
+    for (given_up, condition) in [(too_old, GiveUp::RecordAgeExceeded), (exhausted, GiveUp::RetryAttemptsExhausted)] {
+        if given_up.is_empty() {
+            continue;
+        }
+        let records: Vec<&Record> = given_up.iter().map(|d| &d.record).collect();
+        match mapping.give_up(&records, &[], condition, batch_source).await {
+            Some(true) => ack(mapping, source, &given_up).await,
+            Some(false) => reject(mapping, source, &given_up).await,
+            None => release(mapping, source, &given_up).await,
+        }
+    }
+    if fresh.is_empty() {
+        return;
+    }
+    // FIFO groups keep their order; unordered messages form one batch.
+    let mut groups: BTreeMap<Option<&str>, Vec<&Delivery>> = BTreeMap::new();
+    for d in &fresh {
+        groups.entry(d.group.as_deref()).or_default().push(d);
+    }
+    let runs = groups.into_values().map(|group| async move {
+        let records: Vec<&Record> = group.iter().map(|d| &d.record).collect();
+        let Some((result, _attempt)) = mapping.invoke(&records, envelope).await else {
+            release(mapping, source, &group).await;
+            return;
+        };
+        let [s, f] = [("source", mapping.name.clone()), ("function", mapping.function.clone())];
+        metrics::counter!(m::MAPPING_BATCHES, &[s, f]).increment(1);
+        let ordered = group.first().is_some_and(|d| d.group.is_some());
+        let (done, failed): (Vec<&Delivery>, Vec<&Delivery>) = match result {
+            BatchResult::Succeeded => (group.clone(), Vec::new()),
+            BatchResult::Failed(_) => (Vec::new(), group.clone()),
+            BatchResult::Partial(ids) => {
+                let ids: HashSet<String> = ids.into_iter().collect();
+                if ordered {
+                    // In a FIFO group nothing may pass a failed message.
+                    let first = group.iter().position(|d| ids.contains(&d.record.id)).unwrap_or(group.len());
+                    (group[..first].to_vec(), group[first..].to_vec())
+                } else {
+                    group.iter().partition(|d| !ids.contains(&d.record.id))
+                }
+            }
+        };
+        mapping.count("delivered", done.len());
+        ack(mapping, source, &done).await;
+        if !failed.is_empty() {
+            mapping.count("failed", failed.len());
+            release(mapping, source, &failed).await;
+        }
+    });
+    futures::future::join_all(runs).await;
+}
