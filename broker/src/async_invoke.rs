@@ -55,8 +55,14 @@ impl Condition {
     }
 }
 
+/// A change to the queue, made durable together with whatever else is waiting.
+enum Write {
+    Insert(QueuedEvent),
+    Remove(String),
+}
+
 struct Accept {
-    event: QueuedEvent,
+    write: Write,
     done: oneshot::Sender<Result<(), String>>,
 }
 
@@ -134,7 +140,10 @@ impl AsyncQueue {
         let id = event.id.clone();
         let (done, wait) = oneshot::channel();
         self.writer
-            .send(Accept { event, done })
+            .send(Accept {
+                write: Write::Insert(event),
+                done,
+            })
             .await
             .map_err(|_| AcceptError::Stopping)?;
         match wait.await {
@@ -148,19 +157,28 @@ impl AsyncQueue {
         }
     }
 
-    /// Group commit: whatever arrived while the last transaction was on its way to disk goes
-    /// into the next one, so one fsync serves many callers.
+    /// Group commit: whatever arrived while the last transaction was on its way to disk (new
+    /// events, finished ones) goes into the next one, so one fsync serves many callers.
     async fn write_batches(self: Arc<Self>, mut rx: mpsc::Receiver<Accept>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while rx.recv_many(&mut batch, MAX_BATCH).await > 0 {
-            let events: Vec<QueuedEvent> = batch.iter().map(|a| a.event.clone()).collect();
-            let result = self.store.enqueue(&events).await.map_err(|e| e.to_string());
+            let mut inserts = Vec::new();
+            let mut removes = Vec::new();
+            for accept in &batch {
+                match &accept.write {
+                    Write::Insert(e) => inserts.push(e.clone()),
+                    Write::Remove(id) => removes.push(id.clone()),
+                }
+            }
+            let result = self.store.apply(&inserts, &removes).await.map_err(|e| e.to_string());
             if let Err(e) = &result {
-                tracing::error!(error = %e, events = events.len(), "cannot queue asynchronous events");
+                tracing::error!(error = %e, events = inserts.len(), finished = removes.len(), "cannot write the asynchronous queue");
             }
             let mut touched = HashSet::new();
             for accept in batch.drain(..) {
-                touched.insert(accept.event.function.clone());
+                if let Write::Insert(e) = &accept.write {
+                    touched.insert(e.function.clone());
+                }
                 let _ = accept.done.send(result.clone());
             }
             if result.is_ok() {
@@ -445,8 +463,22 @@ impl AsyncQueue {
         }
     }
 
+    /// Forgets a finished event. The worker keeps the event out of its next reads until this
+    /// returns, so the removal rides a group commit without the event running twice.
     async fn remove(&self, e: &QueuedEvent) {
-        if let Err(error) = self.store.remove(&e.id).await {
+        let (done, wait) = oneshot::channel();
+        let sent = self
+            .writer
+            .send(Accept {
+                write: Write::Remove(e.id.clone()),
+                done,
+            })
+            .await;
+        let result = match sent {
+            Ok(()) => wait.await.unwrap_or_else(|_| Err("the queue writer stopped".to_string())),
+            Err(_) => Err("the queue writer stopped".to_string()),
+        };
+        if let Err(error) = result {
             // Its outcome is final but still on record: it will run again (at least once).
             tracing::error!(request_id = %e.id, %error, "cannot remove a finished asynchronous event");
         }

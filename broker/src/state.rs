@@ -90,15 +90,14 @@ pub trait StateStore: Send + Sync + 'static {
     async fn checkpoint(&self, source: &str, shard: &str) -> Result<Option<Checkpoint>, StateError>;
     async fn put_checkpoint(&self, source: &str, shard: &str, checkpoint: &Checkpoint) -> Result<(), StateError>;
 
-    /// Durably records events; they are on disk when this returns.
-    async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError>;
+    /// Durably records new events and forgets finished ones, in one transaction: on disk
+    /// when this returns.
+    async fn apply(&self, inserts: &[QueuedEvent], removes: &[String]) -> Result<(), StateError>;
     /// Events of `function` due at `now_ms`, oldest first.
     async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError>;
     /// When the next event of `function` due strictly after `after_ms` falls due.
     async fn next_due(&self, function: &str, after_ms: i64) -> Result<Option<i64>, StateError>;
     async fn reschedule(&self, id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> Result<(), StateError>;
-    /// Forgets an event whose outcome is final.
-    async fn remove(&self, id: &str) -> Result<(), StateError>;
     async fn queued(&self) -> Result<u64, StateError>;
 
     /// Records a new version with the next number and returns it.
@@ -264,9 +263,12 @@ impl StateStore for $store {
         Ok(())
     }
 
-    async fn enqueue(&self, events: &[QueuedEvent]) -> Result<(), StateError> {
+    async fn apply(&self, inserts: &[QueuedEvent], removes: &[String]) -> Result<(), StateError> {
         let mut tx = self.pool.begin().await?;
-        for e in events {
+        for id in removes {
+            sqlx::query("DELETE FROM async_events WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        }
+        for e in inserts {
             sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
                 .bind(&e.id)
                 .bind(&e.function)
@@ -309,11 +311,6 @@ impl StateStore for $store {
             .bind(id)
             .execute(&self.pool)
             .await?;
-        Ok(())
-    }
-
-    async fn remove(&self, id: &str) -> Result<(), StateError> {
-        sqlx::query("DELETE FROM async_events WHERE id = $1").bind(id).execute(&self.pool).await?;
         Ok(())
     }
 
@@ -452,7 +449,7 @@ mod tests {
         let path = dir.path().join("s.db");
         {
             let store = SqliteStore::open(&path).await.expect("open");
-            store.enqueue(&[event("b", "f", 20), event("a", "f", 10), event("c", "g", 0)]).await.expect("enqueue");
+            store.apply(&[event("b", "f", 20), event("a", "f", 10), event("c", "g", 0)], &[]).await.expect("enqueue");
         }
         let store = SqliteStore::open(&path).await.expect("reopen");
         assert_eq!(store.queued().await.expect("count"), 3);
@@ -471,7 +468,7 @@ mod tests {
         let due = store.due("f", 100, 10).await.expect("due");
         assert_eq!(due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
         assert_eq!(due[1].attempts, vec![attempt]);
-        store.remove("b").await.expect("remove");
+        store.apply(&[], &["b".to_string()]).await.expect("remove");
         assert_eq!(store.queued().await.expect("count"), 2);
     }
 
@@ -517,5 +514,38 @@ mod tests {
         assert_eq!(store.concurrency("f").await.expect("some"), Some(Some(5)));
         store.put_concurrency("f", None).await.expect("remove");
         assert_eq!(store.concurrency("f").await.expect("removed"), Some(None));
+    }
+
+    /// The same behaviour from the PostgreSQL store, on the server the test command provides
+    /// (`SLUICE_TEST_POSTGRES`, default the local trust-auth server), in a database of its own.
+    #[tokio::test]
+    async fn postgres_store_keeps_checkpoints_queue_and_versions() {
+        let admin_url = std::env::var("SLUICE_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+        let db = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+        let admin = sqlx::PgPool::connect(&admin_url).await.expect("PostgreSQL at SLUICE_TEST_POSTGRES (run scripts/test)");
+        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+        let url = match admin_url.rsplit_once('/') {
+            Some((base, _)) => format!("{base}/{db}"),
+            None => panic!("no database in {admin_url}"),
+        };
+        {
+            let store = open(&url, Path::new(".")).await.expect("open");
+            store.put_checkpoint("m", "s1", &Checkpoint { sequence: Some("7".into()), finished: false }).await.expect("put");
+            store.apply(&[event("a", "f", 10), event("b", "f", 20)], &[]).await.expect("enqueue");
+            assert_eq!(store.publish_version("f", "{}", "sha", "").await.expect("v1").version, 1);
+        }
+        // A second handle, as a second Sluice instance would have, sees the same state.
+        let other = open(&url, Path::new(".")).await.expect("reopen");
+        assert_eq!(
+            other.checkpoint("m", "s1").await.expect("checkpoint"),
+            Some(Checkpoint { sequence: Some("7".into()), finished: false })
+        );
+        let due: Vec<String> = other.due("f", 15, 10).await.expect("due").into_iter().map(|e| e.id).collect();
+        assert_eq!(due, ["a"]);
+        assert_eq!(other.queued().await.expect("count"), 2);
+        assert_eq!(other.publish_version("f", "{}", "sha", "").await.expect("v2").version, 2);
+        drop(other);
+        let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&admin).await;
     }
 }

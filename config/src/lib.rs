@@ -45,6 +45,9 @@ pub mod defaults {
     pub const COMMAND: &str = "./bootstrap";
     /// Lambda's default for asynchronous invocation: two retries after the first attempt.
     pub const MAX_RETRY_ATTEMPTS: u32 = 2;
+    /// Retries of a failed batch from a requeueing queue (RabbitMQ) unless `retry.max_attempts`
+    /// says otherwise; streams and SQS default to -1 (until the record expires), as Lambda.
+    pub const QUEUE_MAX_ATTEMPTS: u32 = 4;
     /// Lambda's default maximum age of an asynchronous event, 6 hours.
     pub const MAX_EVENT_AGE: Duration = Duration::from_secs(6 * 3_600);
     /// Delay before the first asynchronous retry; it doubles for each later one.

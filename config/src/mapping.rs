@@ -521,7 +521,10 @@ fn decode_mapping(
     } else {
         defaults::PARALLELIZATION
     };
-    let retry = decode_retry(d, fields);
+    // A queue that requeues has no retention to end a poison message's retries, so its
+    // retries are bounded unless the file says -1.
+    let default_attempts = (poll == PollType::RabbitMq).then_some(defaults::QUEUE_MAX_ATTEMPTS);
+    let retry = decode_retry(d, fields, default_attempts);
     let bisect_on_error = ordered && d.boolean(fields, "bisect_on_error").or(false);
     let report_batch_item_failures = d.boolean(fields, "report_batch_item_failures").or(false);
     let on_failure = decode_on_failure(d, fields, context);
@@ -742,19 +745,22 @@ fn decode_filters(d: &mut Decoder<'_>, fields: &Fields<'_>) -> Vec<serde_json::V
     filters
 }
 
-fn decode_retry(d: &mut Decoder<'_>, fields: &Fields<'_>) -> RetryConfig {
+fn decode_retry(d: &mut Decoder<'_>, fields: &Fields<'_>, default_attempts: Option<u32>) -> RetryConfig {
     let Some(retry) = d.section(fields, "retry", RETRY_KEYS) else {
-        return RetryConfig::default();
+        return RetryConfig {
+            max_attempts: default_attempts,
+            ..RetryConfig::default()
+        };
     };
-    let max_attempts = d
-        .int(
-            &retry,
-            "max_attempts",
-            MAX_ATTEMPTS,
-            " (-1 retries until the record expires)",
-        )
-        .ok()
-        .and_then(|n| u32::try_from(n).ok());
+    let max_attempts = match d.int(
+        &retry,
+        "max_attempts",
+        MAX_ATTEMPTS,
+        " (-1 retries until the record expires)",
+    ) {
+        Field::Absent => default_attempts,
+        other => other.ok().and_then(|n| u32::try_from(n).ok()),
+    };
     let max_record_age = d
         .parse(&retry, "max_record_age", "a duration", parse_record_age)
         .ok()

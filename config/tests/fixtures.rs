@@ -432,6 +432,11 @@ fn assert_poll_sources(config: &Config) {
             prefetch: 250,
             mapping: MappingConfig {
                 on_failure: Some("tasks-dlq".to_owned()),
+                // A requeueing queue bounds its retries by default.
+                retry: RetryConfig {
+                    max_attempts: Some(sluice_config::defaults::QUEUE_MAX_ATTEMPTS),
+                    max_record_age: None,
+                },
                 ..MappingConfig::default()
             },
         })

@@ -52,6 +52,10 @@ pub const EVENT_SOURCE: &str = "SelfManagedKafka";
 /// The key Lambda gives a Kafka batch in an on-failure record.
 pub const BATCH_INFO_KEY: &str = "KafkaBatchInfo";
 
+/// What a partition's queue may hold before librdkafka pauses fetching it, in KiB (a fetch
+/// response, `max.partition.fetch.bytes`, 1 MiB by default, may come on top).
+const QUEUED_KBYTES: u64 = 4096;
+
 /// How long network lookups made inside a rebalance (committed offsets, offsets for a
 /// timestamp) may take before the partition falls back to `auto.offset.reset`.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -111,9 +115,15 @@ impl ClientContext for GroupContext {
             L::Emerg | L::Alert | L::Critical | L::Error => {
                 tracing::error!(source = %self.source, facility = fac, "librdkafka: {message}")
             }
-            L::Warning => tracing::warn!(source = %self.source, facility = fac, "librdkafka: {message}"),
-            L::Notice | L::Info => tracing::info!(source = %self.source, facility = fac, "librdkafka: {message}"),
-            L::Debug => tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}"),
+            L::Warning => {
+                tracing::warn!(source = %self.source, facility = fac, "librdkafka: {message}")
+            }
+            L::Notice | L::Info => {
+                tracing::info!(source = %self.source, facility = fac, "librdkafka: {message}")
+            }
+            L::Debug => {
+                tracing::debug!(source = %self.source, facility = fac, "librdkafka: {message}")
+            }
         }
     }
 
@@ -172,15 +182,6 @@ impl ConsumerContext for GroupContext {
             }
         }
     }
-
-    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
-        // Asynchronous commits only: a failed one is superseded by the next, and the driver
-        // commits synchronously before it lets a partition go.
-        if let Err(error) = result {
-            tracing::warn!(source = %self.source, %error, offsets = %names(offsets),
-                "offset commit failed; a later commit will carry the offsets");
-        }
-    }
 }
 
 impl GroupContext {
@@ -193,7 +194,9 @@ impl GroupContext {
             let tp = TopicPartition::new(element.topic(), element.partition());
             match consumer.split_partition_queue(&tp.topic, tp.partition) {
                 Some(queue) => queues.push((tp, queue)),
-                None => tracing::error!(source = %self.source, partition = %tp, "cannot open the partition's queue"),
+                None => {
+                    tracing::error!(source = %self.source, partition = %tp, "cannot open the partition's queue")
+                }
             }
         }
         queues
@@ -226,7 +229,12 @@ impl GroupContext {
 
 /// For `starting_position: at_timestamp`: partitions without a committed offset start at the
 /// first record at or after `ms`, or at the end when there is none yet.
-fn position_at_timestamp(base: &BaseConsumer<GroupContext>, tpl: &mut TopicPartitionList, ms: i64, source: &str) {
+fn position_at_timestamp(
+    base: &BaseConsumer<GroupContext>,
+    tpl: &mut TopicPartitionList,
+    ms: i64,
+    source: &str,
+) {
     let committed = match base.committed_offsets(tpl.clone(), LOOKUP_TIMEOUT) {
         Ok(c) => c,
         Err(error) => {
@@ -237,7 +245,8 @@ fn position_at_timestamp(base: &BaseConsumer<GroupContext>, tpl: &mut TopicParti
     let mut query = TopicPartitionList::new();
     for e in committed.elements() {
         if matches!(e.offset(), Offset::Invalid)
-            && let Err(error) = query.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms))
+            && let Err(error) =
+                query.add_partition_offset(e.topic(), e.partition(), Offset::Offset(ms))
         {
             tracing::warn!(%source, %error, "cannot ask for offsets by time");
         }
@@ -276,14 +285,14 @@ pub enum BuildError {
     Create {
         source_name: String,
         #[source]
-        error: KafkaError,
+        error: Box<KafkaError>,
     },
     #[error("cannot subscribe source `{source_name}` to {topics}: {error}")]
     Subscribe {
         source_name: String,
         topics: String,
         #[source]
-        error: KafkaError,
+        error: Box<KafkaError>,
     },
     #[error("cannot start the consumer thread of source `{source_name}`: {error}")]
     Thread {
@@ -315,14 +324,17 @@ pub fn client_config(name: &str, config: &KafkaConfig) -> ClientConfig {
             },
         );
     // Each partition's queue is what bounds memory: librdkafka stops fetching a partition whose
-    // queue holds this much (per partition, since the queues are split), which is the
-    // partition's pause. Sized to a few rounds, not librdkafka's 100 000 messages / 64 MB.
+    // queue holds `queued.min.messages` or `queued.max.messages.kbytes` (per partition, since
+    // the queues are split) — the partition's pause — and looks again after
+    // `fetch.queue.backoff.ms`. A few rounds' worth, not librdkafka's 100 000 messages / 64 MB
+    // per partition; a short look-again, not its 1 s, so that a drained queue refills at once.
     let round = (mapping.batch.size.max(1) as u64) * (mapping.parallelization.max(1) as u64);
-    let min_messages = (round * 2).clamp(100, 100_000);
-    let round_kbytes = (mapping.batch.max_bytes / 1024).max(1) * (mapping.parallelization.max(1) as u64);
-    let max_kbytes = round_kbytes.clamp(1024, 65_536);
-    c.set("queued.min.messages", min_messages.to_string())
-        .set("queued.max.messages.kbytes", max_kbytes.to_string());
+    c.set(
+        "queued.min.messages",
+        (round * 4).clamp(1_000, 100_000).to_string(),
+    )
+    .set("queued.max.messages.kbytes", QUEUED_KBYTES.to_string())
+    .set("fetch.queue.backoff.ms", "20");
     let security = &config.security;
     if let Some(protocol) = &security.protocol {
         c.set("security.protocol", protocol);
@@ -386,17 +398,19 @@ impl KafkaSource {
             .create_with_context(context)
             .map_err(|error| BuildError::Create {
                 source_name: name.to_string(),
-                error,
+                error: Box::new(error),
             })?;
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
         let topics = subscription(config);
         let refs: Vec<&str> = topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&refs).map_err(|error| BuildError::Subscribe {
-            source_name: name.to_string(),
-            topics: topics.join(","),
-            error,
-        })?;
+        consumer
+            .subscribe(&refs)
+            .map_err(|error| BuildError::Subscribe {
+                source_name: name.to_string(),
+                topics: topics.join(","),
+                error: Box::new(error),
+            })?;
         let stop = Arc::new(AtomicBool::new(false));
         let poller = {
             let consumer = consumer.clone();
@@ -433,19 +447,28 @@ impl KafkaSource {
     /// Commits `next_offset` (the offset after the last final record) for a partition.
     /// Synchronous (it waits for the group coordinator); call it off the async threads.
     pub fn commit_sync(&self, tp: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
-        self.commit(tp, next_offset, CommitMode::Sync)
-    }
-
-    /// Queues a commit of `next_offset` and returns at once; a failure is logged by the
-    /// consumer and made good by a later commit.
-    pub fn commit_async(&self, tp: &TopicPartition, next_offset: i64) -> Result<(), KafkaError> {
-        self.commit(tp, next_offset, CommitMode::Async)
-    }
-
-    fn commit(&self, tp: &TopicPartition, next_offset: i64, mode: CommitMode) -> Result<(), KafkaError> {
         let mut tpl = TopicPartitionList::with_capacity(1);
         tpl.add_partition_offset(&tp.topic, tp.partition, Offset::Offset(next_offset))?;
-        self.consumer.commit(&tpl, mode)
+        // With one partition, its error is the commit's error.
+        self.consumer.commit(&tpl, CommitMode::Sync)
+    }
+
+    /// Whether a failed commit can only fail again in this group generation: the group is
+    /// rebalancing, or this member is no longer the one the group knows. Retrying such a commit
+    /// while a partition is being let go only delays the rebalance.
+    pub fn commit_needs_new_generation(error: &KafkaError) -> bool {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        matches!(
+            error.rdkafka_error_code(),
+            Some(
+                C::RebalanceInProgress
+                    | C::IllegalGeneration
+                    | C::UnknownMemberId
+                    | C::FencedInstanceId
+                    | C::StaleMemberEpoch
+                    | C::AssignmentLost
+            )
+        )
     }
 
     /// The partition's high watermark as of the last fetch response (no network call), if
@@ -488,7 +511,10 @@ impl Drop for KafkaSource {
 /// partition's queue is split before it is assigned); should one anyway, its partition is
 /// sought back to it so that it is read, in order, from the partition's queue.
 fn serve_group_events(name: &str, consumer: Arc<KafkaConsumer>, stop: &AtomicBool) {
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_time().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+    {
         Ok(rt) => rt,
         Err(error) => {
             tracing::error!(source = %name, %error, "cannot start the consumer's event loop");
@@ -582,7 +608,11 @@ pub fn record(message: &impl Message) -> Record {
         id: format!("{topic}-{partition}@{offset}"),
         position: offset.to_string(),
         key: key.unwrap_or_default(),
-        arrival_ms: if timestamp >= 0 { timestamp } else { chrono::Utc::now().timestamp_millis() },
+        arrival_ms: if timestamp >= 0 {
+            timestamp
+        } else {
+            chrono::Utc::now().timestamp_millis()
+        },
         size,
         lambda,
         filter_view,
@@ -613,7 +643,11 @@ mod tests {
     use super::*;
     use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 
-    fn message(key: Option<&[u8]>, value: Option<&[u8]>, headers: Option<OwnedHeaders>) -> OwnedMessage {
+    fn message(
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: Option<OwnedHeaders>,
+    ) -> OwnedMessage {
         OwnedMessage::new(
             value.map(<[u8]>::to_vec),
             key.map(<[u8]>::to_vec),
@@ -640,15 +674,28 @@ mod tests {
     #[test]
     fn events_read_as_lambdas_kafka_event() {
         let headers = OwnedHeaders::new()
-            .insert(Header { key: "trace", value: Some(&b"ab\xff"[..]) })
-            .insert(Header { key: "empty", value: None::<&[u8]> });
-        let a = record(&message(Some(b"k1"), Some(br#"{"total": 12}"#), Some(headers)));
+            .insert(Header {
+                key: "trace",
+                value: Some(&b"ab\xff"[..]),
+            })
+            .insert(Header {
+                key: "empty",
+                value: None::<&[u8]>,
+            });
+        let a = record(&message(
+            Some(b"k1"),
+            Some(br#"{"total": 12}"#),
+            Some(headers),
+        ));
         let b = record(&message(None, Some(b"plain"), None));
         let event = envelope("127.0.0.1:9092,kafka-2:9092", &[&a, &b]);
         let parsed: aws_lambda_events::event::kafka::KafkaEvent =
             serde_json::from_value(event.clone()).expect("a KafkaEvent");
         assert_eq!(parsed.event_source.as_deref(), Some("SelfManagedKafka"));
-        assert_eq!(parsed.bootstrap_servers.as_deref(), Some("127.0.0.1:9092,kafka-2:9092"));
+        assert_eq!(
+            parsed.bootstrap_servers.as_deref(),
+            Some("127.0.0.1:9092,kafka-2:9092")
+        );
         let records = &parsed.records["orders-3"];
         assert_eq!(records.len(), 2);
         let first = &records[0];
@@ -656,19 +703,33 @@ mod tests {
         assert_eq!((first.partition, first.offset), (3, 42));
         // The reference type reads milliseconds through a float; the JSON holds them exactly.
         assert!((first.timestamp.0.timestamp_millis() - 1_700_000_000_123).abs() <= 1);
-        assert_eq!(event["records"]["orders-3"][0]["timestamp"], 1_700_000_000_123i64);
+        assert_eq!(
+            event["records"]["orders-3"][0]["timestamp"],
+            1_700_000_000_123i64
+        );
         assert_eq!(first.timestamp_type.as_deref(), Some("CREATE_TIME"));
         assert_eq!(first.key.as_deref(), Some(BASE64.encode(b"k1").as_str()));
-        assert_eq!(first.value.as_deref(), Some(BASE64.encode(br#"{"total": 12}"#).as_str()));
+        assert_eq!(
+            first.value.as_deref(),
+            Some(BASE64.encode(br#"{"total": 12}"#).as_str())
+        );
         assert_eq!(first.headers[0]["trace"], vec![97i8, 98, -1]);
         assert_eq!(first.headers[1]["empty"], Vec::<i8>::new());
         assert_eq!(records[1].key, None);
-        assert_eq!(event["records"]["orders-3"][1].get("key"), None, "no key, no field");
+        assert_eq!(
+            event["records"]["orders-3"][1].get("key"),
+            None,
+            "no key, no field"
+        );
     }
 
     #[test]
     fn a_record_carries_its_coordinates() {
-        let r = record(&message(Some(b"customer-7"), Some(br#"{"total": 12}"#), None));
+        let r = record(&message(
+            Some(b"customer-7"),
+            Some(br#"{"total": 12}"#),
+            None,
+        ));
         assert_eq!(r.id, "orders-3@42");
         assert_eq!(r.position, "42");
         assert_eq!(r.key, BASE64.encode(b"customer-7"));
@@ -691,10 +752,15 @@ mod tests {
             password: Some("p".into()),
             ca_location: Some("/etc/ca.pem".into()),
         };
-        c.properties.insert("session.timeout.ms".into(), "6000".into());
-        c.properties.insert("queued.min.messages".into(), "7".into());
+        c.properties
+            .insert("session.timeout.ms".into(), "6000".into());
+        c.properties
+            .insert("queued.min.messages".into(), "7".into());
         let cc = client_config("orders", &c);
-        assert_eq!(cc.get("bootstrap.servers"), Some("127.0.0.1:9092,kafka-2:9092"));
+        assert_eq!(
+            cc.get("bootstrap.servers"),
+            Some("127.0.0.1:9092,kafka-2:9092")
+        );
         assert_eq!(cc.get("group.id"), Some("g"));
         assert_eq!(cc.get("enable.auto.commit"), Some("false"));
         assert_eq!(cc.get("enable.auto.offset.store"), Some("false"));
@@ -705,9 +771,41 @@ mod tests {
         assert_eq!(cc.get("sasl.password"), Some("p"));
         assert_eq!(cc.get("ssl.ca.location"), Some("/etc/ca.pem"));
         assert_eq!(cc.get("session.timeout.ms"), Some("6000"));
-        assert_eq!(cc.get("queued.min.messages"), Some("7"), "raw properties win");
+        assert_eq!(
+            cc.get("queued.min.messages"),
+            Some("7"),
+            "raw properties win"
+        );
         c.mapping.starting_position = StartingPosition::Latest;
-        assert_eq!(client_config("orders", &c).get("auto.offset.reset"), Some("latest"));
+        assert_eq!(
+            client_config("orders", &c).get("auto.offset.reset"),
+            Some("latest")
+        );
+    }
+
+    #[test]
+    fn only_group_generation_errors_make_a_commit_futile() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        for code in [
+            C::RebalanceInProgress,
+            C::IllegalGeneration,
+            C::UnknownMemberId,
+        ] {
+            assert!(
+                KafkaSource::commit_needs_new_generation(&KafkaError::ConsumerCommit(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            C::RequestTimedOut,
+            C::CoordinatorNotAvailable,
+            C::NotCoordinator,
+        ] {
+            assert!(
+                !KafkaSource::commit_needs_new_generation(&KafkaError::ConsumerCommit(code)),
+                "{code:?}"
+            );
+        }
     }
 
     #[test]

@@ -55,6 +55,11 @@ pub trait QueueSource: Send + Sync + 'static {
     async fn keep_alive(&self, _deliveries: &[&Delivery]) -> Result<(), ReadError> {
         Ok(())
     }
+    /// How long a received message stays hidden from other consumers unless kept alive (SQS
+    /// visibility timeout); `None` when the source has no such timeout.
+    fn visibility_timeout(&self) -> Option<Duration> {
+        None
+    }
     /// The invocation event for a batch, in the shape Lambda delivers it.
     fn envelope(&self, records: &[&Record]) -> serde_json::Value;
     /// `SQSBatchInfo`, `RabbitMQBatchInfo`, …: the key the on-failure record uses.

@@ -68,9 +68,8 @@ impl ScheduleSource {
     }
 
     /// Ticks until `stop` is cancelled. A rate schedule fires at once and then every period; a
-    /// cron schedule at its times (UTC, as EventBridge). A tick that finds the previous
-    /// invocation still running is skipped rather than queued, so a slow function never
-    /// builds a backlog.
+    /// cron schedule at its times (UTC, as EventBridge). Each tick queues one asynchronous
+    /// invocation; ticks missed while Sluice was busy are skipped, not made up.
     pub async fn run(self, dispatch: Arc<dyn Dispatch>, stop: CancellationToken) {
         let labels = [("source", self.name.clone()), ("function", self.function.clone())];
         let mut ticker = match &self.config.schedule {
@@ -107,14 +106,16 @@ impl ScheduleSource {
             }
             metrics::counter!(SCHEDULE_EVENTS, &labels).increment(1);
             let event = self.event(chrono::Utc::now());
+            // EventBridge invokes asynchronously: the event is queued durably and gets the
+            // function's retries and on_failure destination.
             let outcome = tokio::select! {
                 _ = stop.cancelled() => return,
-                outcome = dispatch.invoke(&self.function, event) => outcome,
+                outcome = dispatch.invoke_async(&self.function, event) => outcome,
             };
             if let Err(e) = outcome {
                 metrics::counter!(SCHEDULE_FAILURES, &labels).increment(1);
                 tracing::warn!(source = %self.name, function = %self.function, error = %e,
-                    "scheduled invocation failed");
+                    "cannot queue the scheduled event");
             }
         }
     }
@@ -187,16 +188,16 @@ mod tests {
     struct Recorder(Mutex<Vec<(String, Bytes)>>);
 
     impl Dispatch for Recorder {
-        fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> crate::DispatchFuture<'a> {
+        fn invoke<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a> {
+            Box::pin(async { Err(crate::DispatchError::NotFound("schedules invoke asynchronously".into())) })
+        }
+
+        fn invoke_async<'a>(&'a self, function: &'a str, payload: Bytes) -> crate::DispatchFuture<'a, String> {
             self.0
                 .lock()
                 .expect("lock")
                 .push((function.to_string(), payload));
-            Box::pin(async { Ok(Bytes::new()) })
-        }
-
-        fn invoke_async<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a, String> {
-            Box::pin(async { Err(crate::DispatchError::NotFound("not used".into())) })
+            Box::pin(async { Ok("request".to_string()) })
         }
     }
 

@@ -239,6 +239,10 @@ impl QueueSource for SqsSource {
         Ok(())
     }
 
+    fn visibility_timeout(&self) -> Option<Duration> {
+        Some(Duration::from_secs(u64::try_from(self.visibility_timeout).unwrap_or(0)))
+    }
+
     fn envelope(&self, records: &[&Record]) -> Value {
         json!({ "Records": records.iter().map(|r| &r.lambda).collect::<Vec<_>>() })
     }

@@ -30,9 +30,14 @@ struct Admin {
 
 impl Admin {
     async fn new() -> Self {
-        let connection = Connection::connect(URI, ConnectionProperties::default()).await.expect("connect");
+        let connection = Connection::connect(URI, ConnectionProperties::default())
+            .await
+            .expect("connect");
         let channel = connection.create_channel().await.expect("channel");
-        Self { _connection: connection, channel }
+        Self {
+            _connection: connection,
+            channel,
+        }
     }
 
     async fn declare(&self, queue: &str, arguments: FieldTable) {
@@ -44,7 +49,13 @@ impl Admin {
 
     async fn publish(&self, queue: &str, body: &[u8], properties: BasicProperties) {
         self.channel
-            .basic_publish("".into(), queue.into(), BasicPublishOptions::default(), body, properties)
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                body,
+                properties,
+            )
             .await
             .expect("publish")
             .await
@@ -53,7 +64,8 @@ impl Admin {
 
     async fn publish_numbered(&self, queue: &str, count: usize) {
         for n in 0..count {
-            self.publish(queue, n.to_string().as_bytes(), BasicProperties::default()).await;
+            self.publish(queue, n.to_string().as_bytes(), BasicProperties::default())
+                .await;
         }
     }
 
@@ -61,7 +73,11 @@ impl Admin {
     async fn counts(&self, queue: &str) -> (u32, u32) {
         let q = self
             .channel
-            .queue_declare(queue.into(), QueueDeclareOptions::default().passive(), FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::default().passive(),
+                FieldTable::default(),
+            )
             .await
             .expect("passive declare");
         (q.message_count(), q.consumer_count())
@@ -81,11 +97,17 @@ impl Admin {
     }
 
     async fn get(&self, queue: &str) -> Option<lapin::message::BasicGetMessage> {
-        self.channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.expect("basic.get")
+        self.channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
     }
 
     async fn delete(&self, queue: &str) {
-        self.channel.queue_delete(queue.into(), QueueDeleteOptions::default()).await.expect("delete queue");
+        self.channel
+            .queue_delete(queue.into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete queue");
     }
 }
 
@@ -124,7 +146,13 @@ fn refs(deliveries: &[Delivery]) -> Vec<&Delivery> {
 fn close_connection(name: &str) {
     // The table form: the json formatter writes pids in a form close_connection rejects.
     let out = std::process::Command::new("rabbitmqctl")
-        .args(["list_connections", "pid", "client_properties", "--no-table-headers", "--quiet"])
+        .args([
+            "list_connections",
+            "pid",
+            "client_properties",
+            "--no-table-headers",
+            "--quiet",
+        ])
         .output()
         .expect("rabbitmqctl");
     let list = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -158,13 +186,19 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
     let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
     assert_eq!(source.redelivery(), Redelivery::InPlace);
     assert_eq!(source.batch_info_key(), "RabbitMQBatchInfo");
-    assert_eq!(source.source_arn(), "arn:aws:mq:us-east-1:000000000000:broker:127.0.0.1:/");
+    assert_eq!(
+        source.source_arn(),
+        "arn:aws:mq:us-east-1:000000000000:broker:127.0.0.1:/"
+    );
     let got = take(&source, 3, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 3);
     assert_eq!(got[0].record.id, "order-1");
     assert_eq!(got[0].record.filter_view["data"], serde_json::json!({"total": 12}));
     assert_eq!(got[0].record.key, queue, "the default exchange routes by queue name");
-    assert_eq!(got[1].record.id, got[1].handle, "without a message id the delivery names itself");
+    assert_eq!(
+        got[1].record.id, got[1].handle,
+        "without a message id the delivery names itself"
+    );
     assert_ne!(got[1].record.id, got[2].record.id);
     assert!(got.iter().all(|d| d.receive_count == 1 && d.group.is_none()));
 
@@ -172,13 +206,20 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
     let parsed: RabbitMqEvent = serde_json::from_value(event).expect("an aws:rmq event");
     let messages = &parsed.messages_by_queue[&format!("{queue}::/")];
     assert_eq!(messages.len(), 3);
-    assert_eq!(messages[0].basic_properties.headers["tenant"], serde_json::json!({"bytes": [97, 99, 109, 101]}));
+    assert_eq!(
+        messages[0].basic_properties.headers["tenant"],
+        serde_json::json!({"bytes": [97, 99, 109, 101]})
+    );
     assert_eq!(messages[0].basic_properties.message_id.as_deref(), Some("order-1"));
 
     source.ack(&refs(&got)).await.expect("ack");
     assert!(take(&source, 1, Duration::from_millis(300)).await.is_empty());
     drop(source);
-    assert_eq!(admin.settled_count(&queue).await, 0, "acknowledged messages do not come back");
+    assert_eq!(
+        admin.settled_count(&queue).await,
+        0,
+        "acknowledged messages do not come back"
+    );
     assert!(admin.get(&queue).await.is_none(), "a second consumer sees nothing");
     admin.delete(&queue).await;
 }
@@ -220,7 +261,10 @@ async fn release_puts_a_message_back_for_another_try() {
     assert_eq!(second.len(), 1, "the released message comes back");
     assert_eq!(body(&second[0]), "again");
     assert_eq!(second[0].record.lambda["redelivered"], true);
-    assert_eq!(second[0].receive_count, 2, "a classic queue only says it was redelivered");
+    assert_eq!(
+        second[0].receive_count, 2,
+        "a classic queue only says it was redelivered"
+    );
     assert_ne!(second[0].handle, first[0].handle, "a new delivery tag");
     source.ack(&refs(&second)).await.expect("ack");
     drop(source);
@@ -272,11 +316,20 @@ async fn reject_hands_the_message_to_the_queues_dead_letter_exchange() {
     admin.declare(&dead, FieldTable::default()).await;
     admin
         .channel
-        .queue_bind(dead.as_str().into(), exchange.as_str().into(), "".into(), QueueBindOptions::default(), FieldTable::default())
+        .queue_bind(
+            dead.as_str().into(),
+            exchange.as_str().into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
         .await
         .expect("bind");
     let mut arguments = FieldTable::default();
-    arguments.insert("x-dead-letter-exchange".into(), AMQPValue::LongString(LongString::from(exchange.as_str())));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString(LongString::from(exchange.as_str())),
+    );
     admin.declare(&queue, arguments).await;
     admin.publish(&queue, b"good", BasicProperties::default()).await;
     admin.publish(&queue, b"poison", BasicProperties::default()).await;
@@ -298,7 +351,10 @@ async fn reject_hands_the_message_to_the_queues_dead_letter_exchange() {
     let dead_lettered = dead_lettered.expect("the rejected message reached the dead-letter queue");
     assert_eq!(dead_lettered.delivery.data, b"poison");
     let headers = dead_lettered.delivery.properties.headers().clone().unwrap_or_default();
-    assert!(headers.contains_key("x-death"), "the broker dead-lettered it: {headers:?}");
+    assert!(
+        headers.contains_key("x-death"),
+        "the broker dead-lettered it: {headers:?}"
+    );
     assert!(admin.get(&dead).await.is_none(), "only the rejected one");
     admin.delete(&queue).await;
     admin.delete(&dead).await;
@@ -339,7 +395,9 @@ async fn reconnects_after_the_server_closes_the_connection_and_loses_nothing() {
     admin.publish_numbered(&queue, MESSAGES).await;
 
     let name = unique("reconnect-connection");
-    let source = RabbitMqSource::connect_as(URI, &queue, 20, &name).await.expect("source");
+    let source = RabbitMqSource::connect_as(URI, &queue, 20, &name)
+        .await
+        .expect("source");
     let mut seen = BTreeSet::new();
     let mut deliveries = 0;
     // Settle a few batches on the first connection.
@@ -361,7 +419,10 @@ async fn reconnects_after_the_server_closes_the_connection_and_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // Its tags mean nothing on the new connection: skipped, and the broker redelivers them.
-    source.ack(&refs(&in_flight)).await.expect("acks of a closed connection are skipped");
+    source
+        .ack(&refs(&in_flight))
+        .await
+        .expect("acks of a closed connection are skipped");
     let unconfirmed: BTreeSet<String> = in_flight.iter().map(body).collect();
 
     let deadline = Instant::now() + Duration::from_secs(30);

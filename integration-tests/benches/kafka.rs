@@ -89,7 +89,10 @@ impl Broker {
                     .create()
                     .expect("admin");
                 for r in admin
-                    .create_topics(&[NewTopic::new(topic, 1, TopicReplication::Fixed(1))], &AdminOptions::new())
+                    .create_topics(
+                        &[NewTopic::new(topic, 1, TopicReplication::Fixed(1))],
+                        &AdminOptions::new(),
+                    )
                     .await
                     .expect("create topic")
                 {
@@ -118,11 +121,22 @@ async fn fill(servers: &str, topic: &str, records: usize, size: usize) {
         let mut deliveries = Vec::with_capacity(chunk);
         for i in done..done + chunk {
             let key = format!("k{}", i % 16);
-            let record = FutureRecord::to(topic).partition(0).key(&key).payload(&payload);
-            deliveries.push(producer.send_result(record).map_err(|(e, _)| e).expect("queued"));
+            let record = FutureRecord::to(topic)
+                .partition(0)
+                .key(&key)
+                .payload(&payload);
+            deliveries.push(
+                producer
+                    .send_result(record)
+                    .map_err(|(e, _)| e)
+                    .expect("queued"),
+            );
         }
         for d in deliveries {
-            d.await.expect("report").map_err(|(e, _)| e).expect("delivered");
+            d.await
+                .expect("report")
+                .map_err(|(e, _)| e)
+                .expect("delivered");
         }
         done += chunk;
     }
@@ -166,16 +180,17 @@ fn noop_functions(counter: Arc<Counter>, names: &[String]) -> (Arc<Functions>, t
         async move {
             let now = Instant::now();
             counter.first.lock().expect("first").get_or_insert(now);
-            let n: usize = event["records"]
-                .as_object()
-                .map_or(0, |m| m.values().map(|v| v.as_array().map_or(0, Vec::len)).sum());
+            let n: usize = event["records"].as_object().map_or(0, |m| {
+                m.values().map(|v| v.as_array().map_or(0, Vec::len)).sum()
+            });
             counter.records.fetch_add(n, Ordering::SeqCst);
             *counter.last.lock().expect("last") = Some(now);
             Ok(Value::Null)
         }
     });
     let dir = tempfile::tempdir().expect("dir");
-    let config = sluice_config::parse_str(&yaml, "bench.yaml", dir.path(), &|_| None).expect("config");
+    let config =
+        sluice_config::parse_str(&yaml, "bench.yaml", dir.path(), &|_| None).expect("config");
     let functions = Functions::build(&config, &registry, dir.path()).expect("functions");
     (Arc::new(functions), dir)
 }
@@ -199,9 +214,21 @@ fn kafka_config(servers: &str, topic: &str) -> KafkaConfig {
     }
 }
 
-fn start(functions: &Arc<Functions>, name: &str, config: KafkaConfig) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+fn start(
+    functions: &Arc<Functions>,
+    name: &str,
+    config: KafkaConfig,
+) -> (CancellationToken, tokio::task::JoinHandle<()>) {
     let stop = CancellationToken::new();
-    let mapping = Mapping::new(name, name, config.mapping.clone(), functions.clone(), None, stop.clone()).expect("mapping");
+    let mapping = Mapping::new(
+        name,
+        name,
+        config.mapping.clone(),
+        functions.clone(),
+        None,
+        stop.clone(),
+    )
+    .expect("mapping");
     let task = tokio::spawn(run_with(Arc::new(mapping), config, KafkaTuning::default()));
     (stop, task)
 }
@@ -218,7 +245,10 @@ async fn through_mapping(servers: &str, topic: &str, records: usize) -> Duration
     let (stop, task) = start(&functions, &name, kafka_config(servers, topic));
     let started = Instant::now();
     while counter.records.load(Ordering::SeqCst) < records {
-        assert!(started.elapsed() < Duration::from_secs(600), "the mapping did not deliver every record");
+        assert!(
+            started.elapsed() < Duration::from_secs(600),
+            "the mapping did not deliver every record"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     stop.cancel();
@@ -257,7 +287,10 @@ async fn idle_memory(broker: &Broker, n: usize, settle: Duration) -> (u64, u64) 
     stop.cancel();
     let _ = task.await;
     let before = vm_rss_kib();
-    let running: Vec<_> = names.iter().map(|name| start(&functions, name, kafka_config(&servers, &topic))).collect();
+    let running: Vec<_> = names
+        .iter()
+        .map(|name| start(&functions, name, kafka_config(&servers, &topic)))
+        .collect();
     tokio::time::sleep(settle).await;
     let after = vm_rss_kib();
     for (stop, task) in running {
@@ -291,7 +324,7 @@ fn main() {
         let (total, per) = idle_memory(&broker, sizes.idle_mappings, sizes.settle).await;
         println!();
         println!("Kafka mapping, {} records per row from one partition; broker: {}", sizes.records, broker.name());
-        println!("mapping: batch.size {BATCH_SIZE}, window 0, parallelization 1, a commit after every round");
+        println!("mapping: batch.size {BATCH_SIZE}, window 0, parallelization 1, offsets committed as rounds finish");
         println!();
         println!("| record | path                          |   records/s | first to last |");
         println!("|-------:|-------------------------------|------------:|--------------:|");

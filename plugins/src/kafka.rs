@@ -45,7 +45,10 @@ pub fn client_config(brokers: &[String], properties: &BTreeMap<String, String>) 
     c.set("bootstrap.servers", brokers.join(","))
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("message.timeout.ms", DELIVERY_TIMEOUT.as_millis().to_string());
+        .set(
+            "message.timeout.ms",
+            DELIVERY_TIMEOUT.as_millis().to_string(),
+        );
     for (key, value) in properties {
         c.set(key, value);
     }
@@ -158,7 +161,12 @@ fn kafka_record(r: &Value) -> Option<Outgoing> {
     let key = bytes("key")?;
     let value = bytes("value")?;
     let mut headers = Vec::new();
-    for header in r.get("headers").and_then(Value::as_array).into_iter().flatten() {
+    for header in r
+        .get("headers")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+    {
         for (name, value) in header.as_object()? {
             let value: Vec<u8> = value
                 .as_array()?
@@ -169,9 +177,16 @@ fn kafka_record(r: &Value) -> Option<Outgoing> {
         }
     }
     headers.push(("sluice-topic".into(), topic.as_bytes().to_vec()));
-    headers.push(("sluice-partition".into(), partition.to_string().into_bytes()));
+    headers.push((
+        "sluice-partition".into(),
+        partition.to_string().into_bytes(),
+    ));
     headers.push(("sluice-offset".into(), offset.to_string().into_bytes()));
-    Some(Outgoing { key, value, headers })
+    Some(Outgoing {
+        key,
+        value,
+        headers,
+    })
 }
 
 /// The records to produce for one on-failure record.
@@ -184,7 +199,10 @@ fn outgoing(record: &Value) -> Result<Vec<Outgoing>, DeadLetterError> {
         .and_then(|records| records.iter().map(kafka_record).collect());
     if let Some(originals) = originals {
         let mut without_records = record.clone();
-        if let Some(sluice) = without_records.get_mut("sluice").and_then(Value::as_object_mut) {
+        if let Some(sluice) = without_records
+            .get_mut("sluice")
+            .and_then(Value::as_object_mut)
+        {
             sluice.remove("records");
         }
         let failure = serde_json::to_vec(&without_records)?;
@@ -228,7 +246,10 @@ mod tests {
     }
 
     fn header<'a>(out: &'a Outgoing, name: &str) -> Option<&'a [u8]> {
-        out.headers.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_slice())
+        out.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_slice())
     }
 
     #[test]
@@ -244,16 +265,28 @@ mod tests {
         assert_eq!(out[0].key.as_deref(), Some(&b"k"[..]));
         assert_eq!(out[0].value.as_deref(), Some(&b"\x00raw"[..]));
         assert_eq!(header(&out[0], "trace"), Some(&[97u8, 255][..]));
-        assert_eq!(header(&out[0], "sluice-condition"), Some(&b"RetryAttemptsExhausted"[..]));
+        assert_eq!(
+            header(&out[0], "sluice-condition"),
+            Some(&b"RetryAttemptsExhausted"[..])
+        );
         assert_eq!(header(&out[0], "sluice-source"), Some(&b"orders"[..]));
         assert_eq!(header(&out[0], "sluice-error-type"), Some(&b"Poison"[..]));
-        assert_eq!(header(&out[0], "sluice-error-message"), Some(&b"bad record"[..]));
+        assert_eq!(
+            header(&out[0], "sluice-error-message"),
+            Some(&b"bad record"[..])
+        );
         assert_eq!(header(&out[0], "sluice-offset"), Some(&b"7"[..]));
         assert_eq!(header(&out[1], "sluice-offset"), Some(&b"8"[..]));
         assert_eq!(out[1].key, None);
-        let story: Value = serde_json::from_slice(header(&out[0], "sluice-failure").expect("story")).expect("json");
+        let story: Value =
+            serde_json::from_slice(header(&out[0], "sluice-failure").expect("story"))
+                .expect("json");
         assert_eq!(story["sluice"]["attempts"][0]["errorType"], "Poison");
-        assert_eq!(story["sluice"].get("records"), None, "the records travel as themselves");
+        assert_eq!(
+            story["sluice"].get("records"),
+            None,
+            "the records travel as themselves"
+        );
     }
 
     #[test]
@@ -262,9 +295,13 @@ mod tests {
         let out = outgoing(&record).expect("outgoing");
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].key.as_deref(), Some(&b"orders"[..]));
-        let value: Value = serde_json::from_slice(out[0].value.as_deref().expect("value")).expect("json");
+        let value: Value =
+            serde_json::from_slice(out[0].value.as_deref().expect("value")).expect("json");
         assert_eq!(value, record);
-        assert_eq!(header(&out[0], "sluice-condition"), Some(&b"RetryAttemptsExhausted"[..]));
+        assert_eq!(
+            header(&out[0], "sluice-condition"),
+            Some(&b"RetryAttemptsExhausted"[..])
+        );
         assert_eq!(header(&out[0], "sluice-error-type"), Some(&b"Poison"[..]));
     }
 

@@ -69,26 +69,34 @@ impl RabbitMqDeadLetter {
     }
 
     fn remote(&self, message: impl Into<String>) -> DeadLetterError {
-        DeadLetterError::Remote { destination: self.destination.clone(), message: message.into() }
+        DeadLetterError::Remote {
+            destination: self.destination.clone(),
+            message: message.into(),
+        }
     }
 
     fn amqp(&self, source: lapin::Error) -> DeadLetterError {
-        DeadLetterError::RabbitMq { destination: self.destination.clone(), source }
+        DeadLetterError::RabbitMq {
+            destination: self.destination.clone(),
+            source,
+        }
     }
 
     /// The open confirm-mode channel, connecting first when there is none or it broke.
     async fn channel(&self) -> Result<(u64, Channel), DeadLetterError> {
         let mut slot = self.slot.lock().await;
-        if let Some(link) = &slot.link {
-            if link.channel.status().connected() {
-                return Ok((link.generation, link.channel.clone()));
-            }
+        if let Some(link) = &slot.link
+            && link.channel.status().connected()
+        {
+            return Ok((link.generation, link.channel.clone()));
         }
         if let Some(old) = slot.link.take() {
             let _ = old.connection.close(200, "replacing a broken channel".into()).await;
         }
         let properties = ConnectionProperties::default().with_connection_name(self.connection_name.as_str().into());
-        let connection = Connection::connect(&self.uri, properties).await.map_err(|e| self.amqp(e))?;
+        let connection = Connection::connect(&self.uri, properties)
+            .await
+            .map_err(|e| self.amqp(e))?;
         let open = async {
             let channel = connection.create_channel().await?;
             channel.confirm_select(ConfirmSelectOptions::default()).await?;
@@ -103,17 +111,21 @@ impl RabbitMqDeadLetter {
         };
         slot.opened += 1;
         let generation = slot.opened;
-        slot.link = Some(Link { generation, connection, channel: channel.clone() });
+        slot.link = Some(Link {
+            generation,
+            connection,
+            channel: channel.clone(),
+        });
         Ok((generation, channel))
     }
 
     /// Drops the connection a failed publish used, so that the next write opens a new one.
     async fn forget(&self, generation: u64) {
         let mut slot = self.slot.lock().await;
-        if slot.link.as_ref().is_some_and(|l| l.generation == generation) {
-            if let Some(old) = slot.link.take() {
-                let _ = old.connection.close(200, "publish failed".into()).await;
-            }
+        if slot.link.as_ref().is_some_and(|l| l.generation == generation)
+            && let Some(old) = slot.link.take()
+        {
+            let _ = old.connection.close(200, "publish failed".into()).await;
         }
     }
 }
@@ -122,15 +134,24 @@ impl RabbitMqDeadLetter {
 impl DeadLetterSink for RabbitMqDeadLetter {
     async fn write(&self, record: &serde_json::Value) -> Result<(), DeadLetterError> {
         let body = serde_json::to_vec(record)?;
-        let exchange = ShortString::try_new(self.exchange.as_str()).map_err(|e| self.remote(format!("exchange: {e}")))?;
+        let exchange =
+            ShortString::try_new(self.exchange.as_str()).map_err(|e| self.remote(format!("exchange: {e}")))?;
         let routing_key =
             ShortString::try_new(self.routing_key.as_str()).map_err(|e| self.remote(format!("routing key: {e}")))?;
         let (generation, channel) = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_content_type("application/json".into());
-        let options = BasicPublishOptions { mandatory: true, ..BasicPublishOptions::default() };
-        let publish = async { channel.basic_publish(exchange, routing_key, options, &body, properties).await?.await };
+        let options = BasicPublishOptions {
+            mandatory: true,
+            ..BasicPublishOptions::default()
+        };
+        let publish = async {
+            channel
+                .basic_publish(exchange, routing_key, options, &body, properties)
+                .await?
+                .await
+        };
         let confirmation = match tokio::time::timeout(CONFIRM_TIMEOUT, publish).await {
             Ok(Ok(confirmation)) => confirmation,
             Ok(Err(e)) => {
@@ -170,12 +191,16 @@ mod tests {
     const URI: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
 
     fn unique(what: &str) -> String {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
         format!("sluice-test-{what}-{}-{nanos}", std::process::id())
     }
 
     async fn admin() -> (Connection, Channel) {
-        let connection = Connection::connect(URI, ConnectionProperties::default()).await.expect("connect");
+        let connection = Connection::connect(URI, ConnectionProperties::default())
+            .await
+            .expect("connect");
         let channel = connection.create_channel().await.expect("channel");
         (connection, channel)
     }
@@ -188,14 +213,23 @@ mod tests {
     }
 
     async fn get(channel: &Channel, queue: &str) -> Option<lapin::message::BasicGetMessage> {
-        channel.basic_get(queue.into(), BasicGetOptions { no_ack: true }).await.expect("basic.get")
+        channel
+            .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+            .await
+            .expect("basic.get")
     }
 
     /// Closes the named connection from the server side, as an operator or a failover would.
     fn close_connection(name: &str) {
         // The table form: the json formatter writes pids in a form close_connection rejects.
         let out = std::process::Command::new("rabbitmqctl")
-            .args(["list_connections", "pid", "client_properties", "--no-table-headers", "--quiet"])
+            .args([
+                "list_connections",
+                "pid",
+                "client_properties",
+                "--no-table-headers",
+                "--quiet",
+            ])
             .output()
             .expect("rabbitmqctl");
         let list = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -226,10 +260,16 @@ mod tests {
         assert_eq!(body, record);
         let properties = &message.delivery.properties;
         assert_eq!(*properties.delivery_mode(), Some(2));
-        assert_eq!(properties.content_type().as_ref().map(|c| c.as_str()), Some("application/json"));
+        assert_eq!(
+            properties.content_type().as_ref().map(|c| c.as_str()),
+            Some("application/json")
+        );
         assert!(get(&channel, &queue).await.is_none(), "exactly one message");
         assert!(!sink.describe().contains("guest:guest"), "{}", sink.describe());
-        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("delete");
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -237,7 +277,10 @@ mod tests {
         let (_admin, channel) = admin().await;
         let queue = unique("dlq-missing");
         let sink = RabbitMqDeadLetter::new(URI.to_string(), String::new(), queue.clone());
-        let err = sink.write(&serde_json::json!({"n": 1})).await.expect_err("no queue takes it");
+        let err = sink
+            .write(&serde_json::json!({"n": 1}))
+            .await
+            .expect_err("no queue takes it");
         assert!(err.is_retriable(), "{err}");
         assert!(err.to_string().contains("NO_ROUTE"), "{err}");
 
@@ -245,7 +288,10 @@ mod tests {
         sink.write(&serde_json::json!({"n": 2})).await.expect("confirmed now");
         let message = get(&channel, &queue).await.expect("delivered");
         assert_eq!(message.delivery.data, br#"{"n":2}"#);
-        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("delete");
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -256,7 +302,10 @@ mod tests {
         declare(&channel, &queue).await;
         let sink = RabbitMqDeadLetter::new(URI.to_string(), exchange.clone(), "failed".to_string());
         // A 404 on publish closes the channel: the next write must not reuse it.
-        let err = sink.write(&serde_json::json!({"n": 1})).await.expect_err("no such exchange");
+        let err = sink
+            .write(&serde_json::json!({"n": 1}))
+            .await
+            .expect_err("no such exchange");
         assert!(err.is_retriable(), "{err}");
         assert!(err.to_string().contains("NOT_FOUND"), "{err}");
 
@@ -264,7 +313,10 @@ mod tests {
             .exchange_declare(
                 exchange.as_str().into(),
                 lapin::ExchangeKind::Direct,
-                lapin::options::ExchangeDeclareOptions { durable: true, ..Default::default() },
+                lapin::options::ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await
@@ -282,9 +334,15 @@ mod tests {
         sink.write(&serde_json::json!({"n": 2})).await.expect("confirmed");
         let message = get(&channel, &queue).await.expect("routed through the exchange");
         assert_eq!(message.delivery.data, br#"{"n":2}"#);
-        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("delete");
         channel
-            .exchange_delete(exchange.as_str().into(), lapin::options::ExchangeDeleteOptions::default())
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
+        channel
+            .exchange_delete(
+                exchange.as_str().into(),
+                lapin::options::ExchangeDeleteOptions::default(),
+            )
             .await
             .expect("delete exchange");
     }
@@ -316,6 +374,9 @@ mod tests {
             delivered += 1;
         }
         assert_eq!(delivered, 2, "the first and the first successful write after the close");
-        channel.queue_delete(queue.as_str().into(), QueueDeleteOptions::default()).await.expect("delete");
+        channel
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .expect("delete");
     }
 }

@@ -14,12 +14,14 @@
 //! no cross-partition bookkeeping.
 //!
 //! **Commits.** When a round returns with every record final, the offset after its last
-//! record is committed for the partition — asynchronously, since a lost commit only means
-//! records read again, and the next commit carries a higher offset anyway. A commit never
-//! covers a record whose outcome is not final: rounds run one after another per partition, so
-//! the last finished round *is* the highest contiguous final position. Before a partition is
-//! let go (revoke, stop) and after a second of idleness, its final offset is committed
-//! synchronously.
+//! record becomes the partition's final offset. A committer beside the reader commits it
+//! synchronously, one commit at a time and always the latest value, so that the reader never
+//! waits for the broker and commits of a partition never overtake each other (librdkafka
+//! retries failed commits internally; an older one landing after a newer one would move the
+//! group's offset back). A commit never covers a record whose outcome is not final: rounds run
+//! one after another per partition, so the last finished round *is* the highest contiguous
+//! final position. When the partition is let go (revoke, stop), its last final offset is
+//! committed before the task ends.
 //!
 //! **Rebalances.** On a revoke, librdkafka's rebalance callback (on the consumer's own thread)
 //! hands the partitions to the coordinator and blocks. The coordinator tells their tasks to
@@ -48,6 +50,7 @@ use sluice_connectors::kafka::{
     BATCH_INFO_KEY, GroupEvent, KafkaSource, PartitionQueue, TopicPartition, record,
 };
 use sluice_connectors::record::Record;
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -61,10 +64,8 @@ use crate::metrics as m;
 pub struct KafkaTuning {
     /// How long a revoked partition's round in flight may run on before it is abandoned.
     pub revoke_grace: Duration,
-    /// How long a synchronous commit of final offsets is retried when a partition is let go.
+    /// How long the commit of a partition's final offset is retried when it is let go.
     pub commit_persistence: Duration,
-    /// After this long without records, final offsets are committed synchronously.
-    pub idle_commit: Duration,
 }
 
 impl Default for KafkaTuning {
@@ -72,7 +73,6 @@ impl Default for KafkaTuning {
         Self {
             revoke_grace: Duration::from_secs(30),
             commit_persistence: Duration::from_secs(10),
-            idle_commit: Duration::from_secs(1),
         }
     }
 }
@@ -91,7 +91,8 @@ pub async fn run_with(mapping: Arc<Mapping>, config: KafkaConfig, tuning: KafkaT
     let (source, mut events) = match KafkaSource::connect(&mapping.name, &config, revoke_wait) {
         Ok(connected) => connected,
         Err(error) => {
-            metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+            metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
+                .increment(1);
             tracing::error!(source = %mapping.name, %error, "the Kafka mapping cannot start");
             return;
         }
@@ -115,12 +116,21 @@ pub async fn run_with(mapping: Arc<Mapping>, config: KafkaConfig, tuning: KafkaT
                         tracing::warn!(source = %mapping.name, partition = %tp, "partition assigned twice; restarting its reader");
                         drop(stale);
                     }
-                    let task = PartitionTask::start(mapping.clone(), source.clone(), tp.clone(), queue, tuning.clone());
+                    let task = PartitionTask::start(
+                        mapping.clone(),
+                        source.clone(),
+                        tp.clone(),
+                        queue,
+                        tuning.clone(),
+                    );
                     tasks.insert(tp, task);
                 }
             }
             Some(GroupEvent::Revoked { partitions, done }) => {
-                let leaving: Vec<PartitionTask> = partitions.iter().filter_map(|tp| tasks.remove(tp)).collect();
+                let leaving: Vec<PartitionTask> = partitions
+                    .iter()
+                    .filter_map(|tp| tasks.remove(tp))
+                    .collect();
                 for task in &leaving {
                     task.revoke.cancel();
                 }
@@ -131,7 +141,8 @@ pub async fn run_with(mapping: Arc<Mapping>, config: KafkaConfig, tuning: KafkaT
                 drop(done);
             }
             Some(GroupEvent::Error(error)) => {
-                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
+                    .increment(1);
                 tracing::warn!(source = %mapping.name, %error, "Kafka consumer error");
             }
         }
@@ -156,9 +167,22 @@ struct PartitionTask {
 }
 
 impl PartitionTask {
-    fn start(mapping: Arc<Mapping>, source: Arc<KafkaSource>, tp: TopicPartition, queue: PartitionQueue, tuning: KafkaTuning) -> Self {
+    fn start(
+        mapping: Arc<Mapping>,
+        source: Arc<KafkaSource>,
+        tp: TopicPartition,
+        queue: PartitionQueue,
+        tuning: KafkaTuning,
+    ) -> Self {
         let revoke = CancellationToken::new();
-        let task = tokio::spawn(read_partition(mapping, source, tp, queue, revoke.clone(), tuning));
+        let task = tokio::spawn(read_partition(
+            mapping,
+            source,
+            tp,
+            queue,
+            revoke.clone(),
+            tuning,
+        ));
         Self {
             revoke,
             task: Some(task),
@@ -180,32 +204,13 @@ impl Drop for PartitionTask {
     }
 }
 
-/// What is known of a partition's offsets: the offset after the last final record, and what
-/// has been committed of it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-struct Offsets {
-    /// The offset after the last record whose outcome is final (the one to commit).
-    final_next: Option<i64>,
-    /// The highest offset committed synchronously (known durable).
-    synced: Option<i64>,
-}
-
-impl Offsets {
-    /// The offset to commit synchronously, if any is not known durable yet.
-    fn unsynced(&self) -> Option<i64> {
-        match (self.final_next, self.synced) {
-            (Some(next), Some(synced)) if next <= synced => None,
-            (next, _) => next,
-        }
-    }
-}
-
 /// Why a round's gathering ended early.
 enum Interrupted {
     Stop,
     Revoke,
 }
 
+/// A partition's reader and its committer, in one task (aborting it stops both).
 async fn read_partition(
     mapping: Arc<Mapping>,
     source: Arc<KafkaSource>,
@@ -214,173 +219,240 @@ async fn read_partition(
     revoke: CancellationToken,
     tuning: KafkaTuning,
 ) {
-    let batch_source = BatchSource {
-        info_key: BATCH_INFO_KEY,
-        source_arn: source.bootstrap_servers().to_string(),
-        partition: tp.to_string(),
-    };
-    let envelope: Envelope = {
-        let s = source.clone();
-        Arc::new(move |records: &[&Record]| s.envelope(records))
-    };
-    let lanes = mapping.config.parallelization.max(1) as usize;
-    let want = (mapping.config.batch.size.max(1) as usize).saturating_mul(lanes);
-    let max_bytes = (mapping.config.batch.max_bytes.max(1) as usize).saturating_mul(lanes);
-    let window = mapping.config.batch.window;
     let lag = metrics::gauge!(m::MAPPING_OFFSET_LAG,
         "source" => mapping.name.clone(), "topic" => tp.topic.clone(), "partition" => tp.partition.to_string());
-    let mut offsets = Offsets::default();
-    tracing::debug!(source = %mapping.name, partition = %tp, "reading partition");
-    'rounds: loop {
-        // The first record of a round; an idle partition makes its final offset durable.
-        let first = loop {
-            let idle_commit = offsets.unsynced().is_some();
-            tokio::select! {
-                biased;
-                _ = mapping.stop.cancelled() => break 'rounds,
-                _ = revoke.cancelled() => break 'rounds,
-                read = queue.recv() => break read.map(|m| record(&m)),
-                _ = tokio::time::sleep(tuning.idle_commit), if idle_commit => {
-                    commit_durably(&mapping, &source, &tp, &mut offsets, tuning.commit_persistence).await;
-                }
-            }
-        };
-        let mut buffer: Vec<Record> = Vec::new();
-        let mut bytes = 0;
-        match first {
-            Ok(r) => {
-                bytes += r.size;
-                buffer.push(r);
-            }
-            Err(error) => {
-                read_error(&mapping, &tp, &error);
-                tokio::select! {
-                    _ = mapping.stop.cancelled() => break 'rounds,
-                    _ = revoke.cancelled() => break 'rounds,
-                    _ = tokio::time::sleep(Duration::from_millis(500)) => continue 'rounds,
-                }
-            }
+    let partition = Partition {
+        mapping,
+        source,
+        tp,
+        tuning,
+        lag,
+    };
+    let (finals, latest) = watch::channel(None);
+    let (committed_tx, committed_rx) = watch::channel(None);
+    let reading = partition.read_rounds(&queue, &revoke, finals, committed_rx);
+    let committing = partition.commit_finals(latest, committed_tx);
+    let ((), committed) = tokio::join!(reading, committing);
+    tracing::debug!(source = %partition.mapping.name, partition = %partition.tp, ?committed, "partition let go");
+}
+
+/// What a partition's reader and committer share.
+struct Partition {
+    mapping: Arc<Mapping>,
+    source: Arc<KafkaSource>,
+    tp: TopicPartition,
+    tuning: KafkaTuning,
+    lag: metrics::Gauge,
+}
+
+impl Partition {
+    /// OffsetLag: records between `position` (where the group would resume) and the end of
+    /// the partition, as of the last fetch.
+    fn record_lag(&self, position: i64) {
+        if let Some(high) = self.source.high_watermark(&self.tp) {
+            self.lag.set((high - position).max(0) as f64);
         }
-        let deadline = Instant::now() + window;
-        let mut interrupted = None;
-        while buffer.len() < want && bytes < max_bytes {
-            let read = if window.is_zero() {
-                // No window: take what has already arrived, without waiting.
-                match queue.recv().now_or_never() {
-                    Some(read) => read.map(|m| record(&m)),
-                    None => break,
-                }
-            } else {
+    }
+
+    fn read_error(&self, error: &rdkafka::error::KafkaError) {
+        let (mapping, tp) = (&self.mapping, &self.tp);
+        metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+        tracing::warn!(source = %mapping.name, partition = %tp, %error, "cannot read the partition");
+    }
+
+    /// Reads the partition round after round; after each round whose records are all final,
+    /// publishes the offset after its last record to `finals`. A round starts only once the
+    /// round before the last one is `committed`: at most one finished round waits for its
+    /// commit while the next one runs, so a crash repeats at most two rounds of the partition,
+    /// however long commits keep failing. Ends (dropping `finals`) on stop, on revoke, or when
+    /// a round cannot finish.
+    async fn read_rounds(
+        &self,
+        queue: &PartitionQueue,
+        revoke: &CancellationToken,
+        finals: watch::Sender<Option<i64>>,
+        mut committed: watch::Receiver<Option<i64>>,
+    ) {
+        let (mapping, source, tp) = (&*self.mapping, &self.source, &self.tp);
+        let batch_source = BatchSource {
+            info_key: BATCH_INFO_KEY,
+            source_arn: source.bootstrap_servers().to_string(),
+            partition: tp.to_string(),
+        };
+        let envelope: Envelope = {
+            let s = source.clone();
+            Arc::new(move |records: &[&Record]| s.envelope(records))
+        };
+        let lanes = mapping.config.parallelization.max(1) as usize;
+        let want = (mapping.config.batch.size.max(1) as usize).saturating_mul(lanes);
+        let max_bytes = (mapping.config.batch.max_bytes.max(1) as usize).saturating_mul(lanes);
+        let window = mapping.config.batch.window;
+        tracing::debug!(source = %mapping.name, partition = %tp, "reading partition");
+        // The final offset of the round before the last one, which must be committed first.
+        let mut behind: Option<i64> = None;
+        loop {
+            if let Some(needed) = behind {
+                let caught_up = committed.wait_for(|c| c.is_some_and(|c| c >= needed));
                 tokio::select! {
                     biased;
-                    _ = mapping.stop.cancelled() => { interrupted = Some(Interrupted::Stop); break }
-                    _ = revoke.cancelled() => { interrupted = Some(Interrupted::Revoke); break }
-                    _ = tokio::time::sleep_until(deadline) => break,
-                    read = queue.recv() => read.map(|m| record(&m)),
+                    _ = mapping.stop.cancelled() => return,
+                    _ = revoke.cancelled() => return,
+                    caught_up = caught_up => if caught_up.is_err() { return },
                 }
+            }
+            let first = tokio::select! {
+                biased;
+                _ = mapping.stop.cancelled() => return,
+                _ = revoke.cancelled() => return,
+                read = queue.recv() => read.map(|m| record(&m)),
             };
-            match read {
+            let mut buffer: Vec<Record> = Vec::new();
+            let mut bytes = 0;
+            match first {
                 Ok(r) => {
                     bytes += r.size;
                     buffer.push(r);
                 }
                 Err(error) => {
-                    read_error(&mapping, &tp, &error);
-                    break;
+                    self.read_error(&error);
+                    tokio::select! {
+                        _ = mapping.stop.cancelled() => return,
+                        _ = revoke.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => continue,
+                    }
                 }
             }
-        }
-        if let Some(why) = interrupted {
-            // Gathered but never invoked: the next reader of the partition reads them again.
-            tracing::debug!(source = %mapping.name, partition = %tp, records = buffer.len(),
-                stopping = matches!(why, Interrupted::Stop), "round dropped before its invocation");
-            break 'rounds;
-        }
-        let last: i64 = buffer
-            .last()
-            .and_then(|r| r.position.parse().ok())
-            .unwrap_or_default();
-        let records = mapping.filter(buffer);
-        let round = process_round(&mapping, records, &batch_source, &envelope);
-        let abandon = async {
-            revoke.cancelled().await;
-            tokio::time::sleep(tuning.revoke_grace).await;
-        };
-        let finished = tokio::select! {
-            finished = round => finished,
-            _ = abandon => {
-                tracing::warn!(source = %mapping.name, partition = %tp, grace = ?tuning.revoke_grace,
-                    "revoked partition's round did not finish within the grace; abandoning it uncommitted (its records will be read again)");
-                false
+            let deadline = Instant::now() + window;
+            let mut interrupted = None;
+            while buffer.len() < want && bytes < max_bytes {
+                let read = if window.is_zero() {
+                    // No window: take what has already arrived, without waiting.
+                    match queue.recv().now_or_never() {
+                        Some(read) => read.map(|m| record(&m)),
+                        None => break,
+                    }
+                } else {
+                    tokio::select! {
+                        biased;
+                        _ = mapping.stop.cancelled() => { interrupted = Some(Interrupted::Stop); break }
+                        _ = revoke.cancelled() => { interrupted = Some(Interrupted::Revoke); break }
+                        _ = tokio::time::sleep_until(deadline) => break,
+                        read = queue.recv() => read.map(|m| record(&m)),
+                    }
+                };
+                match read {
+                    Ok(r) => {
+                        bytes += r.size;
+                        buffer.push(r);
+                    }
+                    Err(error) => {
+                        self.read_error(&error);
+                        break;
+                    }
+                }
             }
-        };
-        if !finished {
-            // Stopping or abandoned with records whose outcome is not final: no commit past them.
-            break 'rounds;
-        }
-        offsets.final_next = Some(last + 1);
-        if let Err(error) = source.commit_async(&tp, last + 1) {
-            tracing::warn!(source = %mapping.name, partition = %tp, %error, "cannot queue the offset commit");
-        }
-        if let Some(high) = source.high_watermark(&tp) {
-            lag.set((high - (last + 1)).max(0) as f64);
-        }
-    }
-    commit_durably(&mapping, &source, &tp, &mut offsets, tuning.commit_persistence).await;
-    tracing::debug!(source = %mapping.name, partition = %tp, committed = ?offsets.synced, "partition let go");
-}
-
-/// Commits the partition's final offset synchronously, retrying for up to `persistence`.
-/// A commit that never lands costs duplicates after a restart, never records.
-async fn commit_durably(mapping: &Mapping, source: &Arc<KafkaSource>, tp: &TopicPartition, offsets: &mut Offsets, persistence: Duration) {
-    let Some(next) = offsets.unsynced() else {
-        return;
-    };
-    let started = Instant::now();
-    let mut backoff = Duration::from_millis(50);
-    loop {
-        let (s, t) = (source.clone(), tp.clone());
-        let result = tokio::task::spawn_blocking(move || s.commit_sync(&t, next)).await;
-        match result {
-            Ok(Ok(())) => {
-                offsets.synced = Some(next);
+            if let Some(why) = interrupted {
+                // Gathered but never invoked: the next reader of the partition reads them again.
+                tracing::debug!(source = %mapping.name, partition = %tp, records = buffer.len(),
+                    stopping = matches!(why, Interrupted::Stop), "round dropped before its invocation");
                 return;
             }
-            Ok(Err(error)) => {
-                tracing::warn!(source = %mapping.name, partition = %tp, offset = next, %error, "offset commit failed; retrying");
+            let offset = |r: Option<&Record>| r.and_then(|r| r.position.parse::<i64>().ok());
+            let first = offset(buffer.first()).unwrap_or_default();
+            let last = offset(buffer.last()).unwrap_or_default();
+            self.record_lag((*committed.borrow()).unwrap_or(first));
+            let records = mapping.filter(buffer);
+            let round = process_round(mapping, records, &batch_source, &envelope);
+            let abandon = async {
+                revoke.cancelled().await;
+                tokio::time::sleep(self.tuning.revoke_grace).await;
+            };
+            let finished = tokio::select! {
+                finished = round => finished,
+                _ = abandon => {
+                    tracing::warn!(source = %mapping.name, partition = %tp, grace = ?self.tuning.revoke_grace,
+                        "revoked partition's round did not finish within the grace; abandoning it uncommitted (its records will be read again)");
+                    false
+                }
+            };
+            if !finished {
+                // Stopping or abandoned with records whose outcome is not final: no commit past them.
+                return;
             }
-            Err(error) => {
-                tracing::warn!(source = %mapping.name, partition = %tp, %error, "offset commit did not run");
-            }
+            behind = finals.send_replace(Some(last + 1));
         }
-        if started.elapsed() + backoff > persistence {
-            tracing::error!(source = %mapping.name, partition = %tp, offset = next,
-                "giving up committing the offset; records after the last commit will be read again");
-            return;
-        }
-        tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(Duration::from_secs(1));
     }
-}
 
-fn read_error(mapping: &Mapping, tp: &TopicPartition, error: &rdkafka::error::KafkaError) {
-    metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
-    tracing::warn!(source = %mapping.name, partition = %tp, %error, "cannot read the partition");
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn only_offsets_not_yet_durable_are_committed_again() {
-        let mut o = Offsets::default();
-        assert_eq!(o.unsynced(), None, "nothing final yet");
-        o.final_next = Some(10);
-        assert_eq!(o.unsynced(), Some(10));
-        o.synced = Some(10);
-        assert_eq!(o.unsynced(), None);
-        o.final_next = Some(15);
-        assert_eq!(o.unsynced(), Some(15));
+    /// Commits what `finals` publishes, one synchronous commit at a time, always the latest
+    /// value, and tells the reader through `committed_tx`. Commits of a partition never
+    /// overtake each other (librdkafka retries a failed commit internally, and an older
+    /// retried commit landing after a newer one would move the group's offset back). When
+    /// `finals` closes, the last value is committed, retried for up to `commit_persistence`.
+    /// Returns the last offset committed.
+    async fn commit_finals(
+        &self,
+        mut finals: watch::Receiver<Option<i64>>,
+        committed_tx: watch::Sender<Option<i64>>,
+    ) -> Option<i64> {
+        let (mapping, tp) = (&self.mapping, &self.tp);
+        let mut committed: Option<i64> = None;
+        let mut closed_at: Option<Instant> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            let target = *finals.borrow_and_update();
+            if let Some(next) = target.filter(|next| committed.is_none_or(|c| *next > c)) {
+                let (s, t) = (self.source.clone(), tp.clone());
+                match tokio::task::spawn_blocking(move || s.commit_sync(&t, next)).await {
+                    Ok(Ok(())) => {
+                        committed = Some(next);
+                        committed_tx.send_replace(committed);
+                        backoff = Duration::from_millis(50);
+                        self.record_lag(next);
+                        continue;
+                    }
+                    Ok(Err(error))
+                        if closed_at.is_some()
+                            && KafkaSource::commit_needs_new_generation(&error) =>
+                    {
+                        // Letting the partition go while the group has moved on: no retry can
+                        // land, and retrying would only hold the rebalance up.
+                        tracing::warn!(source = %mapping.name, partition = %tp, offset = next, %error,
+                            "cannot commit the final offset in this group generation; the next owner reads the records after the last commit again");
+                        return committed;
+                    }
+                    Ok(Err(error)) => {
+                        tracing::warn!(source = %mapping.name, partition = %tp, offset = next, %error, "offset commit failed; retrying");
+                    }
+                    Err(error) => {
+                        tracing::warn!(source = %mapping.name, partition = %tp, %error, "offset commit did not run");
+                    }
+                }
+                if closed_at
+                    .is_some_and(|at| at.elapsed() + backoff > self.tuning.commit_persistence)
+                {
+                    tracing::error!(source = %mapping.name, partition = %tp, offset = next,
+                        "giving up committing the offset; records after the last commit will be read again");
+                    return committed;
+                }
+                // Wait before trying again, or sooner when a newer offset is published.
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    changed = finals.changed(), if closed_at.is_none() => {
+                        if changed.is_err() {
+                            closed_at = Some(Instant::now());
+                        }
+                    }
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+            if closed_at.is_some() {
+                return committed;
+            }
+            if finals.changed().await.is_err() {
+                // The reader is done: one last look at its final value.
+                closed_at = Some(Instant::now());
+            }
+        }
     }
 }

@@ -21,6 +21,7 @@ use sluice_config::SourceKind;
 use sluice_connectors::dynamodb_streams::DynamoDbStreamsSource;
 use sluice_connectors::kinesis::KinesisSource;
 use sluice_connectors::queue::QueueSource;
+use sluice_connectors::rabbitmq::RabbitMqSource;
 use sluice_connectors::sqs::SqsSource;
 use sluice_connectors::stream::{ReadError, StreamSource};
 use tokio_util::sync::CancellationToken;
@@ -45,6 +46,10 @@ pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn 
                     .await
                     .map(|s| Connected::Stream(Arc::new(s)))
             }
+            SourceKind::RabbitMq(r) => RabbitMqSource::from_config(r)
+                .await
+                // One consumer: its prefetch bounds what is in flight, and order is kept.
+                .map(|s| Connected::Queue(Arc::new(s), 1)),
             SourceKind::Sqs(q) => SqsSource::connect(&q.queue_url, q.aws.endpoint_url.as_deref(), q.aws.region.as_deref())
                 .await
                 .map(|s| Connected::Queue(Arc::new(s), q.maximum_concurrency.unwrap_or(DEFAULT_SQS_POLLERS) as usize)),

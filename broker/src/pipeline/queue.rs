@@ -3,26 +3,105 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use sluice_connectors::queue::{Delivery, QueueSource, Redelivery};
 use sluice_connectors::record::Record;
 
-use super::{BatchResult, BatchSource, Envelope, GiveUp, Mapping};
+use super::{Attempt, BatchResult, BatchSource, Envelope, GiveUp, Mapping};
 use crate::metrics as m;
 
 /// How long one receive call may wait for the first message of a batch (SQS long polling).
 const LONG_POLL: Duration = Duration::from_secs(20);
-/// How often a running batch's messages are kept from other consumers.
+/// How often a running batch's messages are kept from other consumers when the source has no
+/// visibility timeout to go by.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 
-/// Runs `mapping` over `source` with `pollers` concurrent poll loops until stopped.
-pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: usize) {
-    let loops = (0..pollers.max(1)).map(|_| poll(mapping.clone(), source.clone()));
-    futures::future::join_all(loops).await;
+/// How often a running batch's messages are kept from other consumers: a third of the
+/// source's visibility timeout, at least 1 s, so that a short timeout never lapses mid-batch.
+fn keep_alive_every(source: &dyn QueueSource) -> Duration {
+    source
+        .visibility_timeout()
+        .map_or(KEEP_ALIVE, |timeout| (timeout / 3).max(Duration::from_secs(1)))
 }
 
-async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>) {
+/// Pollers a mapping keeps even when its queue is idle.
+const MIN_POLLERS: usize = 1;
+/// Empty long polls in a row after which a surplus poller stops.
+const IDLE_POLLS: u32 = 2;
+
+/// Messages whose failed tries are remembered for their on-failure record, at most.
+const HISTORY_LIMIT: usize = 10_000;
+
+/// How many poll loops run, whether one of them saw a backlog, and the failed tries of
+/// messages that went back to a redelivering source (for the story an on-failure record
+/// tells; what another instance tried is not known here).
+struct Pollers {
+    running: AtomicUsize,
+    backlog: AtomicBool,
+    history: std::sync::Mutex<std::collections::HashMap<String, Vec<Attempt>>>,
+}
+
+impl Pollers {
+    fn remember(&self, ids: &[&Delivery], attempt: &Attempt) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        if h.len() > HISTORY_LIMIT {
+            h.clear();
+        }
+        for d in ids {
+            h.entry(d.record.id.clone()).or_default().push(attempt.clone());
+        }
+    }
+
+    fn take(&self, ids: &[&Delivery]) -> Vec<Attempt> {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::new();
+        for d in ids {
+            out.extend(h.remove(&d.record.id).unwrap_or_default());
+        }
+        out.sort_by(|a, b| a.time.cmp(&b.time));
+        out
+    }
+
+    fn forget(&self, ids: &[&Delivery]) {
+        let mut h = self.history.lock().unwrap_or_else(|p| p.into_inner());
+        for d in ids {
+            h.remove(&d.record.id);
+        }
+    }
+}
+
+/// Runs `mapping` over `source` until stopped, with one poll loop per concurrent batch: more
+/// start while a backlog exists (a poll that fills a whole batch), up to `max_pollers`, and
+/// surplus ones stop when the queue runs dry, as Lambda scales its SQS pollers.
+pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, max_pollers: usize) {
+    let max = max_pollers.max(MIN_POLLERS);
+    let pollers = Arc::new(Pollers {
+        running: AtomicUsize::new(MIN_POLLERS),
+        backlog: AtomicBool::new(false),
+        history: std::sync::Mutex::new(std::collections::HashMap::new()),
+    });
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..MIN_POLLERS {
+        tasks.spawn(poll(mapping.clone(), source.clone(), pollers.clone()));
+    }
+    loop {
+        tokio::select! {
+            _ = mapping.stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if pollers.backlog.swap(false, Ordering::Relaxed) && pollers.running.load(Ordering::Relaxed) < max {
+            pollers.running.fetch_add(1, Ordering::Relaxed);
+            tasks.spawn(poll(mapping.clone(), source.clone(), pollers.clone()));
+            tracing::debug!(source = %mapping.name, pollers = pollers.running.load(Ordering::Relaxed), "backlog: one more poller");
+        }
+        while tasks.try_join_next().is_some() {}
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<Pollers>) {
     let size = mapping.config.batch.size.max(1) as usize;
     let window = mapping.config.batch.window;
     let envelope: Envelope = {
@@ -34,6 +113,7 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>) {
         source_arn: source.source_arn().to_string(),
         partition: source.source_arn().to_string(),
     };
+    let mut idle = 0u32;
     while !mapping.stop.is_cancelled() {
         let mut batch: Vec<Delivery> = Vec::new();
         let mut gather_until: Option<Instant> = None;
@@ -61,14 +141,29 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>) {
                 }
             }
             if batch.is_empty() {
+                idle += 1;
+                if idle >= IDLE_POLLS {
+                    idle = 0;
+                    let surplus = pollers
+                        .running
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n > MIN_POLLERS).then(|| n - 1))
+                        .is_ok();
+                    if surplus {
+                        return;
+                    }
+                }
                 continue;
             }
+            idle = 0;
             let until = *gather_until.get_or_insert_with(|| Instant::now() + window);
             if batch.len() >= size || Instant::now() >= until {
                 break;
             }
         }
-        settle(&mapping, source.as_ref(), batch, &batch_source, &envelope).await;
+        if batch.len() >= size {
+            pollers.backlog.store(true, Ordering::Relaxed);
+        }
+        settle(&mapping, source.as_ref(), batch, &batch_source, &envelope, &pollers).await;
     }
 }
 
@@ -101,7 +196,7 @@ async fn reject(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Deli
 }
 
 /// Settles one gathered batch: filtered messages are done; the rest run.
-async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery>, batch_source: &BatchSource, envelope: &Envelope) {
+async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery>, batch_source: &BatchSource, envelope: &Envelope, pollers: &Pollers) {
     let kept: HashSet<String> = mapping
         .filter(batch.iter().map(|d| d.record.clone()).collect())
         .into_iter()
@@ -113,9 +208,10 @@ async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery
         return;
     }
     // Keep the messages ours while the batch runs.
+    let every = keep_alive_every(source);
     let keep = async {
         loop {
-            tokio::time::sleep(KEEP_ALIVE).await;
+            tokio::time::sleep(every).await;
             if let Err(e) = source.keep_alive(&pass).await {
                 tracing::warn!(source = %mapping.name, error = %e, "cannot extend the messages' visibility");
             }
@@ -124,7 +220,7 @@ async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery
     let work = async {
         match source.redelivery() {
             Redelivery::InPlace => in_place(mapping, source, &pass, batch_source, envelope).await,
-            Redelivery::BySource => by_source(mapping, source, &pass, batch_source, envelope).await,
+            Redelivery::BySource => by_source(mapping, source, &pass, batch_source, envelope, pollers).await,
         }
     };
     tokio::select! {
@@ -150,7 +246,7 @@ async fn in_place(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery
 /// the source to deliver again, and messages past the retry budget go to the on-failure
 /// destination (or to the queue's own redrive policy when there is none). Messages of a
 /// FIFO group run in order, and a failure holds back only the rest of its own group.
-async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope) {
+async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope, pollers: &Pollers) {
     let retry = &mapping.config.retry;
     let now = chrono::Utc::now().timestamp_millis();
     let expired_age = |d: &&&Delivery| retry.max_record_age.is_some_and(|age| d.record.arrival_ms < now - age.as_millis() as i64);
@@ -162,7 +258,8 @@ async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Deliver
             continue;
         }
         let records: Vec<&Record> = given_up.iter().map(|d| &d.record).collect();
-        match mapping.give_up(&records, &[], condition, batch_source).await {
+        let attempts = pollers.take(&given_up);
+        match mapping.give_up(&records, &attempts, condition, batch_source).await {
             Some(true) => ack(mapping, source, &given_up).await,
             Some(false) => reject(mapping, source, &given_up).await,
             None => release(mapping, source, &given_up).await,
@@ -178,7 +275,7 @@ async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Deliver
     }
     let runs = groups.into_values().map(|group| async move {
         let records: Vec<&Record> = group.iter().map(|d| &d.record).collect();
-        let Some((result, _attempt)) = mapping.invoke(&records, envelope).await else {
+        let Some((result, attempt)) = mapping.invoke(&records, envelope).await else {
             release(mapping, source, &group).await;
             return;
         };
@@ -200,9 +297,11 @@ async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Deliver
             }
         };
         mapping.count("delivered", done.len());
+        pollers.forget(&done);
         ack(mapping, source, &done).await;
         if !failed.is_empty() {
             mapping.count("failed", failed.len());
+            pollers.remember(&failed, &attempt);
             release(mapping, source, &failed).await;
         }
     });

@@ -450,7 +450,8 @@ mod tests {
     #[test]
     fn builds_the_record_lambda_delivers() {
         let record = lambda_record(&modify(), "us-east-1", ARN, Some("id"));
-        let parsed: EventRecord = serde_json::from_value(record.lambda.clone()).unwrap();
+        let parsed: EventRecord =
+            serde_json::from_value(record.lambda.clone()).expect("an aws:dynamodb record");
         assert_eq!(parsed.event_id, "c81e728d9d4c2f636f067f89cc14862c");
         assert_eq!(parsed.event_name, "MODIFY");
         assert_eq!(parsed.event_version.as_deref(), Some("1.1"));
@@ -467,7 +468,7 @@ mod tests {
             parsed.change.stream_view_type,
             Some(StreamViewType::NewAndOldImages)
         );
-        let as_json = |item| serde_json::to_value(item).unwrap();
+        let as_json = |item| serde_json::to_value(item).expect("serializes");
         assert_eq!(
             as_json(&parsed.change.keys),
             json!({"id": {"S": "o-1"}, "at": {"N": "3"}})
@@ -519,8 +520,9 @@ mod tests {
                 .build(),
         );
         let parsed: EventRecord =
-            serde_json::from_value(lambda_record(&expired, "us-east-1", ARN, None).lambda).unwrap();
-        let identity = parsed.user_identity.unwrap();
+            serde_json::from_value(lambda_record(&expired, "us-east-1", ARN, None).lambda)
+                .expect("an aws:dynamodb record");
+        let identity = parsed.user_identity.expect("an identity");
         assert_eq!(
             (identity.type_.as_str(), identity.principal_id.as_str()),
             ("Service", "dynamodb.amazonaws.com")
@@ -531,7 +533,7 @@ mod tests {
     fn without_a_key_schema_the_whole_key_orders() {
         let record = lambda_record(&modify(), "us-east-1", ARN, None);
         assert_eq!(
-            serde_json::from_str::<Value>(&record.key).unwrap(),
+            serde_json::from_str::<Value>(&record.key).expect("JSON"),
             json!({"id": {"S": "o-1"}, "at": {"N": "3"}})
         );
     }
@@ -553,7 +555,8 @@ mod tests {
     #[test]
     fn the_envelope_is_a_dynamodb_event() {
         let record = lambda_record(&modify(), "us-east-1", ARN, None);
-        let event: Event = serde_json::from_value(json!({ "Records": [&record.lambda] })).unwrap();
+        let event: Event = serde_json::from_value(json!({ "Records": [&record.lambda] }))
+            .expect("an aws:dynamodb record");
         assert_eq!(event.records[0].event_name, "MODIFY");
     }
 

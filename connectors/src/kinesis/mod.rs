@@ -322,7 +322,7 @@ mod tests {
             .data(Blob::new(data))
             .approximate_arrival_timestamp(DateTime::from_millis(1_480_641_523_477))
             .build()
-            .unwrap()
+            .expect("a complete record")
     }
 
     #[test]
@@ -333,7 +333,8 @@ mod tests {
             "eu-west-1",
             ARN,
         );
-        let parsed: KinesisEventRecord = serde_json::from_value(record.lambda.clone()).unwrap();
+        let parsed: KinesisEventRecord =
+            serde_json::from_value(record.lambda.clone()).expect("an aws:kinesis record");
         assert_eq!(parsed.event_source.as_deref(), Some("aws:kinesis"));
         assert_eq!(parsed.event_name.as_deref(), Some("aws:kinesis:record"));
         assert_eq!(parsed.event_version.as_deref(), Some("1.0"));
@@ -404,7 +405,7 @@ mod tests {
         let a = lambda_record(&sdk_record(b"a"), "shardId-0", "eu-west-1", ARN);
         let b = lambda_record(&sdk_record(b"b"), "shardId-0", "eu-west-1", ARN);
         let envelope = json!({ "Records": [&a.lambda, &b.lambda] });
-        let event: KinesisEvent = serde_json::from_value(envelope).unwrap();
+        let event: KinesisEvent = serde_json::from_value(envelope).expect("an aws:kinesis record");
         assert_eq!(event.records.len(), 2);
         assert_eq!(event.records[1].kinesis.data.0, b"b");
     }

@@ -378,9 +378,18 @@ impl<A: ShardApi> PolledShard<A> {
             millis_behind,
         } = page;
         let last_seen = records.last().map(|r| r.position.clone());
+        // The one wait comes before any change, so that a caller who drops `next` here reads
+        // these records again with the same iterator and resume point.
+        let end = match &next_iterator {
+            None => true,
+            Some(_) => {
+                self.closed_and_read(last_seen.as_deref(), millis_behind)
+                    .await
+            }
+        };
         self.pacer.after_read(last_seen.is_some());
-        if let Some(last) = &last_seen {
-            self.resume = StartAt::AfterSequence(last.clone());
+        if let Some(last) = last_seen {
+            self.resume = StartAt::AfterSequence(last);
         }
         if let Some(cut) = self.skip_before_ms {
             match records.iter().position(|r| r.arrival_ms >= cut) {
@@ -391,13 +400,6 @@ impl<A: ShardApi> PolledShard<A> {
                 None => records.clear(),
             }
         }
-        let end = match &next_iterator {
-            None => true,
-            Some(_) => {
-                self.closed_and_read(last_seen.as_deref(), millis_behind)
-                    .await
-            }
-        };
         self.iterator = next_iterator;
         self.finished = end;
         ShardRead {
@@ -412,10 +414,10 @@ impl<A: ShardApi> PolledShard<A> {
         last_seen: Option<&str>,
         millis_behind: Option<i64>,
     ) -> bool {
-        if let (Some(ending), Some(last)) = (&self.ending, last_seen) {
-            if sequence_cmp(last, ending) != Ordering::Less {
-                return true;
-            }
+        if let (Some(ending), Some(last)) = (&self.ending, last_seen)
+            && sequence_cmp(last, ending) != Ordering::Less
+        {
+            return true;
         }
         if last_seen.is_some()
             || !self.rules.empty_read_ends_closed_shard
@@ -534,7 +536,7 @@ mod tests {
     #[async_trait]
     impl ShardApi for Fake {
         async fn iterator(&self, _shard: &str, start: &StartAt) -> Result<String, CallError> {
-            let mut opened = self.opened.lock().unwrap();
+            let mut opened = self.opened.lock().expect("lock");
             opened.push(start.clone());
             Ok(format!("it-{}", opened.len()))
         }
@@ -546,16 +548,16 @@ mod tests {
         ) -> Result<Page, CallError> {
             self.calls
                 .lock()
-                .unwrap()
+                .expect("lock")
                 .push((Instant::now(), iterator.to_string()));
             self.answers
                 .lock()
-                .unwrap()
+                .expect("lock")
                 .pop_front()
                 .unwrap_or_else(|| Ok(page(&[], Some("tip"), Some(0))))
         }
         async fn ending_sequence(&self, _shard: &str) -> Option<String> {
-            self.ending.lock().unwrap().clone()
+            self.ending.lock().expect("lock").clone()
         }
     }
 
@@ -591,7 +593,7 @@ mod tests {
 
     fn fake(answers: Vec<Result<Page, CallError>>) -> Arc<Fake> {
         let fake = Fake::default();
-        *fake.answers.lock().unwrap() = answers.into();
+        *fake.answers.lock().expect("lock") = answers.into();
         Arc::new(fake)
     }
 
@@ -608,11 +610,11 @@ mod tests {
         );
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
+            .expect("open");
         for _ in 0..20 {
-            reader.next().await.unwrap();
+            reader.next().await.expect("read");
         }
-        let calls = api.calls.lock().unwrap();
+        let calls = api.calls.lock().expect("lock");
         for pair in calls.windows(2) {
             assert!(pair[1].0 - pair[0].0 >= Duration::from_millis(200));
         }
@@ -626,11 +628,11 @@ mod tests {
         ]);
         let mut reader = PolledShard::open(api, "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        reader.next().await.unwrap();
+            .expect("open");
+        reader.next().await.expect("read");
         tokio::time::sleep(Duration::from_millis(300)).await;
         let before = Instant::now();
-        reader.next().await.unwrap();
+        reader.next().await.expect("read");
         assert_eq!(before.elapsed(), Duration::ZERO);
     }
 
@@ -643,17 +645,17 @@ mod tests {
         ]);
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        assert_eq!(positions(&reader.next().await.unwrap()), ["1", "2"]);
-        assert_eq!(positions(&reader.next().await.unwrap()), ["3"]);
+            .expect("open");
+        assert_eq!(positions(&reader.next().await.expect("read")), ["1", "2"]);
+        assert_eq!(positions(&reader.next().await.expect("read")), ["3"]);
         assert_eq!(
-            *api.opened.lock().unwrap(),
+            *api.opened.lock().expect("lock"),
             [StartAt::TrimHorizon, StartAt::AfterSequence("2".into())]
         );
         let calls: Vec<_> = api
             .calls
             .lock()
-            .unwrap()
+            .expect("lock")
             .iter()
             .map(|c| c.1.clone())
             .collect();
@@ -669,10 +671,10 @@ mod tests {
         let mut reader =
             PolledShard::open(api.clone(), "s", StartAt::AtTimestamp(5), kinesis_rules())
                 .await
-                .unwrap();
-        assert_eq!(positions(&reader.next().await.unwrap()), ["7"]);
+                .expect("open");
+        assert_eq!(positions(&reader.next().await.expect("read")), ["7"]);
         assert_eq!(
-            *api.opened.lock().unwrap(),
+            *api.opened.lock().expect("lock"),
             [StartAt::AtTimestamp(5), StartAt::AtTimestamp(5)]
         );
     }
@@ -685,8 +687,8 @@ mod tests {
         ]);
         let mut reader = PolledShard::open(api, "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        let err = reader.next().await.unwrap_err();
+            .expect("open");
+        let err = reader.next().await.expect_err("the read fails");
         assert!(
             matches!(err, ReadError::ExpiredIterator(_)) && err.is_retriable(),
             "{err:?}"
@@ -701,10 +703,10 @@ mod tests {
         ]);
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
+            .expect("open");
         assert!(matches!(reader.next().await, Err(ReadError::Throttled(_))));
-        assert_eq!(positions(&reader.next().await.unwrap()), ["1"]);
-        let calls = api.calls.lock().unwrap();
+        assert_eq!(positions(&reader.next().await.expect("read")), ["1"]);
+        let calls = api.calls.lock().expect("lock");
         assert_eq!(calls[0].1, calls[1].1);
         assert!(calls[1].0 - calls[0].0 >= Duration::from_secs(1));
     }
@@ -714,12 +716,12 @@ mod tests {
         let api = fake(vec![Ok(page(&["1"], None, Some(0)))]);
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        let read = reader.next().await.unwrap();
+            .expect("open");
+        let read = reader.next().await.expect("read");
         assert_eq!((positions(&read), read.end_of_shard), (vec!["1"], true));
-        let again = reader.next().await.unwrap();
+        let again = reader.next().await.expect("read");
         assert!(again.end_of_shard && again.records.is_empty());
-        assert_eq!(api.calls.lock().unwrap().len(), 1);
+        assert_eq!(api.calls.lock().expect("lock").len(), 1);
     }
 
     #[tokio::test(start_paused = true)]
@@ -731,13 +733,13 @@ mod tests {
         ]);
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        assert!(!reader.next().await.unwrap().end_of_shard);
+            .expect("open");
+        assert!(!reader.next().await.expect("read").end_of_shard);
         // Still open: an empty read is only the tip.
-        assert!(!reader.next().await.unwrap().end_of_shard);
+        assert!(!reader.next().await.expect("read").end_of_shard);
         // Closed meanwhile (moto's split leaves the parent empty, ending at "0").
-        *api.ending.lock().unwrap() = Some("0".into());
-        assert!(reader.next().await.unwrap().end_of_shard);
+        *api.ending.lock().expect("lock") = Some("0".into());
+        assert!(reader.next().await.expect("read").end_of_shard);
     }
 
     #[tokio::test(start_paused = true)]
@@ -746,12 +748,12 @@ mod tests {
             Ok(page(&[], Some("n"), Some(3000))),
             Ok(page(&["9"], Some("n"), Some(0))),
         ]);
-        *api.ending.lock().unwrap() = Some("9".into());
+        *api.ending.lock().expect("lock") = Some("9".into());
         let mut reader = PolledShard::open(api, "s", StartAt::TrimHorizon, kinesis_rules())
             .await
-            .unwrap();
-        assert!(!reader.next().await.unwrap().end_of_shard);
-        let read = reader.next().await.unwrap();
+            .expect("open");
+        assert!(!reader.next().await.expect("read").end_of_shard);
+        let read = reader.next().await.expect("read");
         // Its last record reached the ending sequence number: no need for another read.
         assert_eq!((positions(&read), read.end_of_shard), (vec!["9"], true));
     }
@@ -762,16 +764,16 @@ mod tests {
             Ok(page(&[], Some("n"), None)),
             Ok(page(&[], None, None)),
         ]);
-        *api.ending.lock().unwrap() = Some("5".into());
+        *api.ending.lock().expect("lock") = Some("5".into());
         let rules = Rules {
             empty_read_ends_closed_shard: false,
             ..kinesis_rules()
         };
         let mut reader = PolledShard::open(api, "s", StartAt::TrimHorizon, rules)
             .await
-            .unwrap();
-        assert!(!reader.next().await.unwrap().end_of_shard);
-        assert!(reader.next().await.unwrap().end_of_shard);
+            .expect("open");
+        assert!(!reader.next().await.expect("read").end_of_shard);
+        assert!(reader.next().await.expect("read").end_of_shard);
     }
 
     #[tokio::test(start_paused = true)]
@@ -787,8 +789,8 @@ mod tests {
         };
         let mut reader = PolledShard::open(api.clone(), "s", StartAt::AtTimestamp(5_500), rules)
             .await
-            .unwrap();
-        assert_eq!(positions(&reader.next().await.unwrap()), ["3"]);
-        assert_eq!(*api.opened.lock().unwrap(), [StartAt::TrimHorizon]);
+            .expect("open");
+        assert_eq!(positions(&reader.next().await.expect("read")), ["3"]);
+        assert_eq!(*api.opened.lock().expect("lock"), [StartAt::TrimHorizon]);
     }
 }

@@ -62,10 +62,9 @@ impl Message<'_> {
         // Lambda's filters see `data` decoded when it is JSON.
         let mut filter_view = lambda.clone();
         filter_view["data"] = json_or_null(&Bytes::copy_from_slice(self.data));
-        let id = match self.properties.message_id() {
-            Some(id) if !id.as_str().is_empty() => id.to_string(),
-            _ => self.handle(),
-        };
+        // The delivery names the record: publishers may reuse message ids, and the pipeline
+        // settles records by id, so a shared id would tie unrelated messages' outcomes.
+        let id = self.handle();
         let arrival_ms = match self.properties.timestamp() {
             Some(secs) => i64::try_from(*secs).unwrap_or(i64::MAX / 1000).saturating_mul(1000),
             None => now_ms,
@@ -121,7 +120,12 @@ fn basic_properties(p: &BasicProperties, body_size: usize) -> Value {
 }
 
 fn table(t: &FieldTable) -> Value {
-    Value::Object(t.inner().iter().map(|(k, v)| (k.to_string(), header_value(v))).collect())
+    Value::Object(
+        t.inner()
+            .iter()
+            .map(|(k, v)| (k.to_string(), header_value(v)))
+            .collect(),
+    )
 }
 
 /// A header value as Gson writes the Java client's: strings are `LongString` objects whose only
@@ -190,7 +194,14 @@ mod tests {
     }
 
     fn message<'a>(properties: &'a BasicProperties, data: &'a [u8], redelivered: bool) -> Message<'a> {
-        Message { generation: 3, delivery_tag: 17, routing_key: "orders.eu", redelivered, properties, data }
+        Message {
+            generation: 3,
+            delivery_tag: 17,
+            routing_key: "orders.eu",
+            redelivered,
+            properties,
+            data,
+        }
     }
 
     #[test]
@@ -224,7 +235,10 @@ mod tests {
         assert_eq!(first.headers["é"], json!({"bytes": [-61, -87]}));
         assert_eq!(first.headers["raw"], json!([1, -1]));
         assert_eq!(first.headers["list"], json!([true, null]));
-        assert_eq!(messages[0].data.as_deref(), Some(B64.encode(br#"{"total": 12}"#).as_str()));
+        assert_eq!(
+            messages[0].data.as_deref(),
+            Some(B64.encode(br#"{"total": 12}"#).as_str())
+        );
         assert!(!messages[0].redelivered);
         // A publisher that sets nothing still gets AMQP's defaults, not nulls.
         let second = &messages[1].basic_properties;
@@ -232,14 +246,18 @@ mod tests {
         assert!(second.headers.is_empty());
         assert!(messages[1].redelivered);
         // The key Lambda's `type` property has, not the Rust field name.
-        assert!(event["rmqMessagesByQueue"]["orders::/"][0]["basicProperties"].get("type").is_some());
+        assert!(
+            event["rmqMessagesByQueue"]["orders::/"][0]["basicProperties"]
+                .get("type")
+                .is_some()
+        );
     }
 
     #[test]
     fn a_record_names_its_delivery_and_decodes_json_for_filters() {
         let properties = BasicProperties::default().with_message_id("m-1".into());
         let record = message(&properties, br#"{"total": 12}"#, false).record(5);
-        assert_eq!(record.id, "m-1");
+        assert_eq!(record.id, "3:17", "the delivery names the record, not the publisher's id");
         assert_eq!((record.position.as_str(), record.key.as_str()), ("17", "orders.eu"));
         assert_eq!((record.arrival_ms, record.size), (5, 13));
         assert_eq!(record.filter_view["data"], json!({"total": 12}));
@@ -247,7 +265,6 @@ mod tests {
 
         let anonymous = BasicProperties::default().with_timestamp(7);
         let record = message(&anonymous, b"\x00\x01", false).record(5);
-        assert_eq!(record.id, "3:17", "without a message id the delivery names itself");
         assert_eq!(record.arrival_ms, 7000);
         assert_eq!(record.filter_view["data"], Value::Null);
         assert_eq!(record.lambda["data"], B64.encode(b"\x00\x01"));

@@ -28,8 +28,8 @@ use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tracing::{debug, info, warn};
 
-pub use self::message::{EVENT_SOURCE, envelope, queue_key};
 use self::message::Message;
+pub use self::message::{EVENT_SOURCE, envelope, queue_key};
 use crate::queue::{Delivery, QueueSource, Redelivery};
 use crate::record::Record;
 use crate::stream::ReadError;
@@ -109,7 +109,11 @@ impl RabbitMqSource {
         };
         let opened = open(&target).await.map_err(|e| classify(&target, &e))?;
         let (tx, rx) = mpsc::channel(usize::from(prefetch).max(1));
-        let link = Arc::new(Mutex::new(Link::default()));
+        // Connected from the start, so that an early `receive` waits instead of reporting an outage.
+        let link = Arc::new(Mutex::new(Link {
+            channel: Some(opened.channel.clone()),
+            ..Link::default()
+        }));
         let stop = CancellationToken::new();
         tokio::spawn(run(target, opened, link.clone(), tx, stop.clone()));
         Ok(Self {
@@ -154,7 +158,11 @@ impl RabbitMqSource {
             // already settled). Another batch's deliveries may sit below.
             let covered = link.unsettled.range(..=last).count();
             let multiple = how != Settle::Reject && current.len() > 1 && covered == current.len();
-            let plan = if multiple { Plan::UpTo(last) } else { Plan::Each(current.clone()) };
+            let plan = if multiple {
+                Plan::UpTo(last)
+            } else {
+                Plan::Each(current.clone())
+            };
             for tag in &current {
                 link.unsettled.remove(tag);
             }
@@ -197,7 +205,17 @@ impl Settle {
     async fn send(self, channel: &Channel, tag: u64, multiple: bool) -> lapin::Result<()> {
         match self {
             Settle::Ack => channel.basic_ack(tag, BasicAckOptions { multiple }).await,
-            Settle::Release => channel.basic_nack(tag, BasicNackOptions { multiple, requeue: true }).await,
+            Settle::Release => {
+                channel
+                    .basic_nack(
+                        tag,
+                        BasicNackOptions {
+                            multiple,
+                            requeue: true,
+                        },
+                    )
+                    .await
+            }
             Settle::Reject => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
         }
     }
@@ -329,7 +347,11 @@ async fn open(target: &Target) -> lapin::Result<Opened> {
         Ok::<_, lapin::Error>((channel, consumer))
     };
     match consume.await {
-        Ok((channel, consumer)) => Ok(Opened { connection, channel, consumer }),
+        Ok((channel, consumer)) => Ok(Opened {
+            connection,
+            channel,
+            consumer,
+        }),
         Err(e) => {
             let _ = connection.close(200, "cannot consume".into()).await;
             Err(e)
@@ -343,7 +365,13 @@ enum Ended {
 }
 
 /// Owns the connection: consumes until it breaks, then connects again, until stopped.
-async fn run(target: Target, first: Opened, link: Arc<Mutex<Link>>, tx: mpsc::Sender<Received>, stop: CancellationToken) {
+async fn run(
+    target: Target,
+    first: Opened,
+    link: Arc<Mutex<Link>>,
+    tx: mpsc::Sender<Received>,
+    stop: CancellationToken,
+) {
     let mut backoff = MIN_BACKOFF;
     let mut next = Some(first);
     loop {
@@ -367,7 +395,11 @@ async fn run(target: Target, first: Opened, link: Arc<Mutex<Link>>, tx: mpsc::Se
                 }
             }
         };
-        let Opened { connection, channel, consumer } = opened;
+        let Opened {
+            connection,
+            channel,
+            consumer,
+        } = opened;
         let generation = {
             let mut l = lock(&link);
             l.generation += 1;

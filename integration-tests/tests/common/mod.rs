@@ -45,6 +45,16 @@ impl Function {
         .set("runtime", "process")
     }
 
+    /// A `native` function: its handler is registered with the `sluice::NativeRegistry` given
+    /// to [`Sluice::start_native_in`], under the function's name unless `handler` says otherwise.
+    pub fn native(name: &str) -> Self {
+        Function {
+            name: name.to_owned(),
+            settings: BTreeMap::new(),
+        }
+        .set("runtime", "native")
+    }
+
     /// `fn-rust` (see `sluice_integration_tests::test_function`), with an empty package.
     pub fn rust(name: &str) -> Self {
         Self::process(name)
@@ -141,6 +151,16 @@ impl Sluice {
 
     /// Starts Sluice in `dir` (from [`Sluice::new_dir`]), on the state already there.
     pub async fn start_in(dir: TempDir, functions: &[Function], extra_yaml: &str) -> Sluice {
+        Self::start_native_in(dir, functions, extra_yaml, sluice::NativeRegistry::new()).await
+    }
+
+    /// [`Sluice::start_in`] with handlers for the functions with `runtime: native`.
+    pub async fn start_native_in(
+        dir: TempDir,
+        functions: &[Function],
+        extra_yaml: &str,
+        native: sluice::NativeRegistry,
+    ) -> Sluice {
         let mut yaml = format!(
             "state: {}\nfunctions:\n",
             quoted(&format!(
@@ -161,7 +181,7 @@ impl Sluice {
         let options = sluice::StartOptions {
             listen: Some("127.0.0.1:0".parse().expect("socket address")),
             data_dir: Some(dir.path().join("data")),
-            ..Default::default()
+            native,
         };
         let running = sluice::start(config, options)
             .await
