@@ -57,6 +57,7 @@ fn error(e: ManageError) -> Response {
 }
 
 /// Request bodies are JSON whatever their content type says, and may be empty.
+#[allow(clippy::result_large_err, reason = "the error is the handler's finished response, returned at once")]
 fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -73,6 +74,7 @@ fn invalid(message: impl Into<String>) -> Response {
 }
 
 /// The function a path names; a qualifier in the name is refused where Lambda refuses it.
+#[allow(clippy::result_large_err, reason = "the error is the handler's finished response, returned at once")]
 fn function<'a>(state: &'a ApiState, raw: &str) -> Result<&'a std::sync::Arc<Function>, Response> {
     let fref = parse_function_ref(raw, None).map_err(invalid)?;
     state.functions.get(&fref.name).ok_or_else(|| {

@@ -354,6 +354,13 @@ pub fn client_config(name: &str, config: &KafkaConfig) -> ClientConfig {
     for (key, value) in &config.properties {
         c.set(key, value);
     }
+    // rdkafka sets librdkafka's log level from the `log` crate's, which Sluice does not use:
+    // whoever asks for librdkafka's `debug` contexts wants to see them.
+    c.set_log_level(if config.properties.contains_key("debug") {
+        rdkafka::config::RDKafkaLogLevel::Debug
+    } else {
+        rdkafka::config::RDKafkaLogLevel::Warning
+    });
     c
 }
 

@@ -18,6 +18,7 @@ pub struct Record {
     /// The record in the shape Lambda delivers it (one element of `Records`).
     pub lambda: serde_json::Value,
     /// The view filters match against: Lambda's record with its data decoded from JSON when
-    /// it is JSON (`data` for Kinesis, `body` for SQS, `value` for Kafka).
+    /// it is JSON (`body` for SQS, `value` for Kafka); for Kinesis, the record's `kinesis`
+    /// object with `data` decoded, as Lambda's Kinesis patterns (`{"data": …}`) expect.
     pub filter_view: serde_json::Value,
 }

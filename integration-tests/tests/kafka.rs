@@ -217,6 +217,10 @@ fn kafka_config(brokers: &str, topic: &str, group: &str, mapping: MappingConfig)
         "topic.metadata.refresh.interval.ms".to_string(),
         "1000".to_string(),
     );
+    // librdkafka's own debug contexts, when diagnosing: SLUICE_TEST_KAFKA_DEBUG=cgrp,fetch
+    if let Ok(contexts) = std::env::var("SLUICE_TEST_KAFKA_DEBUG") {
+        properties.insert("debug".to_string(), contexts);
+    }
     KafkaConfig {
         brokers: vec![brokers.to_string()],
         topics: vec![topic.to_string()],
@@ -872,4 +876,19 @@ async fn tansu_two_instances_share_partitions_and_a_killed_one_loses_nothing() {
             .cloned()
             .collect::<Vec<_>>(),
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zz_probe_tansu_mid_batch_fetch() {
+    let brokers = tansu();
+    let topic = unique("probe");
+    create_topic(&brokers, &topic, 1).await;
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", &brokers).set("linger.ms", "50").create().expect("p");
+    let offsets = produce(&p, &topic, 0, &values("v", 100), 1).await;
+    let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &brokers).set("group.id", unique("probe")).create().expect("c");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 0, Offset::Offset(30)).expect("tpl");
+    c.assign(&tpl).expect("assign");
+    let m = loop { if let Some(m) = c.poll(Duration::from_secs(5)) { break m.expect("msg"); } };
+    eprintln!("PROBE produced {}..{}; fetch at 30 gave first offset {}", offsets[0], offsets[99], m.offset());
 }

@@ -361,6 +361,7 @@ impl Partition {
             let first = offset(buffer.first()).unwrap_or_default();
             let last = offset(buffer.last()).unwrap_or_default();
             self.record_lag((*committed.borrow()).unwrap_or(first));
+            tracing::trace!(source = %mapping.name, partition = %tp, first, last, "round");
             let records = mapping.filter(buffer);
             let round = process_round(mapping, records, &batch_source, &envelope);
             let abandon = async {
@@ -404,6 +405,7 @@ impl Partition {
                 let (s, t) = (self.source.clone(), tp.clone());
                 match tokio::task::spawn_blocking(move || s.commit_sync(&t, next)).await {
                     Ok(Ok(())) => {
+                        tracing::trace!(source = %mapping.name, partition = %tp, offset = next, "committed");
                         committed = Some(next);
                         committed_tx.send_replace(committed);
                         backoff = Duration::from_millis(50);

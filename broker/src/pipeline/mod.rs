@@ -460,3 +460,140 @@ impl Mapping {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use sluice_config::RetryConfig;
+    use sluice_plugins::DeadLetterError;
+
+    use super::*;
+    use crate::NativeRegistry;
+
+    const MAX_AGE: Duration = Duration::from_secs(60);
+
+    /// An on-failure destination that keeps what it is given.
+    #[derive(Default)]
+    struct Kept(Mutex<Vec<Value>>);
+
+    #[async_trait::async_trait]
+    impl DeadLetterSink for Kept {
+        async fn write(&self, record: &Value) -> Result<(), DeadLetterError> {
+            self.0.lock().expect("kept").push(record.clone());
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "kept".into()
+        }
+    }
+
+    impl Kept {
+        fn records(&self) -> Vec<Value> {
+            self.0.lock().expect("kept").clone()
+        }
+    }
+
+    /// A shard record that reached the source `age_ms` ago.
+    fn record(seq: &str, age_ms: i64) -> Record {
+        Record {
+            id: seq.into(),
+            position: seq.into(),
+            key: "k".into(),
+            arrival_ms: now_ms() - age_ms,
+            size: 1,
+            lambda: json!({ "seq": seq }),
+            filter_view: json!({ "seq": seq }),
+        }
+    }
+
+    /// A mapping with `max_record_age` and no attempt limit into a native function `f` that
+    /// notes the sequence numbers of every batch and fails when `fail` says so.
+    fn mapping(fail: bool, seen: Arc<Mutex<Vec<Vec<String>>>>, dir: &std::path::Path, dead: Arc<Kept>) -> Mapping {
+        let mut native = NativeRegistry::new();
+        native.register("f", move |event: Value, _ctx| {
+            let batch = event["Records"]
+                .as_array()
+                .map(|rs| rs.iter().map(|r| r["seq"].as_str().unwrap_or_default().to_string()).collect())
+                .unwrap_or_default();
+            seen.lock().expect("seen").push(batch);
+            async move {
+                if fail {
+                    Err(FunctionError::new("Boom", "fails on purpose"))
+                } else {
+                    Ok(Value::Null)
+                }
+            }
+        });
+        let config = sluice_config::parse_str("functions:\n  f: {runtime: native}\n", "test.yaml", dir, &|_| None)
+            .expect("the test configuration loads");
+        let functions = Arc::new(Functions::build(&config, &native, dir).expect("the functions build"));
+        let config = MappingConfig {
+            retry: RetryConfig { max_attempts: None, max_record_age: Some(MAX_AGE) },
+            ..MappingConfig::default()
+        };
+        let on_failure: Arc<dyn DeadLetterSink> = dead;
+        Mapping::new("m", "f", config, functions, Some(("dlq".into(), on_failure)), CancellationToken::new()).expect("mapping")
+    }
+
+    fn envelope() -> Envelope {
+        Arc::new(|records: &[&Record]| json!({ "Records": records.iter().map(|r| &r.lambda).collect::<Vec<_>>() }))
+    }
+
+    fn source() -> BatchSource {
+        BatchSource {
+            info_key: "KinesisBatchInfo",
+            source_arn: "arn:aws:kinesis:us-east-1:000000000000:stream/s".into(),
+            partition: "shardId-000000000000".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn records_older_than_max_record_age_go_to_on_failure_without_an_invoke() {
+        let dir = tempfile::tempdir().expect("dir");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let dead = Arc::new(Kept::default());
+        let mapping = mapping(false, seen.clone(), dir.path(), dead.clone());
+        let records = [record("1", 61_000), record("2", 1_000), record("3", 0)];
+        let unrouted = mapping.run_to_completion(&records, &source(), &envelope()).await.expect("not stopped");
+        assert!(unrouted.is_empty(), "written to the destination, not handed back");
+
+        assert_eq!(*seen.lock().expect("seen"), [vec!["2".to_string(), "3".to_string()]]);
+        let dead = dead.records();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        let failure = &dead[0];
+        assert_eq!(failure["requestContext"]["condition"], "RecordAgeExceeded");
+        assert_eq!(failure["requestContext"]["approximateInvokeCount"], 0);
+        let info = &failure["KinesisBatchInfo"];
+        assert_eq!((info["startSequenceNumber"].as_str(), info["endSequenceNumber"].as_str()), (Some("1"), Some("1")));
+        assert_eq!(info["batchSize"], 1);
+        assert_eq!(failure["sluice"]["records"], json!([{ "seq": "1" }]));
+    }
+
+    #[tokio::test]
+    async fn a_failing_record_is_retried_until_it_is_older_than_max_record_age() {
+        let dir = tempfile::tempdir().expect("dir");
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let dead = Arc::new(Kept::default());
+        let mapping = mapping(true, seen.clone(), dir.path(), dead.clone());
+        // 400 ms short of the limit: a few retries fit before it expires.
+        let records = [record("7", MAX_AGE.as_millis() as i64 - 400)];
+        let started = std::time::Instant::now();
+        let unrouted = tokio::time::timeout(Duration::from_secs(10), mapping.run_to_completion(&records, &source(), &envelope()))
+            .await
+            .expect("the record expired instead of being retried for ever")
+            .expect("not stopped");
+        assert!(unrouted.is_empty());
+        assert!(started.elapsed() >= Duration::from_millis(300), "given up after {:?}, before it expired", started.elapsed());
+
+        let tries = seen.lock().expect("seen").len();
+        assert!(tries >= 2, "tried {tries} times before it expired");
+        let dead = dead.records();
+        assert_eq!(dead.len(), 1, "{dead:?}");
+        assert_eq!(dead[0]["requestContext"]["condition"], "RecordAgeExceeded");
+        assert_eq!(dead[0]["requestContext"]["approximateInvokeCount"], tries);
+        assert_eq!(dead[0]["sluice"]["attempts"].as_array().map(Vec::len), Some(tries));
+        assert_eq!(dead[0]["sluice"]["error"]["errorType"], "Boom");
+        assert_eq!(dead[0]["KinesisBatchInfo"]["startSequenceNumber"], "7");
+    }
+}

@@ -2,7 +2,7 @@
 //! shard, children only after their parents are fully processed, and a checkpoint per shard
 //! that never moves past a record whose outcome is not final.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -171,12 +171,15 @@ async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: 
         }
     };
     tracing::info!(source = %mapping.name, %shard, "reading shard");
-    let want = (mapping.config.batch.size as usize).saturating_mul(mapping.config.parallelization.max(1) as usize);
-    let mut buffer: Vec<Record> = Vec::new();
+    let want = (mapping.config.batch.size as usize).saturating_mul(mapping.config.parallelization.max(1) as usize).max(1);
+    // Records read and not yet run. A round takes at most `want` of them and is checkpointed
+    // when done, so a crash repeats at most one round; reads wait while a round's worth is
+    // buffered, so a slow function slows the reads instead of growing the buffer.
+    let mut buffer: VecDeque<Record> = VecDeque::new();
+    let mut end_of_shard = false;
     loop {
         let gather_until = Instant::now() + mapping.config.batch.window;
-        let mut end_of_shard = false;
-        loop {
+        while !end_of_shard && buffer.len() < want {
             let read = tokio::select! {
                 _ = mapping.stop.cancelled() => return,
                 read = reader.next() => read,
@@ -200,13 +203,14 @@ async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: 
                     }
                 }
             }
-            if end_of_shard || buffer.len() >= want || Instant::now() >= gather_until {
+            if Instant::now() >= gather_until {
                 break;
             }
         }
         if !buffer.is_empty() {
-            let last = buffer.last().map(|r| r.position.clone());
-            let records = mapping.filter(std::mem::take(&mut buffer));
+            let round: Vec<Record> = buffer.drain(..buffer.len().min(want)).collect();
+            let last = round.last().map(|r| r.position.clone());
+            let records = mapping.filter(round);
             if !process_round(&mapping, records, &batch_source, &envelope).await {
                 // Stopping with records whose outcome is not final: no checkpoint past them.
                 return;
@@ -214,7 +218,7 @@ async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: 
             last_checkpoint = last;
             save(&mapping, store.as_ref(), &shard, &last_checkpoint, false).await;
         }
-        if end_of_shard {
+        if end_of_shard && buffer.is_empty() {
             save(&mapping, store.as_ref(), &shard, &last_checkpoint, true).await;
             tracing::info!(source = %mapping.name, %shard, "shard closed and fully processed");
             return;

@@ -292,9 +292,10 @@ pub(crate) fn lambda_record(
         "awsRegion": region,
         "eventSourceARN": stream_arn,
     });
-    // Lambda's filters see `data` decoded when it is JSON.
-    let mut filter_view = lambda.clone();
-    filter_view["kinesis"]["data"] = json_or_null(&data);
+    // Lambda's Kinesis filters match the `kinesis` object's fields at the top level
+    // (`{"data": {...}}`, `{"partitionKey": [...]}`), with `data` decoded when it is JSON.
+    let mut filter_view = lambda["kinesis"].clone();
+    filter_view["data"] = json_or_null(&data);
     Record {
         id: sequence.to_string(),
         position: sequence.to_string(),
@@ -385,15 +386,15 @@ mod tests {
             "eu-west-1",
             ARN,
         );
-        assert_eq!(record.filter_view["kinesis"]["data"], json!({"total": 12}));
-        assert_eq!(record.filter_view["kinesis"]["partitionKey"], "customer-7");
+        assert_eq!(record.filter_view["data"], json!({"total": 12}));
+        assert_eq!(record.filter_view["partitionKey"], "customer-7");
         let opaque = lambda_record(
             &sdk_record(b"\x00\x01 not json"),
             "shardId-0",
             "eu-west-1",
             ARN,
         );
-        assert_eq!(opaque.filter_view["kinesis"]["data"], Value::Null);
+        assert_eq!(opaque.filter_view["data"], Value::Null);
         assert_eq!(
             opaque.lambda["kinesis"]["data"],
             B64.encode(b"\x00\x01 not json")

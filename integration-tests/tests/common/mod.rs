@@ -564,3 +564,159 @@ pub fn recorder(name: &str, dir: &Path, record_to: &Path) -> Function {
         &format!("{{RECORD_TO: {}}}", quoted(&record_to.to_string_lossy())),
     )
 }
+
+/// The moto_server the AWS tests share (`scripts/test` starts one and sets SLUICE_TEST_MOTO).
+pub fn moto_url() -> String {
+    std::env::var("SLUICE_TEST_MOTO").unwrap_or_else(|_| {
+        panic!(
+            "SLUICE_TEST_MOTO is not set: these tests need a moto_server. Run them with \
+             scripts/test, which starts one, or start `moto_server -H 127.0.0.1 -p PORT` and set \
+             SLUICE_TEST_MOTO=http://127.0.0.1:PORT (with AWS_ACCESS_KEY_ID, \
+             AWS_SECRET_ACCESS_KEY and AWS_REGION set)"
+        )
+    })
+}
+
+/// Starts Sluice in-process on the state store at `state` (`sqlite://…` or `postgres://…`),
+/// with `yaml` (functions, sources, dead letters) after the `state:` line and its packages
+/// under `data_dir`; panics saying why it did not start.
+pub async fn start_on_state(
+    state: &str,
+    data_dir: &Path,
+    yaml: &str,
+    native: sluice::NativeRegistry,
+) -> sluice::Running {
+    let yaml = format!("state: {}\n{yaml}", quoted(state));
+    let config = sluice_config::parse_str(&yaml, "test.yaml", data_dir, &|key| {
+        std::env::var(key).ok()
+    })
+    .unwrap_or_else(|errors| {
+        panic!("the test configuration does not load:\n{errors}\n---\n{yaml}")
+    });
+    let options = sluice::StartOptions {
+        listen: Some("127.0.0.1:0".parse().expect("socket address")),
+        data_dir: Some(data_dir.to_path_buf()),
+        native,
+    };
+    sluice::start(config, options)
+        .await
+        .unwrap_or_else(|error| panic!("sluice does not start: {error}\n---\n{yaml}"))
+}
+
+/// A new, empty database on the PostgreSQL server the test command provides
+/// (`SLUICE_TEST_POSTGRES`, default the local trust-auth server), as a `postgres://` URL.
+pub async fn new_postgres_database() -> String {
+    let admin_url = std::env::var("SLUICE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let db = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = sqlx::PgPool::connect(&admin_url)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL at {admin_url} (run scripts/test): {e}"));
+    sqlx::query(&format!("CREATE DATABASE {db}"))
+        .execute(&admin)
+        .await
+        .expect("create the test database");
+    admin.close().await;
+    match admin_url.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{db}"),
+        None => panic!("no database in {admin_url}"),
+    }
+}
+
+/// Waits until `done` answers true, checking every 20 ms; fails the test after `limit`.
+pub async fn wait_until(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let started = Instant::now();
+    while !done().await {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A Sluice running in-process on a SQLite state of its own, whose checkpoints the test reads.
+pub struct StatefulSluice {
+    pub running: sluice::Running,
+    store: Box<dyn sluice::state::StateStore>,
+    dir: TempDir,
+}
+
+impl StatefulSluice {
+    /// Starts Sluice with `yaml` (functions, sources, dead letters) on a new state.
+    pub async fn start(yaml: &str, native: sluice::NativeRegistry) -> StatefulSluice {
+        let dir = tempfile::tempdir().expect("state directory");
+        Self::start_in(dir, yaml, native).await
+    }
+
+    /// Starts Sluice on the state in `dir` (from [`StatefulSluice::stop`]).
+    pub async fn start_in(
+        dir: TempDir,
+        yaml: &str,
+        native: sluice::NativeRegistry,
+    ) -> StatefulSluice {
+        let state = format!("sqlite://{}", dir.path().join("state.db").display());
+        let running = start_on_state(&state, dir.path(), yaml, native).await;
+        let store = sluice::state::open(&state, Path::new("."))
+            .await
+            .expect("open the state");
+        StatefulSluice {
+            running,
+            store,
+            dir,
+        }
+    }
+
+    /// Stops it gracefully and hands back its directory, to start another on the same state.
+    pub async fn stop(self) -> TempDir {
+        self.running.shutdown().await;
+        self.dir
+    }
+
+    pub async fn checkpoint(
+        &self,
+        source: &str,
+        shard: &str,
+    ) -> Option<sluice::state::Checkpoint> {
+        self.store
+            .checkpoint(source, shard)
+            .await
+            .expect("read a checkpoint")
+    }
+
+    /// Waits until each shard's checkpoint is at the sequence number `last` gives for it.
+    pub async fn wait_for_checkpoints(
+        &self,
+        source: &str,
+        last: &BTreeMap<String, String>,
+        limit: Duration,
+    ) {
+        wait_until(&format!("the checkpoints reach {last:?}"), limit, async || {
+            for (shard, seq) in last {
+                let at = self.checkpoint(source, shard).await.and_then(|c| c.sequence);
+                if at.as_deref() != Some(seq.as_str()) {
+                    return false;
+                }
+            }
+            true
+        })
+        .await;
+    }
+
+    /// Its Prometheus metrics, as `GET /metrics` renders them.
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://{}/metrics", self.running.api_addr());
+        reqwest::Client::builder()
+            .no_proxy()
+            .timeout(REQUEST_TIMEOUT)
+            .build()
+            .expect("HTTP client")
+            .get(url)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics")
+    }
+}
