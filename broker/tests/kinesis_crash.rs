@@ -80,8 +80,8 @@ fn lines(path: &Path) -> Vec<(String, String)> {
     complete
         .lines()
         .map(|l| {
-            let v: Value = serde_json::from_str(l)
-                .unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display()));
+            let v: Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{}: {e}: {l}", path.display()));
             let field = |k: &str| v[k].as_str().expect("a string").to_string();
             (field("shard"), field("seq"))
         })
@@ -233,7 +233,12 @@ sources:
     let after = &all[before.len()..];
     for (shard, seqs) in &put {
         let from = match &at_kill[shard] {
-            Some(seq) => seqs.iter().position(|s| s == seq).expect("a checkpoint of a put record") + 1,
+            Some(seq) => {
+                seqs.iter()
+                    .position(|s| s == seq)
+                    .expect("a checkpoint of a put record")
+                    + 1
+            }
             None => 0,
         };
         let mut resumed: Vec<&String> = after
@@ -244,7 +249,11 @@ sources:
         let count = resumed.len();
         resumed.sort_by(|a, b| a.len().cmp(&b.len()).then_with(|| a.cmp(b)));
         resumed.dedup();
-        assert_eq!(count, resumed.len(), "{shard}: the second run repeated records");
+        assert_eq!(
+            count,
+            resumed.len(),
+            "{shard}: the second run repeated records"
+        );
         assert_eq!(
             resumed,
             seqs[from..].iter().collect::<Vec<_>>(),

@@ -249,8 +249,14 @@ async fn latencies(client: &Client, rate: u32, secs: u32) -> Vec<Duration> {
         let sent = sent_in.lock().expect("sent");
         let mut delays = delays_in.lock().expect("delays");
         for record in event["Records"].as_array().into_iter().flatten() {
-            let key = record["kinesis"]["partitionKey"].as_str().unwrap_or_default();
-            if let Some(at) = key.parse::<usize>().ok().and_then(|i| sent.get(i).copied().flatten()) {
+            let key = record["kinesis"]["partitionKey"]
+                .as_str()
+                .unwrap_or_default();
+            if let Some(at) = key
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| sent.get(i).copied().flatten())
+            {
                 delays.push(entered.saturating_duration_since(at));
             }
         }
@@ -274,7 +280,10 @@ async fn latencies(client: &Client, rate: u32, secs: u32) -> Vec<Duration> {
     put(0).await;
     let started = Instant::now();
     while delays.lock().expect("delays").is_empty() {
-        assert!(started.elapsed() < LIMIT, "the warm-up record never arrived");
+        assert!(
+            started.elapsed() < LIMIT,
+            "the warm-up record never arrived"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     delays.lock().expect("delays").clear();

@@ -35,7 +35,7 @@ const LIMIT: Duration = Duration::from_secs(900);
 /// Messages per row. `cargo bench` passes `--bench`; without it a smoke run is enough.
 fn messages() -> usize {
     if std::env::args().any(|arg| arg == "--bench") {
-        4_000
+        1_000
     } else {
         100
     }

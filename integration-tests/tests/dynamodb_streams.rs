@@ -162,7 +162,12 @@ impl Table {
             .expect("describe the stream");
         let shards: Vec<String> = described
             .stream_description()
-            .map(|d| d.shards().iter().filter_map(|s| s.shard_id().map(str::to_string)).collect())
+            .map(|d| {
+                d.shards()
+                    .iter()
+                    .filter_map(|s| s.shard_id().map(str::to_string))
+                    .collect()
+            })
             .unwrap_or_default();
         let mut changes = Vec::new();
         for shard in shards {
@@ -188,10 +193,19 @@ impl Table {
                 if out.records().is_empty() {
                     break;
                 }
-                changes.extend(out.records().iter().map(|r| Change {
-                    shard: shard.clone(),
-                    seq: r.dynamodb().and_then(|d| d.sequence_number()).unwrap_or_default().to_string(),
-                    name: r.event_name().map(|n| n.as_str().to_string()).unwrap_or_default(),
+                changes.extend(out.records().iter().map(|r| {
+                    Change {
+                        shard: shard.clone(),
+                        seq: r
+                            .dynamodb()
+                            .and_then(|d| d.sequence_number())
+                            .unwrap_or_default()
+                            .to_string(),
+                        name: r
+                            .event_name()
+                            .map(|n| n.as_str().to_string())
+                            .unwrap_or_default(),
+                    }
                 }));
                 iterator = out.next_shard_iterator().map(str::to_string);
             }
@@ -249,7 +263,10 @@ impl Recorder {
                 let running = this.running.fetch_add(1, Ordering::SeqCst) + 1;
                 this.peak.fetch_max(running, Ordering::SeqCst);
                 let batch = decode(&event);
-                this.seen.lock().expect("seen").extend(batch.iter().cloned());
+                this.seen
+                    .lock()
+                    .expect("seen")
+                    .extend(batch.iter().cloned());
                 this.events.lock().expect("events").push(event);
                 tokio::time::sleep(pause(&batch)).await;
                 this.running.fetch_sub(1, Ordering::SeqCst);
@@ -283,9 +300,15 @@ fn decode(event: &Value) -> Vec<Seen> {
         .into_iter()
         .flatten()
         .map(|r| Seen {
-            seq: r["dynamodb"]["SequenceNumber"].as_str().unwrap_or_default().to_string(),
+            seq: r["dynamodb"]["SequenceNumber"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             name: r["eventName"].as_str().unwrap_or_default().to_string(),
-            id: r["dynamodb"]["Keys"]["id"]["S"].as_str().unwrap_or_default().to_string(),
+            id: r["dynamodb"]["Keys"]["id"]["S"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string(),
             record: r.clone(),
         })
         .collect()
@@ -323,9 +346,16 @@ async fn delivers_insert_modify_remove_in_order_with_old_and_new_images() {
     table.update("o-1", 15).await;
     table.update("o-2", 8).await;
     let recorder = Recorder::default();
-    let sluice = start(recorder.registry(no_pause), &table.source_yaml("    batch: {size: 3}\n")).await;
+    let sluice = start(
+        recorder.registry(no_pause),
+        &table.source_yaml("    batch: {size: 3}\n"),
+    )
+    .await;
     // More changes while the mapping runs.
-    common::wait_until("the first changes are delivered", PATIENCE, async || !recorder.seen().is_empty()).await;
+    common::wait_until("the first changes are delivered", PATIENCE, async || {
+        !recorder.seen().is_empty()
+    })
+    .await;
     table.delete("o-1").await;
     table.delete("o-2").await;
     table.put("o-3", "new", 1).await;
@@ -344,13 +374,24 @@ async fn delivers_insert_modify_remove_in_order_with_old_and_new_images() {
     assert_eq!(names(&by_item["o-2"]), ["INSERT", "MODIFY", "REMOVE"]);
     assert_eq!(names(&by_item["o-3"]), ["INSERT"]);
 
-    let images = |s: &Seen| (s.record["dynamodb"].get("OldImage").cloned(), s.record["dynamodb"].get("NewImage").cloned());
+    let images = |s: &Seen| {
+        (
+            s.record["dynamodb"].get("OldImage").cloned(),
+            s.record["dynamodb"].get("NewImage").cloned(),
+        )
+    };
     let o1 = &by_item["o-1"];
     assert_eq!(images(&o1[0]), (None, Some(image("o-1", "new", 12))));
-    assert_eq!(images(&o1[1]), (Some(image("o-1", "new", 12)), Some(image("o-1", "new", 15))));
+    assert_eq!(
+        images(&o1[1]),
+        (Some(image("o-1", "new", 12)), Some(image("o-1", "new", 15)))
+    );
     assert_eq!(images(&o1[2]), (Some(image("o-1", "new", 15)), None));
     let o2 = &by_item["o-2"];
-    assert_eq!(images(&o2[1]), (Some(image("o-2", "new", 7)), Some(image("o-2", "new", 8))));
+    assert_eq!(
+        images(&o2[1]),
+        (Some(image("o-2", "new", 7)), Some(image("o-2", "new", 8)))
+    );
     assert_eq!(images(&o2[2]), (Some(image("o-2", "new", 8)), None));
 
     for s in &seen {
@@ -359,7 +400,10 @@ async fn delivers_insert_modify_remove_in_order_with_old_and_new_images() {
         assert_eq!(r["eventVersion"], "1.1", "{r}");
         assert_eq!(r["awsRegion"], REGION, "{r}");
         assert_eq!(r["eventSourceARN"], table.stream_arn, "{r}");
-        assert!(r["eventID"].as_str().is_some_and(|id| !id.is_empty()), "{r}");
+        assert!(
+            r["eventID"].as_str().is_some_and(|id| !id.is_empty()),
+            "{r}"
+        );
         let change = &r["dynamodb"];
         assert_eq!(change["Keys"], json!({ "id": { "S": s.id } }), "{r}");
         assert_eq!(change["StreamViewType"], "NEW_AND_OLD_IMAGES", "{r}");
@@ -368,9 +412,13 @@ async fn delivers_insert_modify_remove_in_order_with_old_and_new_images() {
     }
     let events = recorder.events.lock().expect("events").clone();
     for event in events {
-        let parsed: Event =
-            serde_json::from_value(event.clone()).unwrap_or_else(|e| panic!("not a DynamoDB event ({e}): {event}"));
-        assert!((1..=3).contains(&parsed.records.len()), "batch of {}", parsed.records.len());
+        let parsed: Event = serde_json::from_value(event.clone())
+            .unwrap_or_else(|e| panic!("not a DynamoDB event ({e}): {event}"));
+        assert!(
+            (1..=3).contains(&parsed.records.len()),
+            "batch of {}",
+            parsed.records.len()
+        );
     }
     sluice.stop().await;
 }
@@ -391,7 +439,10 @@ async fn parallel_lanes_keep_each_items_changes_in_order() {
     let recorder = Recorder::default();
     // Batches take different times, so that lanes overtake each other.
     fn uneven(batch: &[Seen]) -> Duration {
-        let n: u64 = batch.first().map(|s| s.seq.bytes().map(u64::from).sum()).unwrap_or(0);
+        let n: u64 = batch
+            .first()
+            .map(|s| s.seq.bytes().map(u64::from).sum())
+            .unwrap_or(0);
         Duration::from_millis(5 + (n * 7) % 40)
     }
     let sluice = start(
@@ -410,12 +461,19 @@ async fn parallel_lanes_keep_each_items_changes_in_order() {
         );
         let totals: Vec<&str> = changes[..4]
             .iter()
-            .map(|s| s.record["dynamodb"]["NewImage"]["total"]["N"].as_str().unwrap_or_default())
+            .map(|s| {
+                s.record["dynamodb"]["NewImage"]["total"]["N"]
+                    .as_str()
+                    .unwrap_or_default()
+            })
             .collect();
         assert_eq!(totals, ["0", "1", "2", "3"], "{id}");
     }
     let peak = recorder.peak.load(Ordering::SeqCst);
-    assert!((2..=3).contains(&peak), "{peak} invocations at once with 3 lanes");
+    assert!(
+        (2..=3).contains(&peak),
+        "{peak} invocations at once with 3 lanes"
+    );
     sluice.stop().await;
 }
 
@@ -483,7 +541,9 @@ async fn filters_deliver_only_matching_changes_and_filtered_ones_advance_the_che
     assert_eq!(stream.len(), 5, "{stream:?}");
     let seen = recorder.seen();
     assert_eq!(
-        seen.iter().map(|s| (s.seq.as_str(), s.id.as_str(), s.name.as_str())).collect::<Vec<_>>(),
+        seen.iter()
+            .map(|s| (s.seq.as_str(), s.id.as_str(), s.name.as_str()))
+            .collect::<Vec<_>>(),
         [
             (stream[1].seq.as_str(), "o-1", "MODIFY"),
             (stream[2].seq.as_str(), "o-2", "INSERT")

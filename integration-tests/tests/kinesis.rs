@@ -137,7 +137,10 @@ impl Stream {
                 assert_eq!(result.error_code(), None, "{result:?}");
                 puts.push(Put {
                     shard: result.shard_id().expect("a shard").to_string(),
-                    seq: result.sequence_number().expect("a sequence number").to_string(),
+                    seq: result
+                        .sequence_number()
+                        .expect("a sequence number")
+                        .to_string(),
                     key: key.clone(),
                     data: data.clone(),
                 });
@@ -280,14 +283,17 @@ impl Recorder {
             .iter()
             .map(|p| (p.shard.as_str(), p.seq.as_str()))
             .collect();
-        wait_until(&format!("all {} records are delivered", want.len()), async || {
-            let seen = self.seen();
-            let got: BTreeSet<(&str, &str)> = seen
-                .iter()
-                .map(|s| (s.shard.as_str(), s.seq.as_str()))
-                .collect();
-            want.is_subset(&got)
-        })
+        wait_until(
+            &format!("all {} records are delivered", want.len()),
+            async || {
+                let seen = self.seen();
+                let got: BTreeSet<(&str, &str)> = seen
+                    .iter()
+                    .map(|s| (s.shard.as_str(), s.seq.as_str()))
+                    .collect();
+                want.is_subset(&got)
+            },
+        )
         .await;
     }
 }
@@ -345,7 +351,10 @@ fn assert_key_order(puts: &[Put], seen: &[Seen]) {
     for s in seen {
         seen_order.entry(&s.key).or_default().push(&s.seq);
     }
-    assert_eq!(seen_order, put_order, "per-key delivery order differs from put order");
+    assert_eq!(
+        seen_order, put_order,
+        "per-key delivery order differs from put order"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,8 +375,16 @@ async fn delivers_every_record_once_in_lambdas_kinesis_shape_and_checkpoints_eac
     let seen = recorder.seen();
     assert_eq!(seen.len(), puts.len(), "each record exactly once");
     for shard in last.keys() {
-        let put: Vec<&str> = puts.iter().filter(|p| &p.shard == shard).map(|p| p.seq.as_str()).collect();
-        let got: Vec<&str> = seen.iter().filter(|s| &s.shard == shard).map(|s| s.seq.as_str()).collect();
+        let put: Vec<&str> = puts
+            .iter()
+            .filter(|p| &p.shard == shard)
+            .map(|p| p.seq.as_str())
+            .collect();
+        let got: Vec<&str> = seen
+            .iter()
+            .filter(|s| &s.shard == shard)
+            .map(|s| s.seq.as_str())
+            .collect();
         assert_eq!(got, put, "{shard}: delivered out of put order");
     }
     let now = now_secs();
@@ -384,7 +401,9 @@ async fn delivers_every_record_once_in_lambdas_kinesis_shape_and_checkpoints_eac
         assert_eq!(r["eventSourceARN"], stream.arn, "{r}");
         assert_eq!(r["awsRegion"], REGION, "{r}");
         assert!(
-            r["invokeIdentityArn"].as_str().is_some_and(|a| a.starts_with("arn:aws:iam::")),
+            r["invokeIdentityArn"]
+                .as_str()
+                .is_some_and(|a| a.starts_with("arn:aws:iam::")),
             "{r}"
         );
         let k = &r["kinesis"];
@@ -392,15 +411,28 @@ async fn delivers_every_record_once_in_lambdas_kinesis_shape_and_checkpoints_eac
         assert_eq!(k["partitionKey"], p.key, "{r}");
         assert_eq!(k["sequenceNumber"], p.seq, "{r}");
         assert_eq!(k["data"], B64.encode(&p.data), "{r}");
-        let arrival = k["approximateArrivalTimestamp"].as_f64().expect("a number of seconds");
-        assert!((now - 120.0..=now + 5.0).contains(&arrival), "arrival {arrival}, now {now}");
+        let arrival = k["approximateArrivalTimestamp"]
+            .as_f64()
+            .expect("a number of seconds");
+        assert!(
+            (now - 120.0..=now + 5.0).contains(&arrival),
+            "arrival {arrival}, now {now}"
+        );
     }
     let events = recorder.events.lock().expect("events").clone();
     for event in &events {
-        let parsed: KinesisEvent =
-            serde_json::from_value(event.clone()).unwrap_or_else(|e| panic!("not a Kinesis event ({e}): {event}"));
-        assert!((1..=10).contains(&parsed.records.len()), "batch of {}", parsed.records.len());
-        let shards: BTreeSet<&str> = parsed.records.iter().filter_map(|r| r.event_id.as_deref()?.split(':').next()).collect();
+        let parsed: KinesisEvent = serde_json::from_value(event.clone())
+            .unwrap_or_else(|e| panic!("not a Kinesis event ({e}): {event}"));
+        assert!(
+            (1..=10).contains(&parsed.records.len()),
+            "batch of {}",
+            parsed.records.len()
+        );
+        let shards: BTreeSet<&str> = parsed
+            .records
+            .iter()
+            .filter_map(|r| r.event_id.as_deref()?.split(':').next())
+            .collect();
         assert_eq!(shards.len(), 1, "a batch mixes shards: {shards:?}");
     }
     sluice.running.shutdown().await;
@@ -439,11 +471,16 @@ async fn parallel_lanes_keep_each_partition_keys_order_across_the_run() {
         .collect();
     puts.extend(stream.put_all(&more).await);
     recorder.wait_for_all(&puts).await;
-    sluice.wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE).await;
+    sluice
+        .wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE)
+        .await;
 
     assert_key_order(&puts, &recorder.seen());
     let peak = recorder.peak.load(Ordering::SeqCst);
-    assert!((2..=4).contains(&peak), "{peak} invocations at once with 4 lanes");
+    assert!(
+        (2..=4).contains(&peak),
+        "{peak} invocations at once with 4 lanes"
+    );
     sluice.running.shutdown().await;
 }
 
@@ -453,7 +490,11 @@ async fn bisect_isolates_a_poison_record_into_the_sqs_on_failure_queue_while_the
     let poison_at = 7;
     let records: Vec<(String, String)> = (0..20)
         .map(|i| {
-            let data = if i == poison_at { json!({ "n": i, "poison": true }) } else { json!({ "n": i }) };
+            let data = if i == poison_at {
+                json!({ "n": i, "poison": true })
+            } else {
+                json!({ "n": i })
+            };
             (format!("key-{}", i % 3), data.to_string())
         })
         .collect();
@@ -473,7 +514,10 @@ async fn bisect_isolates_a_poison_record_into_the_sqs_on_failure_queue_while_the
     let recorder = Recorder::default();
     let answer: Answer = Arc::new(|_, batch: &[Seen]| {
         if batch.iter().any(|s| s.data.contains("poison")) {
-            Err(FunctionError::new("PoisonError", "cannot digest this record"))
+            Err(FunctionError::new(
+                "PoisonError",
+                "cannot digest this record",
+            ))
         } else {
             Ok(Value::Null)
         }
@@ -488,10 +532,16 @@ async fn bisect_isolates_a_poison_record_into_the_sqs_on_failure_queue_while_the
         quoted(&moto_url()),
     );
     let sluice = start(recorder.registry(pause(Duration::ZERO), answer), &yaml).await;
-    sluice.wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE).await;
+    sluice
+        .wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE)
+        .await;
 
     // The rest advanced: every other record succeeded once, in order.
-    let healthy: Vec<Put> = puts.iter().filter(|p| p.seq != poison.seq).cloned().collect();
+    let healthy: Vec<Put> = puts
+        .iter()
+        .filter(|p| p.seq != poison.seq)
+        .cloned()
+        .collect();
     let succeeded = recorder.succeeded();
     assert_eq!(
         succeeded.iter().map(|s| s.seq.as_str()).collect::<Vec<_>>(),
@@ -505,12 +555,19 @@ async fn bisect_isolates_a_poison_record_into_the_sqs_on_failure_queue_while_the
         .filter(|s| s.seq == poison.seq)
         .map(|s| s.batch_len)
         .collect();
-    assert_eq!(poisoned, [10, 5, 3, 1, 1, 1], "sizes of the batches that held the poison record");
+    assert_eq!(
+        poisoned,
+        [10, 5, 3, 1, 1, 1],
+        "sizes of the batches that held the poison record"
+    );
 
     let mut messages = Vec::new();
     let started = Instant::now();
     while messages.is_empty() {
-        assert!(started.elapsed() < PATIENCE, "nothing reached the on-failure queue");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "nothing reached the on-failure queue"
+        );
         messages = sqs
             .receive_message()
             .queue_url(&queue_url)
@@ -523,29 +580,60 @@ async fn bisect_isolates_a_poison_record_into_the_sqs_on_failure_queue_while_the
             .to_vec();
     }
     assert_eq!(messages.len(), 1, "{messages:?}");
-    let failure: Value = serde_json::from_str(messages[0].body().expect("a body")).expect("a JSON on-failure record");
-    assert_eq!(failure["requestContext"]["condition"], "RetryAttemptsExhausted", "{failure}");
-    assert_eq!(failure["requestContext"]["approximateInvokeCount"], 3, "{failure}");
-    assert!(
-        failure["requestContext"]["functionArn"].as_str().is_some_and(|a| a.ends_with(&format!(":function:{FUNCTION}"))),
+    let failure: Value = serde_json::from_str(messages[0].body().expect("a body"))
+        .expect("a JSON on-failure record");
+    assert_eq!(
+        failure["requestContext"]["condition"], "RetryAttemptsExhausted",
         "{failure}"
     );
-    assert_eq!(failure["responseContext"]["functionError"], "Unhandled", "{failure}");
+    assert_eq!(
+        failure["requestContext"]["approximateInvokeCount"], 3,
+        "{failure}"
+    );
+    assert!(
+        failure["requestContext"]["functionArn"]
+            .as_str()
+            .is_some_and(|a| a.ends_with(&format!(":function:{FUNCTION}"))),
+        "{failure}"
+    );
+    assert_eq!(
+        failure["responseContext"]["functionError"], "Unhandled",
+        "{failure}"
+    );
     let info = &failure["KinesisBatchInfo"];
     assert_eq!(info["shardId"], poison.shard, "{failure}");
     assert_eq!(info["startSequenceNumber"], poison.seq, "{failure}");
     assert_eq!(info["endSequenceNumber"], poison.seq, "{failure}");
     assert_eq!(info["batchSize"], 1, "{failure}");
     assert_eq!(info["streamArn"], stream.arn, "{failure}");
-    for key in ["approximateArrivalOfFirstRecord", "approximateArrivalOfLastRecord"] {
-        assert!(info[key].as_str().is_some_and(|t| t.ends_with('Z') && t.contains('T')), "{key}: {failure}");
+    for key in [
+        "approximateArrivalOfFirstRecord",
+        "approximateArrivalOfLastRecord",
+    ] {
+        assert!(
+            info[key]
+                .as_str()
+                .is_some_and(|t| t.ends_with('Z') && t.contains('T')),
+            "{key}: {failure}"
+        );
     }
-    let kept = failure["sluice"]["records"].as_array().expect("the records");
+    let kept = failure["sluice"]["records"]
+        .as_array()
+        .expect("the records");
     assert_eq!(kept.len(), 1, "{failure}");
-    assert_eq!(kept[0]["kinesis"]["data"], B64.encode(&poison.data), "{failure}");
-    let attempts = failure["sluice"]["attempts"].as_array().expect("the attempts");
+    assert_eq!(
+        kept[0]["kinesis"]["data"],
+        B64.encode(&poison.data),
+        "{failure}"
+    );
+    let attempts = failure["sluice"]["attempts"]
+        .as_array()
+        .expect("the attempts");
     assert_eq!(attempts.len(), 3, "{failure}");
-    assert!(attempts.iter().all(|a| a["errorType"] == "PoisonError"), "{failure}");
+    assert!(
+        attempts.iter().all(|a| a["errorType"] == "PoisonError"),
+        "{failure}"
+    );
 
     // Nothing else was given up.
     let later = sqs
@@ -569,20 +657,31 @@ async fn batch_item_failures_redeliver_from_the_lowest_failed_record_and_nothing
     // The first invocation reports two of its records as failed, the higher one first.
     let answer: Answer = Arc::new(move |invocation, _| {
         if invocation == 0 {
-            Ok(json!({ "batchItemFailures": [{ "itemIdentifier": sixth }, { "itemIdentifier": fourth }] }))
+            Ok(
+                json!({ "batchItemFailures": [{ "itemIdentifier": sixth }, { "itemIdentifier": fourth }] }),
+            )
         } else {
             Ok(json!({ "batchItemFailures": [] }))
         }
     });
     let sluice = start(
         recorder.registry(pause(Duration::ZERO), answer),
-        &stream.source_yaml(SOURCE, "    batch: {size: 10}\n    report_batch_item_failures: true\n"),
+        &stream.source_yaml(
+            SOURCE,
+            "    batch: {size: 10}\n    report_batch_item_failures: true\n",
+        ),
     )
     .await;
-    sluice.wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE).await;
+    sluice
+        .wait_for_checkpoints(SOURCE, &last_by_shard(&puts), PATIENCE)
+        .await;
     assert_eq!(
         recorder.invocations(),
-        [seqs[..10].to_vec(), seqs[4..10].to_vec(), seqs[10..].to_vec()],
+        [
+            seqs[..10].to_vec(),
+            seqs[4..10].to_vec(),
+            seqs[10..].to_vec()
+        ],
         "invocations by sequence number"
     );
     sluice.running.shutdown().await;
@@ -595,20 +694,30 @@ async fn filters_deliver_only_matching_records_and_filtered_ones_advance_the_che
     let records: Vec<(String, String)> = (0..30)
         .map(|i| {
             let kind = if i % 3 == 0 && i < 25 { "keep" } else { "skip" };
-            (format!("key-{}", i % 4), json!({ "n": i, "kind": kind }).to_string())
+            (
+                format!("key-{}", i % 4),
+                json!({ "n": i, "kind": kind }).to_string(),
+            )
         })
         .collect();
     let puts = stream.put_all(&records).await;
     // Not JSON: a `data` pattern cannot match it.
-    let opaque = stream.put_all(&[("key-0".to_string(), "keep".to_string())]).await;
+    let opaque = stream
+        .put_all(&[("key-0".to_string(), "keep".to_string())])
+        .await;
     let all: Vec<Put> = puts.iter().chain(&opaque).cloned().collect();
     let recorder = Recorder::default();
     let sluice = start(
         recorder.registry(pause(Duration::ZERO), succeed()),
-        &stream.source_yaml(SOURCE, "    batch: {size: 4}\n    filters:\n      - data: {kind: [keep]}\n"),
+        &stream.source_yaml(
+            SOURCE,
+            "    batch: {size: 4}\n    filters:\n      - data: {kind: [keep]}\n",
+        ),
     )
     .await;
-    sluice.wait_for_checkpoints(SOURCE, &last_by_shard(&all), PATIENCE).await;
+    sluice
+        .wait_for_checkpoints(SOURCE, &last_by_shard(&all), PATIENCE)
+        .await;
 
     let kept: Vec<&str> = puts
         .iter()
@@ -626,7 +735,8 @@ async fn filters_deliver_only_matching_records_and_filtered_ones_advance_the_che
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_children_after_it_finishes() {
+async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_children_after_it_finishes()
+ {
     let stream = Stream::create(2).await;
     let (quick, slow) = ("shardId-000000000000", "shardId-000000000001");
     // Explicit hash keys pick the shards: a few records for the first, many for the second,
@@ -634,12 +744,20 @@ async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_chil
     // mapping list the shards again while the second is still being read, and a child of
     // the second must not start then.
     let mut puts = stream.put_hashed(&numbered(8, 2), "1").await;
-    puts.extend(stream.put_hashed(&numbered(60, 5), "200000000000000000000000000000000000000").await);
+    puts.extend(
+        stream
+            .put_hashed(&numbered(60, 5), "200000000000000000000000000000000000000")
+            .await,
+    );
     assert_eq!(puts.iter().filter(|p| p.shard == quick).count(), 8);
     assert_eq!(puts.iter().filter(|p| p.shard == slow).count(), 60);
     let recorder = Recorder::default();
     let slow_batches: Pause = Arc::new(move |batch: &[Seen]| {
-        if batch.iter().any(|s| s.shard == slow) { Duration::from_millis(400) } else { Duration::ZERO }
+        if batch.iter().any(|s| s.shard == slow) {
+            Duration::from_millis(400)
+        } else {
+            Duration::ZERO
+        }
     });
     // Its own name in the process-wide metrics, where the children's reads show.
     let source = unique_name("split");
@@ -648,9 +766,10 @@ async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_chil
         &stream.source_yaml(&source, "    batch: {size: 4}\n"),
     )
     .await;
-    wait_until("the first batch of the slow shard is delivered", async || {
-        recorder.seen().iter().any(|s| s.shard == slow)
-    })
+    wait_until(
+        "the first batch of the slow shard is delivered",
+        async || recorder.seen().iter().any(|s| s.shard == slow),
+    )
     .await;
     // Their middles: 2^126 and 3 * 2^126.
     for (shard, middle) in [
@@ -721,7 +840,11 @@ async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_chil
         assert_eq!(
             sluice.checkpoint(&source, parent).await,
             Some(Checkpoint {
-                sequence: puts.iter().filter(|p| p.shard == parent).map(|p| p.seq.clone()).last(),
+                sequence: puts
+                    .iter()
+                    .filter(|p| p.shard == parent)
+                    .map(|p| p.seq.clone())
+                    .next_back(),
                 finished: true
             }),
             "{parent}'s checkpoint row"
@@ -730,8 +853,14 @@ async fn a_split_during_the_run_delivers_the_parents_records_and_starts_its_chil
     let seen = recorder.seen();
     for parent in [quick, slow] {
         assert_eq!(
-            seen.iter().filter(|s| s.shard == parent).map(|s| (s.seq.as_str(), s.data.as_str())).collect::<Vec<_>>(),
-            puts.iter().filter(|p| p.shard == parent).map(|p| (p.seq.as_str(), p.data.as_str())).collect::<Vec<_>>(),
+            seen.iter()
+                .filter(|s| s.shard == parent)
+                .map(|s| (s.seq.as_str(), s.data.as_str()))
+                .collect::<Vec<_>>(),
+            puts.iter()
+                .filter(|p| p.shard == parent)
+                .map(|p| (p.seq.as_str(), p.data.as_str()))
+                .collect::<Vec<_>>(),
             "{parent}'s records, each once and in order"
         );
     }
@@ -772,35 +901,64 @@ async fn resumes_from_the_postgres_checkpoint_after_an_abrupt_stop_without_loss(
         .await
         .expect("the first Sluice starts")
     };
-    wait_until("60 records are delivered", async || first.seen().len() >= 60).await;
+    wait_until("60 records are delivered", async || {
+        first.seen().len() >= 60
+    })
+    .await;
     runtime.shutdown_background();
     // Its connections belonged to the runtime that is gone: nothing to close them with.
     std::mem::forget(running);
     // A write the dead runtime had sent may still land; let it, before reading the state.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let store = sluice::state::open(&state, Path::new(".")).await.expect("open the PostgreSQL state");
+    let store = sluice::state::open(&state, Path::new("."))
+        .await
+        .expect("open the PostgreSQL state");
     let mut at_stop = BTreeMap::new();
     for shard in last.keys() {
-        at_stop.insert(shard.clone(), store.checkpoint(SOURCE, shard).await.expect("checkpoint").and_then(|c| c.sequence));
+        at_stop.insert(
+            shard.clone(),
+            store
+                .checkpoint(SOURCE, shard)
+                .await
+                .expect("checkpoint")
+                .and_then(|c| c.sequence),
+        );
     }
     let before = first.seen();
-    assert!(before.len() < puts.len(), "everything was delivered before the stop; the test proves nothing");
-    assert!(at_stop.values().any(Option::is_some), "no checkpoint before the stop: {at_stop:?}");
+    assert!(
+        before.len() < puts.len(),
+        "everything was delivered before the stop; the test proves nothing"
+    );
+    assert!(
+        at_stop.values().any(Option::is_some),
+        "no checkpoint before the stop: {at_stop:?}"
+    );
 
     let second = Recorder::default();
-    let running = start_on_state(&state, dir.path(), &yaml, second.registry(pause(Duration::ZERO), succeed())).await;
+    let running = start_on_state(
+        &state,
+        dir.path(),
+        &yaml,
+        second.registry(pause(Duration::ZERO), succeed()),
+    )
+    .await;
     wait_until("every record is delivered across both runs", async || {
         let got: BTreeSet<(String, String)> = before
             .iter()
             .chain(second.seen().iter())
             .map(|s| (s.shard.clone(), s.seq.clone()))
             .collect();
-        puts.iter().all(|p| got.contains(&(p.shard.clone(), p.seq.clone())))
+        puts.iter()
+            .all(|p| got.contains(&(p.shard.clone(), p.seq.clone())))
     })
     .await;
     wait_until("the checkpoints reach the ends of the shards", async || {
         for (shard, seq) in &last {
-            let at = store.checkpoint(SOURCE, shard).await.expect("checkpoint").and_then(|c| c.sequence);
+            let at = store
+                .checkpoint(SOURCE, shard)
+                .await
+                .expect("checkpoint")
+                .and_then(|c| c.sequence);
             if at.as_ref() != Some(seq) {
                 return false;
             }
@@ -812,16 +970,39 @@ async fn resumes_from_the_postgres_checkpoint_after_an_abrupt_stop_without_loss(
     // The second run started right after each shard's checkpoint, and nowhere else.
     let after = second.seen();
     for (shard, checkpoint) in &at_stop {
-        let order: Vec<&str> = puts.iter().filter(|p| &p.shard == shard).map(|p| p.seq.as_str()).collect();
+        let order: Vec<&str> = puts
+            .iter()
+            .filter(|p| &p.shard == shard)
+            .map(|p| p.seq.as_str())
+            .collect();
         let from = match checkpoint {
-            Some(seq) => order.iter().position(|s| s == seq).expect("a checkpoint of a put record") + 1,
+            Some(seq) => {
+                order
+                    .iter()
+                    .position(|s| s == seq)
+                    .expect("a checkpoint of a put record")
+                    + 1
+            }
             None => 0,
         };
-        let resumed: Vec<&str> = after.iter().filter(|s| &s.shard == shard).map(|s| s.seq.as_str()).collect();
-        assert_eq!(resumed, order[from..], "{shard}: the second run's deliveries");
+        let resumed: Vec<&str> = after
+            .iter()
+            .filter(|s| &s.shard == shard)
+            .map(|s| s.seq.as_str())
+            .collect();
+        assert_eq!(
+            resumed,
+            order[from..],
+            "{shard}: the second run's deliveries"
+        );
     }
     // Repeated: what the first run delivered past its last checkpoint, at most a round per shard.
     let repeats = before.len() + after.len() - puts.len();
-    assert!(repeats <= BATCH * last.len(), "{repeats} records delivered twice");
+    assert!(
+        repeats <= BATCH * last.len(),
+        "{repeats} records delivered twice"
+    );
     running.shutdown().await;
+    drop(store);
+    common::drop_postgres_database(&state).await;
 }

@@ -587,12 +587,11 @@ pub async fn start_on_state(
     native: sluice::NativeRegistry,
 ) -> sluice::Running {
     let yaml = format!("state: {}\n{yaml}", quoted(state));
-    let config = sluice_config::parse_str(&yaml, "test.yaml", data_dir, &|key| {
-        std::env::var(key).ok()
-    })
-    .unwrap_or_else(|errors| {
-        panic!("the test configuration does not load:\n{errors}\n---\n{yaml}")
-    });
+    let config =
+        sluice_config::parse_str(&yaml, "test.yaml", data_dir, &|key| std::env::var(key).ok())
+            .unwrap_or_else(|errors| {
+                panic!("the test configuration does not load:\n{errors}\n---\n{yaml}")
+            });
     let options = sluice::StartOptions {
         listen: Some("127.0.0.1:0".parse().expect("socket address")),
         data_dir: Some(data_dir.to_path_buf()),
@@ -603,11 +602,16 @@ pub async fn start_on_state(
         .unwrap_or_else(|error| panic!("sluice does not start: {error}\n---\n{yaml}"))
 }
 
-/// A new, empty database on the PostgreSQL server the test command provides
-/// (`SLUICE_TEST_POSTGRES`, default the local trust-auth server), as a `postgres://` URL.
+/// The PostgreSQL server the test command provides (`SLUICE_TEST_POSTGRES`, default the local
+/// trust-auth server), as the URL of its administrative database.
+fn postgres_admin_url() -> String {
+    std::env::var("SLUICE_TEST_POSTGRES")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string())
+}
+
+/// A new, empty database on the test PostgreSQL server, as a `postgres://` URL.
 pub async fn new_postgres_database() -> String {
-    let admin_url = std::env::var("SLUICE_TEST_POSTGRES")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
+    let admin_url = postgres_admin_url();
     let db = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
     let admin = sqlx::PgPool::connect(&admin_url)
         .await
@@ -620,6 +624,19 @@ pub async fn new_postgres_database() -> String {
     match admin_url.rsplit_once('/') {
         Some((server, _)) => format!("{server}/{db}"),
         None => panic!("no database in {admin_url}"),
+    }
+}
+
+/// Drops a database [`new_postgres_database`] made, closing what is still connected to it.
+pub async fn drop_postgres_database(url: &str) {
+    let Some((_, db)) = url.rsplit_once('/') else {
+        return;
+    };
+    if let Ok(admin) = sqlx::PgPool::connect(&postgres_admin_url()).await {
+        let _ = sqlx::query(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
+        admin.close().await;
     }
 }
 
@@ -673,11 +690,7 @@ impl StatefulSluice {
         self.dir
     }
 
-    pub async fn checkpoint(
-        &self,
-        source: &str,
-        shard: &str,
-    ) -> Option<sluice::state::Checkpoint> {
+    pub async fn checkpoint(&self, source: &str, shard: &str) -> Option<sluice::state::Checkpoint> {
         self.store
             .checkpoint(source, shard)
             .await
@@ -691,15 +704,22 @@ impl StatefulSluice {
         last: &BTreeMap<String, String>,
         limit: Duration,
     ) {
-        wait_until(&format!("the checkpoints reach {last:?}"), limit, async || {
-            for (shard, seq) in last {
-                let at = self.checkpoint(source, shard).await.and_then(|c| c.sequence);
-                if at.as_deref() != Some(seq.as_str()) {
-                    return false;
+        wait_until(
+            &format!("the checkpoints reach {last:?}"),
+            limit,
+            async || {
+                for (shard, seq) in last {
+                    let at = self
+                        .checkpoint(source, shard)
+                        .await
+                        .and_then(|c| c.sequence);
+                    if at.as_deref() != Some(seq.as_str()) {
+                        return false;
+                    }
                 }
-            }
-            true
-        })
+                true
+            },
+        )
         .await;
     }
 
