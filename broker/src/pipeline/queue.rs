@@ -197,12 +197,17 @@ async fn reject(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Deli
 
 /// Settles one gathered batch: filtered messages are done; the rest run.
 async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery>, batch_source: &BatchSource, envelope: &Envelope, pollers: &Pollers) {
-    let kept: HashSet<String> = mapping
-        .filter(batch.iter().map(|d| d.record.clone()).collect())
-        .into_iter()
-        .map(|r| r.id)
-        .collect();
-    let (pass, filtered): (Vec<&Delivery>, Vec<&Delivery>) = batch.iter().partition(|d| kept.contains(&d.record.id));
+    // Without filters every message passes: no need to copy each record to find that out.
+    let (pass, filtered): (Vec<&Delivery>, Vec<&Delivery>) = if mapping.config.filters.is_empty() {
+        (batch.iter().collect(), Vec::new())
+    } else {
+        let kept: HashSet<String> = mapping
+            .filter(batch.iter().map(|d| d.record.clone()).collect())
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        batch.iter().partition(|d| kept.contains(&d.record.id))
+    };
     ack(mapping, source, &filtered).await;
     if pass.is_empty() {
         return;

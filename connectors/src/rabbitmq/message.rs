@@ -52,19 +52,30 @@ impl Message<'_> {
         }
     }
 
-    /// The record, in Lambda's shape (one element of `rmqMessagesByQueue[...]`).
-    pub fn record(&self, now_ms: i64) -> Record {
+    /// The record, in Lambda's shape (one element of `rmqMessagesByQueue[...]`). Its filter
+    /// view is built only `for_filters`: a mapping without filters never reads it, and building
+    /// it (a copy of the record, the body parsed as JSON) would double the cost of a message.
+    pub fn record(&self, now_ms: i64, for_filters: bool) -> Record {
         let lambda = json!({
             "basicProperties": basic_properties(self.properties, self.data.len()),
             "redelivered": self.redelivered,
             "data": B64.encode(self.data),
         });
-        // Lambda's filters see `data` decoded when it is JSON.
-        let mut filter_view = lambda.clone();
-        filter_view["data"] = json_or_null(&Bytes::copy_from_slice(self.data));
-        // The delivery names the record: publishers may reuse message ids, and the pipeline
-        // settles records by id, so a shared id would tie unrelated messages' outcomes.
-        let id = self.handle();
+        let filter_view = if for_filters {
+            // Lambda's filters see `data` decoded when it is JSON.
+            let mut view = lambda.clone();
+            view["data"] = json_or_null(&Bytes::copy_from_slice(self.data));
+            view
+        } else {
+            Value::Null
+        };
+        // The function can only name a record by what it sees: the message id (in
+        // `batchItemFailures`). Without one, the delivery names itself. Deliveries that share a
+        // message id within a batch share their outcome.
+        let id = match self.properties.message_id() {
+            Some(id) if !id.as_str().is_empty() => id.to_string(),
+            _ => self.handle(),
+        };
         let arrival_ms = match self.properties.timestamp() {
             Some(secs) => i64::try_from(*secs).unwrap_or(i64::MAX / 1000).saturating_mul(1000),
             None => now_ms,
@@ -215,8 +226,8 @@ mod tests {
             .with_message_id("m-1".into())
             .with_timestamp(2021)
             .with_user_id("guest".into());
-        let record = message(&properties, br#"{"total": 12}"#, false).record(0);
-        let other = message(&BasicProperties::default(), b"\x00 not json", true).record(0);
+        let record = message(&properties, br#"{"total": 12}"#, false).record(0, true);
+        let other = message(&BasicProperties::default(), b"\x00 not json", true).record(0, true);
         let arn = "arn:aws:mq:us-east-1:000000000000:broker:localhost:/";
         let event = envelope(arn, &queue_key("orders", "/"), &[&record, &other]);
 
@@ -256,18 +267,33 @@ mod tests {
     #[test]
     fn a_record_names_its_delivery_and_decodes_json_for_filters() {
         let properties = BasicProperties::default().with_message_id("m-1".into());
-        let record = message(&properties, br#"{"total": 12}"#, false).record(5);
-        assert_eq!(record.id, "3:17", "the delivery names the record, not the publisher's id");
+        let record = message(&properties, br#"{"total": 12}"#, false).record(5, true);
+        assert_eq!(record.id, "m-1", "a function names records by their message id");
         assert_eq!((record.position.as_str(), record.key.as_str()), ("17", "orders.eu"));
         assert_eq!((record.arrival_ms, record.size), (5, 13));
         assert_eq!(record.filter_view["data"], json!({"total": 12}));
         assert_eq!(record.filter_view["basicProperties"]["messageId"], "m-1");
 
         let anonymous = BasicProperties::default().with_timestamp(7);
-        let record = message(&anonymous, b"\x00\x01", false).record(5);
+        let record = message(&anonymous, b"\x00\x01", false).record(5, true);
         assert_eq!(record.arrival_ms, 7000);
         assert_eq!(record.filter_view["data"], Value::Null);
         assert_eq!(record.lambda["data"], B64.encode(b"\x00\x01"));
+    }
+
+    #[test]
+    fn without_filters_a_record_skips_its_filter_view_and_nothing_else() {
+        let properties = BasicProperties::default().with_message_id("m-1".into());
+        let message = message(&properties, br#"{"total": 12}"#, false);
+        let (with, without) = (message.record(5, true), message.record(5, false));
+        assert_eq!(without.filter_view, Value::Null);
+        assert_eq!(
+            Record {
+                filter_view: Value::Null,
+                ..with
+            },
+            without
+        );
     }
 
     #[test]

@@ -76,6 +76,8 @@ struct Target {
     connection_name: String,
     source_arn: String,
     queue_key: String,
+    /// Whether records carry their filter view (see [`Message::record`]).
+    filter_views: bool,
 }
 
 impl RabbitMqSource {
@@ -86,14 +88,20 @@ impl RabbitMqSource {
         Self::connect_as(uri, queue, prefetch, &format!("sluice {queue}")).await
     }
 
-    /// Builds the source a `type: rabbitmq` entry declares.
+    /// Builds the source a `type: rabbitmq` entry declares. Its records carry a filter view
+    /// only when the mapping has filters to match it against.
     pub async fn from_config(config: &RabbitMqConfig) -> Result<Self, ReadError> {
-        Self::connect(&config.uri, &config.queue, config.prefetch).await
+        let filter_views = !config.mapping.filters.is_empty();
+        Self::start(&config.uri, &config.queue, config.prefetch, &format!("sluice {}", config.queue), filter_views).await
     }
 
     /// As [`connect`](Self::connect), naming the connection (`connection_name`, as the
     /// management UI and `rabbitmqctl list_connections client_properties` show it).
     pub async fn connect_as(uri: &str, queue: &str, prefetch: u16, connection_name: &str) -> Result<Self, ReadError> {
+        Self::start(uri, queue, prefetch, connection_name, true).await
+    }
+
+    async fn start(uri: &str, queue: &str, prefetch: u16, connection_name: &str, filter_views: bool) -> Result<Self, ReadError> {
         let parsed: AMQPUri = uri
             .parse()
             .map_err(|e| ReadError::Other(format!("invalid RabbitMQ uri: {e}")))?;
@@ -106,6 +114,7 @@ impl RabbitMqSource {
             connection_name: connection_name.to_string(),
             source_arn: source_arn.clone(),
             queue_key: queue_key.clone(),
+            filter_views,
         };
         let opened = open(&target).await.map_err(|e| classify(&target, &e))?;
         let (tx, rx) = mpsc::channel(usize::from(prefetch).max(1));
@@ -472,7 +481,7 @@ async fn consume(
             data: &d.data,
         };
         let delivery = Delivery {
-            record: message.record(chrono::Utc::now().timestamp_millis()),
+            record: message.record(chrono::Utc::now().timestamp_millis(), target.filter_views),
             handle: message.handle(),
             receive_count: message.receive_count(),
             group: None,
