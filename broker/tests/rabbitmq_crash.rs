@@ -13,7 +13,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::{Server, bootstrap, free_port, start, write};
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions};
+use lapin::options::{
+    BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use serde_json::Value;
@@ -74,13 +76,22 @@ fn depth(queue: &str) -> (u64, u64) {
         ])
         .output()
         .unwrap_or_else(|e| panic!("cannot run rabbitmqctl (installed with rabbitmq-server): {e}"));
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let list = String::from_utf8_lossy(&out.stdout).into_owned();
     list.lines()
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
         .find(|fields| fields.first() == Some(&queue))
         .map(|fields| {
-            let n = |i: usize| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(u64::MAX);
+            let n = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or(u64::MAX)
+            };
             (n(1), n(2))
         })
         .unwrap_or_else(|| panic!("{queue} is not listed: {list}"))
@@ -100,7 +111,9 @@ fn lines(path: &Path) -> Vec<Value> {
 fn seen(path: &Path) -> BTreeMap<String, usize> {
     let mut seen = BTreeMap::new();
     for line in lines(path) {
-        *seen.entry(line["body"].as_str().expect("body").to_string()).or_default() += 1;
+        *seen
+            .entry(line["body"].as_str().expect("body").to_string())
+            .or_default() += 1;
     }
     seen
 }
@@ -108,7 +121,10 @@ fn seen(path: &Path) -> BTreeMap<String, usize> {
 async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
     let started = Instant::now();
     while !done().await {
-        assert!(started.elapsed() < LIMIT, "{what} did not happen within {LIMIT:?}");
+        assert!(
+            started.elapsed() < LIMIT,
+            "{what} did not happen within {LIMIT:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -117,7 +133,8 @@ async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 async fn sigkill_mid_stream_loses_no_rabbitmq_message() {
     let connection = Connection::connect(
         URI,
-        ConnectionProperties::default().with_connection_name("rabbitmq crash test publisher".into()),
+        ConnectionProperties::default()
+            .with_connection_name("rabbitmq crash test publisher".into()),
     )
     .await
     .unwrap_or_else(|e| panic!("RabbitMQ does not answer at {URI}: {e}"));
@@ -131,7 +148,11 @@ async fn sigkill_mid_stream_loses_no_rabbitmq_message() {
     // Gone by itself ten minutes after a failed run left it unused.
     arguments.insert("x-expires".into(), AMQPValue::LongInt(600_000));
     channel
-        .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), arguments)
+        .queue_declare(
+            queue.as_str().into(),
+            QueueDeclareOptions::durable(),
+            arguments,
+        )
         .await
         .expect("declare the queue");
     let sent: BTreeSet<String> = (0..MESSAGES).map(|i| format!("m-{i:03}")).collect();
@@ -210,7 +231,10 @@ sources:
 
     let seen = seen(&seen_file);
     let strangers: Vec<&String> = seen.keys().filter(|body| !sent.contains(*body)).collect();
-    assert!(strangers.is_empty(), "bodies that were never sent: {strangers:?}");
+    assert!(
+        strangers.is_empty(),
+        "bodies that were never sent: {strangers:?}"
+    );
     // At least once; repeats only for what the dead connection held unacknowledged.
     let repeats: usize = seen.values().map(|n| n - 1).sum();
     assert!(

@@ -112,7 +112,11 @@ async fn fill(channel: &Channel, queue: &str, n: usize) {
         }
         left -= chunk;
     }
-    assert_eq!(ready(channel, queue).await as usize, n, "the queue is filled");
+    assert_eq!(
+        ready(channel, queue).await as usize,
+        n,
+        "the queue is filled"
+    );
 }
 
 /// A plain consumer with [`PREFETCH`] that acknowledges each message (`ack_every` 1) or every
@@ -163,9 +167,9 @@ async fn through_sluice(queue: &str, n: usize) -> (sluice::Running, tempfile::Te
     {
         let (messages, invocations) = (messages.clone(), invocations.clone());
         native.register("noop", move |event: Value, _ctx| {
-            let count = event["rmqMessagesByQueue"]
-                .as_object()
-                .map_or(0, |q| q.values().filter_map(Value::as_array).map(Vec::len).sum());
+            let count = event["rmqMessagesByQueue"].as_object().map_or(0, |q| {
+                q.values().filter_map(Value::as_array).map(Vec::len).sum()
+            });
             messages.fetch_add(count, Ordering::SeqCst);
             invocations.fetch_add(1, Ordering::SeqCst);
             async { Ok(Value::Null) }

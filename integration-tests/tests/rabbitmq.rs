@@ -25,7 +25,9 @@ use lapin::options::{
     ExchangeDeleteOptions, QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind};
+use lapin::{
+    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
+};
 use serde_json::{Value, json};
 use sluice::{FunctionError, NativeRegistry};
 use sluice_integration_tests::unique_name;
@@ -77,7 +79,11 @@ impl Rabbit {
         let name = unique_name(prefix);
         arguments.insert("x-expires".into(), AMQPValue::LongInt(QUEUE_EXPIRES_MS));
         self.channel
-            .queue_declare(name.as_str().into(), QueueDeclareOptions::durable(), arguments)
+            .queue_declare(
+                name.as_str().into(),
+                QueueDeclareOptions::durable(),
+                arguments,
+            )
             .await
             .unwrap_or_else(|e| panic!("declare queue {name}: {e}"));
         self.queues.lock().expect("queues").push(name.clone());
@@ -100,7 +106,10 @@ impl Rabbit {
             )
             .await
             .expect("declare the dead-letter exchange");
-        self.exchanges.lock().expect("exchanges").push(exchange.clone());
+        self.exchanges
+            .lock()
+            .expect("exchanges")
+            .push(exchange.clone());
         let dead = self
             .queue(&format!("{prefix}-dead"), FieldTable::default())
             .await;
@@ -269,7 +278,12 @@ fn depth(queue: &str) -> (u64, u64) {
         .map(|line| line.split_whitespace().collect::<Vec<_>>())
         .find(|fields| fields.first() == Some(&queue))
         .map(|fields| {
-            let n = |i: usize| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(u64::MAX);
+            let n = |i: usize| {
+                fields
+                    .get(i)
+                    .and_then(|f| f.parse().ok())
+                    .unwrap_or(u64::MAX)
+            };
             (n(1), n(2))
         })
         .unwrap_or_else(|| panic!("{queue} is not listed: {list}"))
@@ -486,12 +500,17 @@ fn invocation_sizes(seen: &[Seen]) -> BTreeMap<usize, usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivers_every_message_once_in_publish_order_in_lambdas_rmq_shape_and_acks_it() {
     let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue("sluice-rmq-shape", FieldTable::default()).await;
+    let queue = rabbit
+        .queue("sluice-rmq-shape", FieldTable::default())
+        .await;
     let mut published = Vec::new();
     for i in 0..25i32 {
         let body = format!("{{\"order\": {i}}}");
         let mut headers = FieldTable::default();
-        headers.insert("tenant".into(), AMQPValue::LongString(LongString::from("acme")));
+        headers.insert(
+            "tenant".into(),
+            AMQPValue::LongString(LongString::from("acme")),
+        );
         headers.insert("n".into(), AMQPValue::LongInt(i));
         let properties = BasicProperties::default()
             .with_message_id(format!("order-{i}").as_str().into())
@@ -512,7 +531,9 @@ async fn delivers_every_message_once_in_publish_order_in_lambdas_rmq_shape_and_a
     }
     // Not JSON, and no properties at all.
     let binary = b"\x00\xffbinary".to_vec();
-    rabbit.publish(&queue, &binary, BasicProperties::default()).await;
+    rabbit
+        .publish(&queue, &binary, BasicProperties::default())
+        .await;
 
     let recorder = Recorder::default();
     let sluice = start(
@@ -539,7 +560,11 @@ async fn delivers_every_message_once_in_publish_order_in_lambdas_rmq_shape_and_a
         assert_eq!(p["contentType"], "application/json", "{m}");
         assert_eq!(p["contentEncoding"], "utf-8", "{m}");
         // Gson's rendering of the Java client's LongString: signed bytes.
-        assert_eq!(p["headers"]["tenant"], json!({"bytes": [97, 99, 109, 101]}), "{m}");
+        assert_eq!(
+            p["headers"]["tenant"],
+            json!({"bytes": [97, 99, 109, 101]}),
+            "{m}"
+        );
         assert_eq!(p["headers"]["n"], i, "{m}");
         assert_eq!(p["deliveryMode"], 2, "{m}");
         assert_eq!(p["priority"], 3, "{m}");
@@ -555,7 +580,11 @@ async fn delivers_every_message_once_in_publish_order_in_lambdas_rmq_shape_and_a
     let last = &seen[25].message;
     assert_eq!(last["data"], BASE64.encode(&binary), "{last}");
     let p = &last["basicProperties"];
-    assert_eq!((&p["deliveryMode"], &p["priority"]), (&json!(1), &json!(0)), "AMQP's defaults: {last}");
+    assert_eq!(
+        (&p["deliveryMode"], &p["priority"]),
+        (&json!(1), &json!(0)),
+        "AMQP's defaults: {last}"
+    );
     assert_eq!(p["headers"], json!({}), "{last}");
     assert_eq!(p["messageId"], Value::Null, "{last}");
     assert_eq!(p["bodySize"], binary.len(), "{last}");
@@ -570,15 +599,22 @@ async fn delivers_every_message_once_in_publish_order_in_lambdas_rmq_shape_and_a
             .keys()
             .collect();
         assert_eq!(queues, [&key], "keyed `queue::vhost`: {event}");
-        let parsed: RabbitMqEvent =
-            serde_json::from_value(event.clone()).unwrap_or_else(|e| panic!("not an aws:rmq event ({e}): {event}"));
+        let parsed: RabbitMqEvent = serde_json::from_value(event.clone())
+            .unwrap_or_else(|e| panic!("not an aws:rmq event ({e}): {event}"));
         assert!(!parsed.messages_by_queue[&key].is_empty());
     }
     let sizes = invocation_sizes(&seen);
-    assert!(sizes.values().all(|n| *n <= 10), "a batch over batch.size: {sizes:?}");
+    assert!(
+        sizes.values().all(|n| *n <= 10),
+        "a batch over batch.size: {sizes:?}"
+    );
 
     sluice.shutdown().await;
-    assert_eq!(rabbit.ready(&queue).await, 0, "a message came back after Sluice stopped");
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        0,
+        "a message came back after Sluice stopped"
+    );
     rabbit.clean_up().await;
 }
 
@@ -596,7 +632,9 @@ enum DeadLetterKind {
 /// delivered once and acknowledged.
 async fn poison_goes_to_the_on_failure_dead_letter_while_the_rest_flow(kind: DeadLetterKind) {
     let rabbit = Rabbit::connect().await;
-    let (queue, rejected) = rabbit.queue_with_dead_letter_exchange("sluice-rmq-poison").await;
+    let (queue, rejected) = rabbit
+        .queue_with_dead_letter_exchange("sluice-rmq-poison")
+        .await;
     let good = bodies("good", 20);
     let mut all = good.clone();
     all.insert(10, "poison".to_string());
@@ -607,7 +645,9 @@ async fn poison_goes_to_the_on_failure_dead_letter_while_the_rest_flow(kind: Dea
             None,
         ),
         DeadLetterKind::RabbitMq => {
-            let target = rabbit.queue("sluice-rmq-poison-target", FieldTable::default()).await;
+            let target = rabbit
+                .queue("sluice-rmq-poison-target", FieldTable::default())
+                .await;
             (
                 format!(
                     "dead_letters:\n  failed: {{type: rabbitmq, uri: {}, routing_key: {}}}\n",
@@ -645,7 +685,12 @@ async fn poison_goes_to_the_on_failure_dead_letter_while_the_rest_flow(kind: Dea
 
     let by_body = recorder.by_body();
     for body in &good {
-        assert_eq!(by_body[body].len(), 1, "{body} was delivered {} times", by_body[body].len());
+        assert_eq!(
+            by_body[body].len(),
+            1,
+            "{body} was delivered {} times",
+            by_body[body].len()
+        );
     }
     assert_eq!(
         by_body["poison"].len(),
@@ -654,19 +699,46 @@ async fn poison_goes_to_the_on_failure_dead_letter_while_the_rest_flow(kind: Dea
     );
     assert_eq!(dead.len(), 1, "one dead letter: {dead:?}");
     let record = &dead[0];
-    assert_eq!(record["requestContext"]["condition"], "RetryAttemptsExhausted", "{record}");
-    assert_eq!(record["requestContext"]["approximateInvokeCount"], 5, "{record}");
-    assert_eq!(record["responseContext"]["functionError"], "Unhandled", "{record}");
+    assert_eq!(
+        record["requestContext"]["condition"], "RetryAttemptsExhausted",
+        "{record}"
+    );
+    assert_eq!(
+        record["requestContext"]["approximateInvokeCount"], 5,
+        "{record}"
+    );
+    assert_eq!(
+        record["responseContext"]["functionError"], "Unhandled",
+        "{record}"
+    );
     assert_eq!(record["RabbitMQBatchInfo"]["batchSize"], 1, "{record}");
-    assert_eq!(record["RabbitMQBatchInfo"]["streamArn"], BROKER_ARN, "{record}");
+    assert_eq!(
+        record["RabbitMQBatchInfo"]["streamArn"], BROKER_ARN,
+        "{record}"
+    );
     assert_eq!(record["sluice"]["source"], "queue", "{record}");
     assert_eq!(record["sluice"]["function"], FUNCTION, "{record}");
-    let records = record["sluice"]["records"].as_array().expect("sluice.records");
+    let records = record["sluice"]["records"]
+        .as_array()
+        .expect("sluice.records");
     assert_eq!(records.len(), 1, "{record}");
-    assert_eq!(records[0]["data"], BASE64.encode("poison"), "the payload: {record}");
-    assert_eq!(records[0]["basicProperties"]["messageId"], "poison", "{record}");
-    let attempts = record["sluice"]["attempts"].as_array().expect("sluice.attempts");
-    assert_eq!(attempts.len(), 5, "every attempt is in the dead letter: {record}");
+    assert_eq!(
+        records[0]["data"],
+        BASE64.encode("poison"),
+        "the payload: {record}"
+    );
+    assert_eq!(
+        records[0]["basicProperties"]["messageId"], "poison",
+        "{record}"
+    );
+    let attempts = record["sluice"]["attempts"]
+        .as_array()
+        .expect("sluice.attempts");
+    assert_eq!(
+        attempts.len(),
+        5,
+        "every attempt is in the dead letter: {record}"
+    );
     for attempt in attempts {
         assert_eq!(attempt["errorType"], "Poisoned", "{record}");
         assert_eq!(attempt["errorMessage"], "cannot digest poison", "{record}");
@@ -703,7 +775,9 @@ async fn a_poison_message_goes_to_a_file_dead_letter_with_its_payload_and_attemp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_on_failure_a_poison_message_is_rejected_to_the_queues_dead_letter_exchange() {
     let rabbit = Rabbit::connect().await;
-    let (queue, dead) = rabbit.queue_with_dead_letter_exchange("sluice-rmq-reject").await;
+    let (queue, dead) = rabbit
+        .queue_with_dead_letter_exchange("sluice-rmq-reject")
+        .await;
     let good = bodies("fine", 6);
     let mut all = good.clone();
     all.insert(3, "poison".to_string());
@@ -719,7 +793,12 @@ async fn without_on_failure_a_poison_message_is_rejected_to_the_queues_dead_lett
     rabbit.wait_drained(&queue).await;
 
     assert_eq!(moved.delivery.data, b"poison");
-    let headers = moved.delivery.properties.headers().clone().unwrap_or_default();
+    let headers = moved
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
     let death = match headers.inner().get("x-death") {
         Some(AMQPValue::FieldArray(deaths)) => match deaths.as_slice().first() {
             Some(AMQPValue::FieldTable(death)) => death.clone(),
@@ -734,9 +813,16 @@ async fn without_on_failure_a_poison_message_is_rejected_to_the_queues_dead_lett
     };
     assert_eq!(text("reason"), "rejected", "{death:?}");
     assert_eq!(text("queue"), queue, "{death:?}");
-    assert!(rabbit.get(&dead).await.is_none(), "only the poison is dead-lettered");
+    assert!(
+        rabbit.get(&dead).await.is_none(),
+        "only the poison is dead-lettered"
+    );
     let by_body = recorder.by_body();
-    assert_eq!(by_body["poison"].len(), 5, "tried once and retried 4 times, then rejected");
+    assert_eq!(
+        by_body["poison"].len(),
+        5,
+        "tried once and retried 4 times, then rejected"
+    );
     for body in &good {
         assert_eq!(by_body[body].len(), 1, "{body}");
     }
@@ -747,7 +833,9 @@ async fn without_on_failure_a_poison_message_is_rejected_to_the_queues_dead_lett
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_item_failures_retry_only_the_failed_message_and_ack_the_rest() {
     let rabbit = Rabbit::connect().await;
-    let (queue, rejected) = rabbit.queue_with_dead_letter_exchange("sluice-rmq-partial").await;
+    let (queue, rejected) = rabbit
+        .queue_with_dead_letter_exchange("sluice-rmq-partial")
+        .await;
     let all = bodies("item", 8);
     rabbit.publish_all(&queue, &all).await;
     let recorder = Recorder::default();
@@ -781,7 +869,11 @@ async fn batch_item_failures_retry_only_the_failed_message_and_ack_the_rest() {
     rabbit.wait_drained(&queue).await;
 
     let by_body = recorder.by_body();
-    assert_eq!(by_body.keys().cloned().collect::<Vec<_>>(), all, "every message was delivered");
+    assert_eq!(
+        by_body.keys().cloned().collect::<Vec<_>>(),
+        all,
+        "every message was delivered"
+    );
     let first = by_body["item-000"][0].invocation;
     assert!(
         all.iter().all(|body| by_body[body][0].invocation == first),
@@ -797,7 +889,10 @@ async fn batch_item_failures_retry_only_the_failed_message_and_ack_the_rest() {
             deliveries.len()
         );
     }
-    assert!(rabbit.get(&rejected).await.is_none(), "nothing was rejected");
+    assert!(
+        rabbit.get(&rejected).await.is_none(),
+        "nothing was rejected"
+    );
     sluice.shutdown().await;
     rabbit.clean_up().await;
 }
@@ -805,17 +900,25 @@ async fn batch_item_failures_retry_only_the_failed_message_and_ack_the_rest() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn filters_drop_and_acknowledge_the_messages_they_do_not_match() {
     let rabbit = Rabbit::connect().await;
-    let (queue, rejected) = rabbit.queue_with_dead_letter_exchange("sluice-rmq-filter").await;
+    let (queue, rejected) = rabbit
+        .queue_with_dead_letter_exchange("sluice-rmq-filter")
+        .await;
     let mut kept = Vec::new();
     for i in 0..10 {
         let keep = format!("{{\"kind\": \"keep\", \"n\": {i}}}");
         let drop = format!("{{\"kind\": \"drop\", \"n\": {i}}}");
-        rabbit.publish(&queue, keep.as_bytes(), BasicProperties::default()).await;
-        rabbit.publish(&queue, drop.as_bytes(), BasicProperties::default()).await;
+        rabbit
+            .publish(&queue, keep.as_bytes(), BasicProperties::default())
+            .await;
+        rabbit
+            .publish(&queue, drop.as_bytes(), BasicProperties::default())
+            .await;
         kept.push(keep);
     }
     // Not JSON: a pattern on `data` cannot match it.
-    rabbit.publish(&queue, b"kind keep", BasicProperties::default()).await;
+    rabbit
+        .publish(&queue, b"kind keep", BasicProperties::default())
+        .await;
     let recorder = Recorder::default();
     let sluice = start(
         recorder.registry(succeed()),
@@ -829,13 +932,20 @@ async fn filters_drop_and_acknowledge_the_messages_they_do_not_match() {
     rabbit.wait_drained(&queue).await;
 
     let delivered: Vec<String> = recorder.seen().iter().map(Seen::text).collect();
-    assert_eq!(delivered, kept, "only the matching messages, each once, in order");
+    assert_eq!(
+        delivered, kept,
+        "only the matching messages, each once, in order"
+    );
     assert!(
         rabbit.get(&rejected).await.is_none(),
         "filtered messages are acknowledged, not rejected"
     );
     sluice.shutdown().await;
-    assert_eq!(rabbit.ready(&queue).await, 0, "a filtered message came back");
+    assert_eq!(
+        rabbit.ready(&queue).await,
+        0,
+        "a filtered message came back"
+    );
     rabbit.clean_up().await;
 }
 
@@ -843,7 +953,9 @@ async fn filters_drop_and_acknowledge_the_messages_they_do_not_match() {
 async fn reconnects_after_the_server_closes_its_connection_and_delivers_every_message() {
     const MESSAGES: usize = 400;
     let rabbit = Rabbit::connect().await;
-    let queue = rabbit.queue("sluice-rmq-reconnect", FieldTable::default()).await;
+    let queue = rabbit
+        .queue("sluice-rmq-reconnect", FieldTable::default())
+        .await;
     let all = bodies("m", MESSAGES);
     rabbit.publish_all(&queue, &all).await;
     let recorder = Recorder::default();
@@ -860,16 +972,25 @@ async fn reconnects_after_the_server_closes_its_connection_and_delivers_every_me
     .await;
     let started = Instant::now();
     while !hold.holding.load(Ordering::SeqCst) {
-        assert!(started.elapsed() < PATIENCE, "no invocation reached the hold");
+        assert!(
+            started.elapsed() < PATIENCE,
+            "no invocation reached the hold"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let in_flight: BTreeSet<String> = {
         let seen = recorder.seen();
         let last = seen.last().expect("a batch is held").invocation;
-        seen.iter().filter(|s| s.invocation == last).map(Seen::text).collect()
+        seen.iter()
+            .filter(|s| s.invocation == last)
+            .map(Seen::text)
+            .collect()
     };
     let closed = close_connections(&source_connection(&queue));
-    assert_eq!(closed, 1, "Sluice's connection for {queue} was found and closed");
+    assert_eq!(
+        closed, 1,
+        "Sluice's connection for {queue} was found and closed"
+    );
     hold.open.store(true, Ordering::SeqCst);
     recorder.wait_for_all(&all).await;
     rabbit.wait_drained(&queue).await;

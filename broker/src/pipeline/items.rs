@@ -31,6 +31,11 @@ pub fn parse(body: &[u8], batch_ids: &HashSet<&str>) -> Result<Vec<String>, Stri
         let id = match item.get("itemIdentifier") {
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
+            // Lambda's Kafka form: `{"partition": "topic-partition", "offset": N}`.
+            Some(Value::Object(o)) => match (o.get("partition").and_then(Value::as_str), o.get("offset").and_then(Value::as_i64)) {
+                (Some(p), Some(off)) => format!("{p}@{off}"),
+                _ => return Err(format!("invalid itemIdentifier {item} in batchItemFailures")),
+            },
             Some(other) => return Err(format!("invalid itemIdentifier {other} in batchItemFailures")),
             None => return Err("an entry of batchItemFailures has no itemIdentifier".to_string()),
         };
@@ -61,6 +66,13 @@ mod tests {
     fn failed_identifiers_are_returned_in_order() {
         let body = br#"{"batchItemFailures": [{"itemIdentifier": "3"}, {"itemIdentifier": "2"}]}"#;
         assert_eq!(parse(body, &ids()), Ok(vec!["3".to_string(), "2".to_string()]));
+    }
+
+    #[test]
+    fn kafka_identifiers_may_be_partition_and_offset_objects() {
+        let ids: HashSet<&str> = ["orders-0@5", "orders-0@6"].into_iter().collect();
+        let body = br#"{"batchItemFailures": [{"itemIdentifier": {"partition": "orders-0", "offset": 6}}]}"#;
+        assert_eq!(parse(body, &ids), Ok(vec!["orders-0@6".to_string()]));
     }
 
     #[test]

@@ -53,6 +53,7 @@ pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn 
             SourceKind::Sqs(q) => SqsSource::connect(&q.queue_url, q.aws.endpoint_url.as_deref(), q.aws.region.as_deref())
                 .await
                 .map(|s| Connected::Queue(Arc::new(s), q.maximum_concurrency.unwrap_or(DEFAULT_SQS_POLLERS) as usize)),
+            SourceKind::Kafka(k) => return kafka::run(mapping, k.clone()).await,
             _ => return,
         };
         match connected {

@@ -8,7 +8,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use bytes::Bytes;
 use lapin::BasicProperties;
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 
 use crate::record::Record;
 use crate::stream::json_or_null;
@@ -56,11 +56,11 @@ impl Message<'_> {
     /// view is built only `for_filters`: a mapping without filters never reads it, and building
     /// it (a copy of the record, the body parsed as JSON) would double the cost of a message.
     pub fn record(&self, now_ms: i64, for_filters: bool) -> Record {
-        let lambda = json!({
-            "basicProperties": basic_properties(self.properties, self.data.len()),
-            "redelivered": self.redelivered,
-            "data": B64.encode(self.data),
-        });
+        let lambda = object([
+            ("basicProperties", basic_properties(self.properties, self.data.len())),
+            ("redelivered", Value::Bool(self.redelivered)),
+            ("data", Value::String(B64.encode(self.data))),
+        ]);
         let filter_view = if for_filters {
             // Lambda's filters see `data` decoded when it is JSON.
             let mut view = lambda.clone();
@@ -99,35 +99,40 @@ pub fn queue_key(queue: &str, vhost: &str) -> String {
 
 /// The invocation event for records of one queue.
 pub fn envelope(source_arn: &str, queue_key: &str, records: &[&Record]) -> Value {
-    json!({
-        "eventSource": EVENT_SOURCE,
-        "eventSourceArn": source_arn,
-        "rmqMessagesByQueue": {
-            queue_key: records.iter().map(|r| &r.lambda).collect::<Vec<_>>(),
-        },
-    })
+    let messages = Value::Array(records.iter().map(|r| r.lambda.clone()).collect());
+    object([
+        ("eventSource", Value::from(EVENT_SOURCE)),
+        ("eventSourceArn", Value::from(source_arn)),
+        ("rmqMessagesByQueue", object([(queue_key, messages)])),
+    ])
+}
+
+/// A JSON object of these entries. Every message goes through here, so not `json!`: that runs
+/// each value that is already a `Value` through serde's serializer again, a deep copy per level.
+fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    Value::Object(entries.into_iter().map(|(key, value)| (key.to_string(), value)).collect())
 }
 
 fn basic_properties(p: &BasicProperties, body_size: usize) -> Value {
     let text = |s: &Option<ShortString>| s.as_ref().map_or(Value::Null, |s| Value::from(s.as_str()));
-    json!({
-        "contentType": text(p.content_type()),
-        "contentEncoding": text(p.content_encoding()),
-        "headers": p.headers().as_ref().map_or_else(|| Value::Object(Map::new()), table),
+    object([
+        ("contentType", text(p.content_type())),
+        ("contentEncoding", text(p.content_encoding())),
+        ("headers", p.headers().as_ref().map_or_else(|| Value::Object(Map::new()), table)),
         // AMQP's defaults when the publisher left them out: transient, priority 0.
-        "deliveryMode": p.delivery_mode().unwrap_or(1),
-        "priority": p.priority().unwrap_or(0),
-        "correlationId": text(p.correlation_id()),
-        "replyTo": text(p.reply_to()),
-        "expiration": text(p.expiration()),
-        "messageId": text(p.message_id()),
-        "timestamp": p.timestamp().and_then(gson_date).map_or(Value::Null, Value::from),
-        "type": text(p.kind()),
-        "userId": text(p.user_id()),
-        "appId": text(p.app_id()),
-        "clusterId": text(p.cluster_id()),
-        "bodySize": body_size,
-    })
+        ("deliveryMode", Value::from(p.delivery_mode().unwrap_or(1))),
+        ("priority", Value::from(p.priority().unwrap_or(0))),
+        ("correlationId", text(p.correlation_id())),
+        ("replyTo", text(p.reply_to())),
+        ("expiration", text(p.expiration())),
+        ("messageId", text(p.message_id())),
+        ("timestamp", p.timestamp().and_then(gson_date).map_or(Value::Null, Value::from)),
+        ("type", text(p.kind())),
+        ("userId", text(p.user_id())),
+        ("appId", text(p.app_id())),
+        ("clusterId", text(p.cluster_id())),
+        ("bodySize", Value::from(body_size)),
+    ])
 }
 
 fn table(t: &FieldTable) -> Value {
@@ -155,8 +160,8 @@ fn header_value(v: &AMQPValue) -> Value {
         AMQPValue::Float(f) => Value::from(f64::from(*f)),
         AMQPValue::Double(f) => Value::from(*f),
         AMQPValue::DecimalValue(d) => Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
-        AMQPValue::ShortString(s) => json!({ "bytes": signed(s.as_str().as_bytes()) }),
-        AMQPValue::LongString(s) => json!({ "bytes": signed(s.as_bytes()) }),
+        AMQPValue::ShortString(s) => object([("bytes", signed(s.as_str().as_bytes()))]),
+        AMQPValue::LongString(s) => object([("bytes", signed(s.as_bytes()))]),
         AMQPValue::ByteArray(b) => signed(b.as_slice()),
         AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(header_value).collect()),
         AMQPValue::Timestamp(t) => gson_date(*t).map_or(Value::Null, Value::from),
@@ -188,6 +193,7 @@ fn gson_date(secs: u64) -> Option<String> {
 mod tests {
     use aws_lambda_events::event::rabbitmq::RabbitMqEvent;
     use lapin::types::{ByteArray, FieldArray, LongString};
+    use serde_json::json;
 
     use super::*;
 
