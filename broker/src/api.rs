@@ -34,10 +34,7 @@ pub(crate) struct ApiState {
 
 pub(crate) fn router(state: ApiState) -> Router {
     Router::new()
-        .route(
-            "/2015-03-31/functions/{function}/invocations",
-            post(invoke),
-        )
+        .route("/2015-03-31/functions/{function}/invocations", post(invoke))
         .merge(crate::manage::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
@@ -60,7 +57,11 @@ fn lambda_error_with(
         metrics::counter!(crate::metrics::API_INVALID_REQUESTS, "error" => code.to_string())
             .increment(1);
     }
-    let kind = if status.is_server_error() { "Service" } else { "User" };
+    let kind = if status.is_server_error() {
+        "Service"
+    } else {
+        "User"
+    };
     extra.insert("Type".into(), kind.into());
     extra.insert("Message".into(), message.into());
     let mut response = (status, axum::Json(serde_json::Value::Object(extra))).into_response();
@@ -88,11 +89,30 @@ pub(crate) fn parse_function_ref(
         [name, q] => (*name, Some(*q)),
         [_account, "function", name] => (*name, None),
         [_account, "function", name, q] => (*name, Some(*q)),
-        ["arn", _partition, "lambda", _region, _account, "function", name] => (*name, None),
-        ["arn", _partition, "lambda", _region, _account, "function", name, q] => {
-            (*name, Some(*q))
+        [
+            "arn",
+            _partition,
+            "lambda",
+            _region,
+            _account,
+            "function",
+            name,
+        ] => (*name, None),
+        [
+            "arn",
+            _partition,
+            "lambda",
+            _region,
+            _account,
+            "function",
+            name,
+            q,
+        ] => (*name, Some(*q)),
+        _ => {
+            return Err(format!(
+                "1 validation error detected: Value '{raw}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_\\.]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?"
+            ));
         }
-        _ => return Err(format!("1 validation error detected: Value '{raw}' at 'functionName' failed to satisfy constraint: Member must satisfy regular expression pattern: (arn:(aws[a-zA-Z-]*)?:lambda:)?([a-z]{{2}}(-gov)?-[a-z]+-\\d{{1}}:)?(\\d{{12}}:)?(function:)?([a-zA-Z0-9-_\\.]+)(:(\\$LATEST|[a-zA-Z0-9-_]+))?")),
     };
     if name.is_empty() || qualifier.is_some_and(str::is_empty) {
         return Err(format!("invalid function name `{raw}`"));
@@ -156,18 +176,26 @@ async fn invoke(
             return lambda_error(
                 StatusCode::BAD_REQUEST,
                 "InvalidParameterValueException",
-                &format!("1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]"),
+                &format!(
+                    "1 validation error detected: Value '{other}' at 'invocationType' failed to satisfy constraint: Member must satisfy enum value set: [Event, RequestResponse, DryRun]"
+                ),
             );
         }
     };
-    let limit = if asynchronous { MAX_ASYNC_PAYLOAD } else { MAX_SYNC_PAYLOAD };
+    let limit = if asynchronous {
+        MAX_ASYNC_PAYLOAD
+    } else {
+        MAX_SYNC_PAYLOAD
+    };
     let payload = match axum::body::to_bytes(body, limit).await {
         Ok(b) => b,
         Err(_) => {
             return lambda_error(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "RequestTooLargeException",
-                &format!("Request must be smaller than {limit} bytes for the InvokeFunction operation"),
+                &format!(
+                    "Request must be smaller than {limit} bytes for the InvokeFunction operation"
+                ),
             );
         }
     };
@@ -203,7 +231,12 @@ async fn invoke(
     if asynchronous {
         return match state
             .queue
-            .accept(&function.name, fref.qualifier.clone(), inv.payload, Some(inv.trace_id))
+            .accept(
+                &function.name,
+                fref.qualifier.clone(),
+                inv.payload,
+                Some(inv.trace_id),
+            )
             .await
         {
             Ok(request_id) => {
@@ -213,7 +246,11 @@ async fn invoke(
                 }
                 response
             }
-            Err(e) => lambda_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
+            Err(e) => lambda_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                &e.to_string(),
+            ),
         };
     }
     let tail = header(&headers, "x-amz-log-type") == Some("Tail");
@@ -250,7 +287,10 @@ async fn invoke(
     let body = match outcome.result {
         Ok(body) => body,
         Err(e) => {
-            response_headers.insert("x-amz-function-error", HeaderValue::from_static("Unhandled"));
+            response_headers.insert(
+                "x-amz-function-error",
+                HeaderValue::from_static("Unhandled"),
+            );
             e.to_json()
         }
     };
@@ -266,7 +306,9 @@ fn decode_client_context(b64: &str) -> Result<String, String> {
     }
     let bytes = B64.decode(b64.trim()).map_err(|_| INVALID.to_string())?;
     match serde_json::from_slice::<serde_json::Value>(&bytes) {
-        Ok(serde_json::Value::Object(_)) => String::from_utf8(bytes).map_err(|_| INVALID.to_string()),
+        Ok(serde_json::Value::Object(_)) => {
+            String::from_utf8(bytes).map_err(|_| INVALID.to_string())
+        }
         _ => Err(INVALID.to_string()),
     }
 }
@@ -306,7 +348,10 @@ mod tests {
             Ok(r("f", None))
         );
         assert_eq!(
-            parse_function_ref("arn:aws:lambda:us-east-1:123456789012:function:f:$LATEST", None),
+            parse_function_ref(
+                "arn:aws:lambda:us-east-1:123456789012:function:f:$LATEST",
+                None
+            ),
             Ok(r("f", Some("$LATEST")))
         );
         assert_eq!(parse_function_ref("f", Some("3")), Ok(r("f", Some("3"))));
@@ -322,7 +367,10 @@ mod tests {
     #[test]
     fn client_context_must_be_base64_json_object() {
         let ok = B64.encode(br#"{"custom":{"a":1}}"#);
-        assert_eq!(decode_client_context(&ok).as_deref(), Ok(r#"{"custom":{"a":1}}"#));
+        assert_eq!(
+            decode_client_context(&ok).as_deref(),
+            Ok(r#"{"custom":{"a":1}}"#)
+        );
         assert!(decode_client_context("not base64!").is_err());
         assert!(decode_client_context(&B64.encode(b"[1]")).is_err());
     }

@@ -170,7 +170,11 @@ impl AsyncQueue {
                     Write::Remove(id) => removes.push(id.clone()),
                 }
             }
-            let result = self.store.apply(&inserts, &removes).await.map_err(|e| e.to_string());
+            let result = self
+                .store
+                .apply(&inserts, &removes)
+                .await
+                .map_err(|e| e.to_string());
             if let Err(e) = &result {
                 tracing::error!(error = %e, events = inserts.len(), finished = removes.len(), "cannot write the asynchronous queue");
             }
@@ -206,7 +210,11 @@ impl AsyncQueue {
                 .min(f.available_concurrency() as usize);
             let mut wait = Duration::from_secs(5);
             if room > 0 {
-                match self.store.due(&f.name, now, (room + in_flight.len()) as u32).await {
+                match self
+                    .store
+                    .due(&f.name, now, (room + in_flight.len()) as u32)
+                    .await
+                {
                     Ok(events) => {
                         let fresh: Vec<QueuedEvent> = events
                             .into_iter()
@@ -224,7 +232,9 @@ impl AsyncQueue {
                     }
                 }
                 if let Ok(Some(next)) = self.store.next_due(&f.name, now).await {
-                    wait = wait.min(Duration::from_millis(u64::try_from(next - now).unwrap_or(0)));
+                    wait = wait.min(Duration::from_millis(
+                        u64::try_from(next - now).unwrap_or(0),
+                    ));
                 }
             } else if tasks.is_empty() {
                 // Every slot is taken by synchronous callers: look again soon.
@@ -255,10 +265,21 @@ impl AsyncQueue {
         if e.attempts.last().is_some_and(|a| a.error_type.is_none()) {
             // The function already succeeded; only its on_success record is still owed.
             if let Some(dest) = &config.on_success {
-                let version = e.attempts.last().map(|a| a.executed_version.clone()).unwrap_or_default();
-                let record = self.record(&f, &e, Condition::Success, &version, Ok(&Bytes::from_static(b"null")));
+                let version = e
+                    .attempts
+                    .last()
+                    .map(|a| a.executed_version.clone())
+                    .unwrap_or_default();
+                let record = self.record(
+                    &f,
+                    &e,
+                    Condition::Success,
+                    &version,
+                    Ok(&Bytes::from_static(b"null")),
+                );
                 if !self.deliver(&f, dest, record).await {
-                    self.reschedule(&e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64).await;
+                    self.reschedule(&e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64)
+                        .await;
                     return id;
                 }
             }
@@ -289,10 +310,12 @@ impl AsyncQueue {
                 )),
                 duration_ms: 0.0,
             });
-            self.finish_failed(&f, &e, Condition::RetriesExhausted).await;
+            self.finish_failed(&f, &e, Condition::RetriesExhausted)
+                .await;
             return id;
         };
-        metrics::histogram!(m::ASYNC_EVENT_AGE, "function" => f.name.clone()).record(age.as_secs_f64());
+        metrics::histogram!(m::ASYNC_EVENT_AGE, "function" => f.name.clone())
+            .record(age.as_secs_f64());
         let invoked_arn = match &e.qualifier {
             Some(q) => format!("{}:{q}", f.arn),
             None => f.arn.clone(),
@@ -309,7 +332,8 @@ impl AsyncQueue {
         let outcome = match f.invoke(&instance, inv).await {
             Ok(o) => o,
             Err(_throttled) => {
-                self.reschedule(&e, now_ms() + THROTTLE_BACKOFF.as_millis() as i64).await;
+                self.reschedule(&e, now_ms() + THROTTLE_BACKOFF.as_millis() as i64)
+                    .await;
                 return id;
             }
         };
@@ -317,18 +341,29 @@ impl AsyncQueue {
             time: rfc3339(now),
             executed_version: outcome.executed_version.clone(),
             error_type: outcome.result.as_ref().err().map(|x| x.error_type.clone()),
-            error_message: outcome.result.as_ref().err().map(|x| x.error_message.clone()),
+            error_message: outcome
+                .result
+                .as_ref()
+                .err()
+                .map(|x| x.error_message.clone()),
             duration_ms: outcome.duration.as_secs_f64() * 1000.0,
         };
         e.attempts.push(attempt);
         match &outcome.result {
             Ok(response) => {
                 if let Some(dest) = &config.on_success {
-                    let record = self.record(&f, &e, Condition::Success, &outcome.executed_version, Ok(response));
+                    let record = self.record(
+                        &f,
+                        &e,
+                        Condition::Success,
+                        &outcome.executed_version,
+                        Ok(response),
+                    );
                     if !self.deliver(&f, dest, record).await {
                         // The function ran; only the success record is owed. Keep the event so
                         // the record is written later, without running the function again.
-                        self.reschedule(&e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64).await;
+                        self.reschedule(&e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64)
+                            .await;
                         return id;
                     }
                 }
@@ -337,12 +372,19 @@ impl AsyncQueue {
             Err(error) => {
                 let tries = e.attempts.len();
                 if tries > config.max_retry_attempts as usize {
-                    let record = self.record(&f, &e, Condition::RetriesExhausted, &outcome.executed_version, Err(error));
+                    let record = self.record(
+                        &f,
+                        &e,
+                        Condition::RetriesExhausted,
+                        &outcome.executed_version,
+                        Err(error),
+                    );
                     self.give_up(&f, &e, record).await;
                 } else {
                     metrics::counter!(m::ASYNC_RETRIES, "function" => f.name.clone()).increment(1);
                     let delay = config.retry_delay.saturating_mul(1 << (tries - 1).min(16));
-                    self.reschedule(&e, now_ms() + delay.as_millis() as i64).await;
+                    self.reschedule(&e, now_ms() + delay.as_millis() as i64)
+                        .await;
                 }
             }
         }
@@ -355,7 +397,8 @@ impl AsyncQueue {
         let version = last.map(|a| a.executed_version.clone()).unwrap_or_default();
         let error = FunctionError::new(
             last.and_then(|a| a.error_type.clone()).unwrap_or_default(),
-            last.and_then(|a| a.error_message.clone()).unwrap_or_default(),
+            last.and_then(|a| a.error_message.clone())
+                .unwrap_or_default(),
         );
         let record = self.record(f, e, condition, &version, Err(&error));
         self.give_up(f, e, record).await;
@@ -367,11 +410,13 @@ impl AsyncQueue {
                 if self.deliver(f, dest, record).await {
                     self.remove(e).await;
                 } else {
-                    self.reschedule(e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64).await;
+                    self.reschedule(e, now_ms() + DESTINATION_BACKOFF.as_millis() as i64)
+                        .await;
                 }
             }
             None => {
-                metrics::counter!(m::ASYNC_EVENTS_DROPPED, "function" => f.name.clone()).increment(1);
+                metrics::counter!(m::ASYNC_EVENTS_DROPPED, "function" => f.name.clone())
+                    .increment(1);
                 tracing::warn!(function = %f.name, request_id = %e.id, attempts = e.attempts.len(),
                     "asynchronous event given up and dropped: the function has no on_failure destination");
                 self.remove(e).await;
@@ -382,7 +427,10 @@ impl AsyncQueue {
     /// Writes a record to a dead letter, or queues it for a destination function. Returns
     /// whether it is durably delivered.
     async fn deliver(&self, f: &Function, destination: &str, record: serde_json::Value) -> bool {
-        let labels = [("function", f.name.clone()), ("destination", destination.to_string())];
+        let labels = [
+            ("function", f.name.clone()),
+            ("destination", destination.to_string()),
+        ];
         let result = if let Some(sink) = self.dead_letters.get(destination) {
             sink.write(&record).await.map_err(|e| e.to_string())
         } else if self.functions.get(destination).is_some() {
@@ -419,7 +467,9 @@ impl AsyncQueue {
         result: Result<&Bytes, &FunctionError>,
     ) -> serde_json::Value {
         let request_payload = serde_json::from_slice::<serde_json::Value>(&e.payload)
-            .unwrap_or_else(|_| serde_json::Value::String(String::from_utf8_lossy(&e.payload).into_owned()));
+            .unwrap_or_else(|_| {
+                serde_json::Value::String(String::from_utf8_lossy(&e.payload).into_owned())
+            });
         let (response_context, response_payload) = match result {
             Ok(body) => (
                 serde_json::json!({"statusCode": 200, "executedVersion": executed_version}),
@@ -430,7 +480,10 @@ impl AsyncQueue {
                 serde_json::to_value(error).unwrap_or_default(),
             ),
         };
-        let qualifier = e.qualifier.clone().unwrap_or_else(|| crate::function::LATEST.to_string());
+        let qualifier = e
+            .qualifier
+            .clone()
+            .unwrap_or_else(|| crate::function::LATEST.to_string());
         serde_json::json!({
             "version": "1.0",
             "timestamp": rfc3339(now_ms()),
@@ -475,7 +528,9 @@ impl AsyncQueue {
             })
             .await;
         let result = match sent {
-            Ok(()) => wait.await.unwrap_or_else(|_| Err("the queue writer stopped".to_string())),
+            Ok(()) => wait
+                .await
+                .unwrap_or_else(|_| Err("the queue writer stopped".to_string())),
             Err(_) => Err("the queue writer stopped".to_string()),
         };
         if let Err(error) = result {
@@ -486,11 +541,19 @@ impl AsyncQueue {
 }
 
 impl sluice_connectors::Dispatch for AsyncQueue {
-    fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> sluice_connectors::DispatchFuture<'a> {
+    fn invoke<'a>(
+        &'a self,
+        function: &'a str,
+        payload: Bytes,
+    ) -> sluice_connectors::DispatchFuture<'a> {
         self.functions.invoke(function, payload)
     }
 
-    fn invoke_async<'a>(&'a self, function: &'a str, payload: Bytes) -> sluice_connectors::DispatchFuture<'a, String> {
+    fn invoke_async<'a>(
+        &'a self,
+        function: &'a str,
+        payload: Bytes,
+    ) -> sluice_connectors::DispatchFuture<'a, String> {
         use sluice_connectors::DispatchError;
         Box::pin(async move {
             let (name, qualifier) = match function.split_once(':') {

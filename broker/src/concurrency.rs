@@ -91,7 +91,11 @@ impl Concurrency {
     /// The most a function may reserve now, given what the others hold.
     pub fn max_reservable(&self, function: &str) -> u32 {
         let s = self.lock();
-        let own = s.functions.get(function).and_then(|f| f.reserved).unwrap_or(0);
+        let own = s
+            .functions
+            .get(function)
+            .and_then(|f| f.reserved)
+            .unwrap_or(0);
         s.limit
             .saturating_sub(MIN_UNRESERVED)
             .saturating_sub(s.reserved_total - own)
@@ -122,7 +126,11 @@ impl Concurrency {
     /// How many more invocations of `function` could start right now.
     pub fn available(&self, function: &str) -> u32 {
         let s = self.lock();
-        match s.functions.get(function).and_then(|f| f.reserved.map(|r| (r, f.in_use))) {
+        match s
+            .functions
+            .get(function)
+            .and_then(|f| f.reserved.map(|r| (r, f.in_use)))
+        {
             Some((reserved, in_use)) => reserved.saturating_sub(in_use),
             None => (s.limit - s.reserved_total).saturating_sub(s.unreserved_in_use),
         }
@@ -168,7 +176,10 @@ mod tests {
         let _b = c.try_acquire("f").expect("second");
         assert_eq!(c.try_acquire("f").map(|_| ()), Err(Throttle::Reserved));
         drop(a);
-        assert!(c.try_acquire("f").is_ok(), "a finished invocation frees its slot");
+        assert!(
+            c.try_acquire("f").is_ok(),
+            "a finished invocation frees its slot"
+        );
     }
 
     #[test]
@@ -182,9 +193,17 @@ mod tests {
     fn unreserved_functions_share_what_is_left() {
         let c = Concurrency::new(102);
         c.set_reserved("big", Some(2)).expect("reserve");
-        let held: Vec<_> = (0..100).map(|i| c.try_acquire(if i % 2 == 0 { "a" } else { "b" }).expect("slot")).collect();
+        let held: Vec<_> = (0..100)
+            .map(|i| {
+                c.try_acquire(if i % 2 == 0 { "a" } else { "b" })
+                    .expect("slot")
+            })
+            .collect();
         assert_eq!(c.try_acquire("a").map(|_| ()), Err(Throttle::Account));
-        assert!(c.try_acquire("big").is_ok(), "reservations are not touched by the others");
+        assert!(
+            c.try_acquire("big").is_ok(),
+            "reservations are not touched by the others"
+        );
         drop(held);
         assert_eq!(c.available("a"), 100);
     }

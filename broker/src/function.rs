@@ -13,8 +13,8 @@ use serde::{Deserialize, Serialize};
 use sluice_config::{Config, ConfigError, FunctionConfig, Runtime};
 use thiserror::Error;
 
-pub use crate::concurrency::Throttle;
 use crate::concurrency::Concurrency;
+pub use crate::concurrency::Throttle;
 use crate::invocation::{FunctionError, Invocation, REGION, function_arn};
 use crate::metrics as m;
 use crate::runtime::memory::MemoryCap;
@@ -69,7 +69,10 @@ struct VersionMetrics {
 
 impl VersionMetrics {
     fn new(name: &str, version: &str) -> Self {
-        let labels = [("function", name.to_string()), ("version", version.to_string())];
+        let labels = [
+            ("function", name.to_string()),
+            ("version", version.to_string()),
+        ];
         Self {
             invocations: metrics::counter!(m::FUNCTION_INVOCATIONS, &labels),
             errors: metrics::counter!(m::FUNCTION_ERRORS, &labels),
@@ -118,7 +121,10 @@ impl RunnerFactory {
                     environment: vc.environment.clone(),
                     region: REGION.to_string(),
                 };
-                Ok(Runner::Process(ProcessRunner::new(spec, self.memory.clone())))
+                Ok(Runner::Process(ProcessRunner::new(
+                    spec,
+                    self.memory.clone(),
+                )))
             }
             "http" => {
                 let url = vc
@@ -134,7 +140,12 @@ impl RunnerFactory {
                 self.native
                     .get(&handler)
                     .map(|h| {
-                        Runner::Native(NativeRunner::new(h, name.to_string(), vc.memory_mb, vc.timeout()))
+                        Runner::Native(NativeRunner::new(
+                            h,
+                            name.to_string(),
+                            vc.memory_mb,
+                            vc.timeout(),
+                        ))
                     })
                     .ok_or_else(|| format!("no native handler named `{handler}` is registered"))
             }
@@ -242,7 +253,11 @@ impl Function {
     }
 
     /// Runs one invocation on `instance`, or refuses it when a concurrency limit is reached.
-    pub async fn invoke(&self, instance: &Instance, inv: Invocation) -> Result<InvokeOutcome, Throttle> {
+    pub async fn invoke(
+        &self,
+        instance: &Instance,
+        inv: Invocation,
+    ) -> Result<InvokeOutcome, Throttle> {
         let _permit = self
             .concurrency
             .try_acquire(&self.name)
@@ -320,7 +335,10 @@ fn lambda_log(
         "REPORT RequestId: {request_id}\tDuration: {ms:.2} ms\tBilled Duration: {billed} ms\tMemory Size: {memory_mb} MB\tMax Memory Used: {used_mb} MB\t"
     );
     if let Some(init) = init_duration {
-        report.push_str(&format!("Init Duration: {:.2} ms\t", init.as_secs_f64() * 1000.0));
+        report.push_str(&format!(
+            "Init Duration: {:.2} ms\t",
+            init.as_secs_f64() * 1000.0
+        ));
     }
     report.push('\n');
     log.extend_from_slice(report.as_bytes());
@@ -378,13 +396,19 @@ fn snapshot_of(fc: &FunctionConfig, task_root: Option<PathBuf>) -> VersionConfig
 }
 
 fn now_text() -> String {
-    chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string()
+    chrono::Utc::now()
+        .format("%Y-%m-%dT%H:%M:%S%.3f+0000")
+        .to_string()
 }
 
 impl Functions {
     /// Builds every function, reporting all problems together: missing packages, unknown
     /// native handlers, concurrency reservations that leave too little unreserved.
-    pub fn build(config: &Config, native: &NativeRegistry, data_dir: &Path) -> Result<Self, BuildError> {
+    pub fn build(
+        config: &Config,
+        native: &NativeRegistry,
+        data_dir: &Path,
+    ) -> Result<Self, BuildError> {
         let factory = RunnerFactory {
             memory: MemoryCap::detect(),
             native: native.clone(),
@@ -401,17 +425,25 @@ impl Functions {
             if let Err(message) = concurrency.set_reserved(name, fc.reserved_concurrency) {
                 errors.push(config.error_at(
                     &format!("functions.{name}.reserved_concurrency"),
-                    format!("{message} (concurrency.limit is {})", config.concurrency.limit),
+                    format!(
+                        "{message} (concurrency.limit is {})",
+                        config.concurrency.limit
+                    ),
                 ));
             }
             let task_root = match (&fc.runtime, &fc.package) {
-                (Runtime::Process, Some(pkg)) => match package::prepare(pkg, limits, &data_dir.join("packages")) {
-                    Ok(dir) => Some(dir),
-                    Err(e) => {
-                        errors.push(config.error_at(&format!("functions.{name}.package"), e.to_string()));
-                        continue;
+                (Runtime::Process, Some(pkg)) => {
+                    match package::prepare(pkg, limits, &data_dir.join("packages")) {
+                        Ok(dir) => Some(dir),
+                        Err(e) => {
+                            errors.push(
+                                config
+                                    .error_at(&format!("functions.{name}.package"), e.to_string()),
+                            );
+                            continue;
+                        }
                     }
-                },
+                }
                 _ => None,
             };
             let snapshot = snapshot_of(fc, task_root);
@@ -464,7 +496,11 @@ impl Functions {
 
     /// Brings in what the state store remembers: published versions, aliases made through the
     /// API, concurrency set through the API; then applies the aliases the file declares.
-    pub async fn attach_store(&self, store: Arc<dyn StateStore>, config: &Config) -> Result<(), BuildError> {
+    pub async fn attach_store(
+        &self,
+        store: Arc<dyn StateStore>,
+        config: &Config,
+    ) -> Result<(), BuildError> {
         let _ = self.store.set(store.clone());
         let mut errors = Vec::new();
         let state_error = |e: StateError| config.error_at("state", e.to_string());
@@ -535,11 +571,16 @@ impl Functions {
                 write(&f.aliases).insert(alias.clone(), record);
             }
         }
-        if errors.is_empty() { Ok(()) } else { Err(BuildError { errors }) }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BuildError { errors })
+        }
     }
 
     fn instance_from_record(&self, record: &VersionRecord) -> Result<Instance, String> {
-        let config: VersionConfig = serde_json::from_str(&record.snapshot).map_err(|e| e.to_string())?;
+        let config: VersionConfig =
+            serde_json::from_str(&record.snapshot).map_err(|e| e.to_string())?;
         self.factory.instance(
             &record.function,
             &record.version.to_string(),
@@ -560,8 +601,9 @@ impl Functions {
     }
 
     fn function(&self, name: &str) -> Result<&Arc<Function>, ManageError> {
-        self.get(name)
-            .ok_or_else(|| ManageError::NotFound(format!("Function not found: {}", function_arn(name))))
+        self.get(name).ok_or_else(|| {
+            ManageError::NotFound(format!("Function not found: {}", function_arn(name)))
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -580,7 +622,12 @@ impl Functions {
     /// configuration frozen. As in Lambda, publishing again without a change returns the last
     /// version instead of making a new one. With `expected_sha256`, publishes only if the code
     /// of `$LATEST` still has that hash.
-    pub async fn publish_version(&self, name: &str, description: Option<&str>, expected_sha256: Option<&str>) -> Result<Arc<Instance>, ManageError> {
+    pub async fn publish_version(
+        &self,
+        name: &str,
+        description: Option<&str>,
+        expected_sha256: Option<&str>,
+    ) -> Result<Arc<Instance>, ManageError> {
         let f = self.function(name)?;
         let store = self.store()?.clone();
         let latest = f.latest.clone();
@@ -598,8 +645,14 @@ impl Functions {
             )));
         }
         if let Some(last) = f.versions().last() {
-            let same_config = VersionConfig { task_root: None, ..last.config.clone() }
-                == VersionConfig { task_root: None, description: last.config.description.clone(), ..latest.config.clone() };
+            let same_config = VersionConfig {
+                task_root: None,
+                ..last.config.clone()
+            } == VersionConfig {
+                task_root: None,
+                description: last.config.description.clone(),
+                ..latest.config.clone()
+            };
             if same_config && last.code_sha256 == code_sha256 {
                 return Ok(last.clone());
             }
@@ -621,25 +674,44 @@ impl Functions {
         if let Some(d) = description {
             frozen.description = Some(d.to_string());
         }
-        let snapshot = serde_json::to_string(&frozen).map_err(|e| ManageError::Io(e.to_string()))?;
+        let snapshot =
+            serde_json::to_string(&frozen).map_err(|e| ManageError::Io(e.to_string()))?;
         let record = store
-            .publish_version(name, &snapshot, &code_sha256, description.unwrap_or_default())
+            .publish_version(
+                name,
+                &snapshot,
+                &code_sha256,
+                description.unwrap_or_default(),
+            )
             .await?;
-        let instance = Arc::new(self.instance_from_record(&record).map_err(ManageError::InvalidParameter)?);
+        let instance = Arc::new(
+            self.instance_from_record(&record)
+                .map_err(ManageError::InvalidParameter)?,
+        );
         write(&f.versions).insert(record.version, instance.clone());
         Ok(instance)
     }
 
-    fn check_alias_target(f: &Function, version: &str, weights: &[(String, f64)]) -> Result<(), ManageError> {
+    fn check_alias_target(
+        f: &Function,
+        version: &str,
+        weights: &[(String, f64)],
+    ) -> Result<(), ManageError> {
         for v in std::iter::once(version).chain(weights.iter().map(|(v, _)| v.as_str())) {
-            if f.resolve(Some(v)).is_none() || !(v == LATEST || v.bytes().all(|b| b.is_ascii_digit())) {
+            if f.resolve(Some(v)).is_none()
+                || !(v == LATEST || v.bytes().all(|b| b.is_ascii_digit()))
+            {
                 return Err(ManageError::NotFound(format!(
                     "Function not found: {}:{v}",
                     f.arn
                 )));
             }
         }
-        if weights.len() > 1 || weights.iter().any(|(v, w)| !(0.0..=1.0).contains(w) || v == version || v == LATEST) {
+        if weights.len() > 1
+            || weights
+                .iter()
+                .any(|(v, w)| !(0.0..=1.0).contains(w) || v == version || v == LATEST)
+        {
             return Err(ManageError::InvalidParameter(
                 "RoutingConfig takes one additional version, other than the alias's own and not $LATEST, with a weight between 0.0 and 1.0".into(),
             ));
@@ -647,13 +719,25 @@ impl Functions {
         Ok(())
     }
 
-    pub async fn create_alias(&self, name: &str, alias: &str, version: &str, weights: Vec<(String, f64)>, description: &str) -> Result<AliasRecord, ManageError> {
+    pub async fn create_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: &str,
+        weights: Vec<(String, f64)>,
+        description: &str,
+    ) -> Result<AliasRecord, ManageError> {
         let f = self.function(name)?;
         if !valid_alias_name(alias) {
-            return Err(ManageError::InvalidParameter(format!("1 validation error detected: Value '{alias}' at 'name' failed to satisfy constraint: Member must satisfy regular expression pattern: (?!^[0-9]+$)([a-zA-Z0-9-_]+)")));
+            return Err(ManageError::InvalidParameter(format!(
+                "1 validation error detected: Value '{alias}' at 'name' failed to satisfy constraint: Member must satisfy regular expression pattern: (?!^[0-9]+$)([a-zA-Z0-9-_]+)"
+            )));
         }
         if f.alias(alias).is_some() {
-            return Err(ManageError::Conflict(format!("Alias already exists: {}:{alias}", f.arn)));
+            return Err(ManageError::Conflict(format!(
+                "Alias already exists: {}:{alias}",
+                f.arn
+            )));
         }
         Self::check_alias_target(f, version, &weights)?;
         let record = AliasRecord {
@@ -675,7 +759,14 @@ impl Functions {
             .ok_or_else(|| ManageError::NotFound(format!("Alias not found: {}:{alias}", f.arn)))
     }
 
-    pub async fn update_alias(&self, name: &str, alias: &str, version: Option<&str>, weights: Option<Vec<(String, f64)>>, description: Option<&str>) -> Result<AliasRecord, ManageError> {
+    pub async fn update_alias(
+        &self,
+        name: &str,
+        alias: &str,
+        version: Option<&str>,
+        weights: Option<Vec<(String, f64)>>,
+        description: Option<&str>,
+    ) -> Result<AliasRecord, ManageError> {
         let f = self.function(name)?;
         let mut record = self.get_alias(name, alias)?;
         if let Some(v) = version {
@@ -701,7 +792,11 @@ impl Functions {
         Ok(())
     }
 
-    pub async fn put_concurrency(&self, name: &str, reserved: Option<u32>) -> Result<(), ManageError> {
+    pub async fn put_concurrency(
+        &self,
+        name: &str,
+        reserved: Option<u32>,
+    ) -> Result<(), ManageError> {
         let f = self.function(name)?;
         self.concurrency
             .set_reserved(&f.name, reserved)
@@ -720,7 +815,9 @@ impl Functions {
 
 fn valid_alias_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         && !name.bytes().all(|b| b.is_ascii_digit())
 }
 
@@ -774,7 +871,11 @@ fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
 
 impl Functions {
     /// Invokes `name` or `name:qualifier` synchronously, as a source does.
-    pub fn invoke<'a>(&'a self, function: &'a str, payload: Bytes) -> sluice_connectors::DispatchFuture<'a> {
+    pub fn invoke<'a>(
+        &'a self,
+        function: &'a str,
+        payload: Bytes,
+    ) -> sluice_connectors::DispatchFuture<'a> {
         use sluice_connectors::DispatchError;
         Box::pin(async move {
             let (name, qualifier) = match function.split_once(':') {
@@ -838,10 +939,21 @@ mod tests {
         let b = tempfile::tempdir().expect("b");
         for d in [a.path(), b.path()] {
             std::fs::write(d.join("bootstrap"), "#!/bin/sh\n").expect("write");
-            std::fs::set_permissions(d.join("bootstrap"), std::fs::Permissions::from_mode(0o755)).expect("chmod");
+            std::fs::set_permissions(d.join("bootstrap"), std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
         }
-        assert_eq!(tree_sha256(a.path()).expect("a"), tree_sha256(b.path()).expect("b"));
-        std::fs::set_permissions(b.path().join("bootstrap"), std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        assert_ne!(tree_sha256(a.path()).expect("a"), tree_sha256(b.path()).expect("b"));
+        assert_eq!(
+            tree_sha256(a.path()).expect("a"),
+            tree_sha256(b.path()).expect("b")
+        );
+        std::fs::set_permissions(
+            b.path().join("bootstrap"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        assert_ne!(
+            tree_sha256(a.path()).expect("a"),
+            tree_sha256(b.path()).expect("b")
+        );
     }
 }

@@ -98,7 +98,10 @@ impl Running {
         let mut pending = std::mem::take(&mut self.background);
         pending.push(self.server);
         let aborts: Vec<_> = pending.iter().map(|t| t.abort_handle()).collect();
-        if tokio::time::timeout(grace, futures::future::join_all(pending)).await.is_err() {
+        if tokio::time::timeout(grace, futures::future::join_all(pending))
+            .await
+            .is_err()
+        {
             tracing::warn!(grace = ?grace, "in-flight invocations did not finish within the grace period");
             for a in aborts {
                 a.abort();
@@ -149,7 +152,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     let store: Arc<dyn state::StateStore> = Arc::from(
         state::open(&config.state, &config.base_dir)
             .await
-            .map_err(|e| BuildError { errors: vec![config.error_at("state", e.to_string())] })?,
+            .map_err(|e| BuildError {
+                errors: vec![config.error_at("state", e.to_string())],
+            })?,
     );
     functions.attach_store(store.clone(), &config).await?;
     let dead_letters: HashMap<String, Arc<dyn sluice_plugins::DeadLetterSink>> = config
@@ -176,7 +181,9 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         .iter()
         .filter(|(_, s)| s.enabled)
         .filter_map(|(name, s)| match &s.kind {
-            sluice_config::SourceKind::Http(h) => Some((name.clone(), s.function.clone(), h.clone())),
+            sluice_config::SourceKind::Http(h) => {
+                Some((name.clone(), s.function.clone(), h.clone()))
+            }
             _ => None,
         })
         .collect();
@@ -184,14 +191,21 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         functions: functions.clone(),
         queue: queue.clone(),
     })
-    .merge(sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID));
+    .merge(sluice_connectors::http::router(
+        &hooks,
+        queue.clone(),
+        invocation::ACCOUNT_ID,
+    ));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
-        let result = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.await;
-            })
-            .await;
+        let result = axum::serve(
+            listener,
+            app.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(async move {
+            let _ = stop_rx.await;
+        })
+        .await;
         if let Err(e) = result {
             tracing::error!(error = %e, "the API server stopped");
         }
@@ -236,7 +250,9 @@ fn start_sources(
                     invocation::REGION,
                     invocation::ACCOUNT_ID,
                 );
-                tasks.push(tokio::spawn(source.run(dispatch.clone(), stop.child_token())));
+                tasks.push(tokio::spawn(
+                    source.run(dispatch.clone(), stop.child_token()),
+                ));
             }
             // Webhooks are routes on the API listener, mounted when it starts.
             sluice_config::SourceKind::Http(_) => {}
@@ -262,7 +278,11 @@ fn start_sources(
                         continue;
                     }
                 };
-                tasks.push(tokio::spawn(pipeline::run_source(mapping, kind.clone(), store.clone())));
+                tasks.push(tokio::spawn(pipeline::run_source(
+                    mapping,
+                    kind.clone(),
+                    store.clone(),
+                )));
             }
         }
     }

@@ -46,18 +46,33 @@ pub(crate) fn routes() -> Router<ApiState> {
 
 fn error(e: ManageError) -> Response {
     match e {
-        ManageError::NotFound(m) => lambda_error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &m),
-        ManageError::Conflict(m) => lambda_error(StatusCode::CONFLICT, "ResourceConflictException", &m),
-        ManageError::InvalidParameter(m) => {
-            lambda_error(StatusCode::BAD_REQUEST, "InvalidParameterValueException", &m)
+        ManageError::NotFound(m) => {
+            lambda_error(StatusCode::NOT_FOUND, "ResourceNotFoundException", &m)
         }
-        ManageError::State(e) => lambda_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &e.to_string()),
-        ManageError::Io(m) => lambda_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &m),
+        ManageError::Conflict(m) => {
+            lambda_error(StatusCode::CONFLICT, "ResourceConflictException", &m)
+        }
+        ManageError::InvalidParameter(m) => lambda_error(
+            StatusCode::BAD_REQUEST,
+            "InvalidParameterValueException",
+            &m,
+        ),
+        ManageError::State(e) => lambda_error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "ServiceException",
+            &e.to_string(),
+        ),
+        ManageError::Io(m) => {
+            lambda_error(StatusCode::INTERNAL_SERVER_ERROR, "ServiceException", &m)
+        }
     }
 }
 
 /// Request bodies are JSON whatever their content type says, and may be empty.
-#[allow(clippy::result_large_err, reason = "the error is the handler's finished response, returned at once")]
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the handler's finished response, returned at once"
+)]
 fn parse_body<T: serde::de::DeserializeOwned + Default>(body: &[u8]) -> Result<T, Response> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(T::default());
@@ -74,7 +89,10 @@ fn invalid(message: impl Into<String>) -> Response {
 }
 
 /// The function a path names; a qualifier in the name is refused where Lambda refuses it.
-#[allow(clippy::result_large_err, reason = "the error is the handler's finished response, returned at once")]
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the handler's finished response, returned at once"
+)]
 fn function<'a>(state: &'a ApiState, raw: &str) -> Result<&'a std::sync::Arc<Function>, Response> {
     let fref = parse_function_ref(raw, None).map_err(invalid)?;
     state.functions.get(&fref.name).ok_or_else(|| {
@@ -132,7 +150,8 @@ fn alias_json(f: &Function, a: &AliasRecord) -> Value {
         "RevisionId": a.revision_id,
     });
     if !a.weights.is_empty() {
-        let weights: BTreeMap<&str, f64> = a.weights.iter().map(|(v, w)| (v.as_str(), *w)).collect();
+        let weights: BTreeMap<&str, f64> =
+            a.weights.iter().map(|(v, w)| (v.as_str(), *w)).collect();
         body["RoutingConfig"] = json!({ "AdditionalVersionWeights": weights });
     }
     body
@@ -165,7 +184,11 @@ async fn get_function(
         Err(r) => return r,
     };
     // An alias describes the version it points at; resolving it would pick by weight.
-    let version = fref.qualifier.as_deref().and_then(|q| f.alias(q)).map(|a| a.version);
+    let version = fref
+        .qualifier
+        .as_deref()
+        .and_then(|q| f.alias(q))
+        .map(|a| a.version);
     let Some(instance) = f.resolve(version.as_deref().or(fref.qualifier.as_deref())) else {
         return error(ManageError::NotFound(format!(
             "Function not found: {}:{}",
@@ -191,7 +214,11 @@ struct PublishBody {
     code_sha256: Option<String>,
 }
 
-async fn publish_version(State(state): State<ApiState>, Path(raw): Path<String>, body: Bytes) -> Response {
+async fn publish_version(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
     let body: PublishBody = match parse_body(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -201,7 +228,11 @@ async fn publish_version(State(state): State<ApiState>, Path(raw): Path<String>,
         Err(r) => return r,
     };
     let expected = body.code_sha256.as_deref().filter(|s| !s.is_empty());
-    match state.functions.publish_version(&f.name, body.description.as_deref(), expected).await {
+    match state
+        .functions
+        .publish_version(&f.name, body.description.as_deref(), expected)
+        .await
+    {
         Ok(instance) => ok(StatusCode::CREATED, configuration(&f, &instance)),
         Err(e) => error(e),
     }
@@ -237,7 +268,11 @@ fn weights(routing: Option<RoutingConfig>) -> Option<Vec<(String, f64)>> {
     routing.map(|r| r.additional_version_weights.into_iter().collect())
 }
 
-async fn create_alias(State(state): State<ApiState>, Path(raw): Path<String>, body: Bytes) -> Response {
+async fn create_alias(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
     let body: AliasBody = match parse_body(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -246,12 +281,19 @@ async fn create_alias(State(state): State<ApiState>, Path(raw): Path<String>, bo
         Ok(f) => f.clone(),
         Err(r) => return r,
     };
-    let (Some(name), Some(version)) = (body.name.as_deref(), body.function_version.as_deref()) else {
+    let (Some(name), Some(version)) = (body.name.as_deref(), body.function_version.as_deref())
+    else {
         return invalid("Name and FunctionVersion are required");
     };
     match state
         .functions
-        .create_alias(&f.name, name, version, weights(body.routing_config).unwrap_or_default(), body.description.as_deref().unwrap_or_default())
+        .create_alias(
+            &f.name,
+            name,
+            version,
+            weights(body.routing_config).unwrap_or_default(),
+            body.description.as_deref().unwrap_or_default(),
+        )
         .await
     {
         Ok(a) => ok(StatusCode::CREATED, alias_json(&f, &a)),
@@ -268,7 +310,10 @@ async fn list_aliases(State(state): State<ApiState>, Path(raw): Path<String>) ->
     ok(StatusCode::OK, json!({ "Aliases": list }))
 }
 
-async fn get_alias(State(state): State<ApiState>, Path((raw, alias)): Path<(String, String)>) -> Response {
+async fn get_alias(
+    State(state): State<ApiState>,
+    Path((raw, alias)): Path<(String, String)>,
+) -> Response {
     let f = match function(&state, &raw) {
         Ok(f) => f,
         Err(r) => return r,
@@ -294,7 +339,13 @@ async fn update_alias(
     };
     match state
         .functions
-        .update_alias(&f.name, &alias, body.function_version.as_deref(), weights(body.routing_config), body.description.as_deref())
+        .update_alias(
+            &f.name,
+            &alias,
+            body.function_version.as_deref(),
+            weights(body.routing_config),
+            body.description.as_deref(),
+        )
         .await
     {
         Ok(a) => ok(StatusCode::OK, alias_json(&f, &a)),
@@ -302,7 +353,10 @@ async fn update_alias(
     }
 }
 
-async fn delete_alias(State(state): State<ApiState>, Path((raw, alias)): Path<(String, String)>) -> Response {
+async fn delete_alias(
+    State(state): State<ApiState>,
+    Path((raw, alias)): Path<(String, String)>,
+) -> Response {
     let f = match function(&state, &raw) {
         Ok(f) => f.clone(),
         Err(r) => return r,
@@ -319,7 +373,11 @@ struct ConcurrencyBody {
     reserved_concurrent_executions: Option<u32>,
 }
 
-async fn put_concurrency(State(state): State<ApiState>, Path(raw): Path<String>, body: Bytes) -> Response {
+async fn put_concurrency(
+    State(state): State<ApiState>,
+    Path(raw): Path<String>,
+    body: Bytes,
+) -> Response {
     let f = match function(&state, &raw) {
         Ok(f) => f.clone(),
         Err(r) => return r,

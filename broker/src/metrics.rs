@@ -57,26 +57,77 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(FUNCTION_INVOCATIONS, "Invocations, successful or not, throttles excluded");
-    describe_counter!(FUNCTION_ERRORS, "Invocations that ended in a function error");
-    describe_counter!(FUNCTION_THROTTLES, "Invocations refused by a concurrency limit");
-    describe_histogram!(FUNCTION_DURATION, "Time from start to result of an invocation");
+    describe_counter!(
+        FUNCTION_INVOCATIONS,
+        "Invocations, successful or not, throttles excluded"
+    );
+    describe_counter!(
+        FUNCTION_ERRORS,
+        "Invocations that ended in a function error"
+    );
+    describe_counter!(
+        FUNCTION_THROTTLES,
+        "Invocations refused by a concurrency limit"
+    );
+    describe_histogram!(
+        FUNCTION_DURATION,
+        "Time from start to result of an invocation"
+    );
     describe_gauge!(FUNCTION_CONCURRENT_EXECUTIONS, "Invocations running now");
     describe_counter!(FUNCTION_COLD_STARTS, "Execution environments started");
-    describe_counter!(FUNCTION_TIMEOUTS, "Invocations stopped at the function's timeout");
-    describe_counter!(ASYNC_EVENTS_RECEIVED, "Asynchronous events accepted into the durable queue");
-    describe_counter!(ASYNC_EVENTS_DROPPED, "Asynchronous events given up with no on_failure destination");
-    describe_histogram!(ASYNC_EVENT_AGE, "Age of an asynchronous event when a try of it starts");
-    describe_counter!(ASYNC_RETRIES, "Asynchronous events scheduled for another try after a function error");
-    describe_counter!(DEAD_LETTER_ERRORS, "Failed writes to a destination or dead letter (the event stays queued and is written again)");
-    describe_counter!(DEAD_LETTERS_WRITTEN, "Records written to a destination or dead letter");
-    describe_counter!(MAPPING_RECORDS, "Records of a mapping by final outcome: delivered, filtered, dead_lettered, dropped");
-    describe_counter!(MAPPING_BATCHES, "Invocations of a mapping's function with a batch");
+    describe_counter!(
+        FUNCTION_TIMEOUTS,
+        "Invocations stopped at the function's timeout"
+    );
+    describe_counter!(
+        ASYNC_EVENTS_RECEIVED,
+        "Asynchronous events accepted into the durable queue"
+    );
+    describe_counter!(
+        ASYNC_EVENTS_DROPPED,
+        "Asynchronous events given up with no on_failure destination"
+    );
+    describe_histogram!(
+        ASYNC_EVENT_AGE,
+        "Age of an asynchronous event when a try of it starts"
+    );
+    describe_counter!(
+        ASYNC_RETRIES,
+        "Asynchronous events scheduled for another try after a function error"
+    );
+    describe_counter!(
+        DEAD_LETTER_ERRORS,
+        "Failed writes to a destination or dead letter (the event stays queued and is written again)"
+    );
+    describe_counter!(
+        DEAD_LETTERS_WRITTEN,
+        "Records written to a destination or dead letter"
+    );
+    describe_counter!(
+        MAPPING_RECORDS,
+        "Records of a mapping by final outcome: delivered, filtered, dead_lettered, dropped"
+    );
+    describe_counter!(
+        MAPPING_BATCHES,
+        "Invocations of a mapping's function with a batch"
+    );
     describe_counter!(MAPPING_RETRIES, "Batches tried again after a failure");
     describe_counter!(MAPPING_BISECTS, "Failed batches split in two");
-    describe_counter!(MAPPING_THROTTLES, "Batch invocations refused by a concurrency limit (tried again, no attempt spent)");
+    describe_counter!(
+        MAPPING_THROTTLES,
+        "Batch invocations refused by a concurrency limit (tried again, no attempt spent)"
+    );
     describe_counter!(MAPPING_READ_ERRORS, "Failed reads from a mapping's source");
-    describe_gauge!(MAPPING_ITERATOR_AGE, "How far behind the newest record of its shard a mapping reads, in milliseconds");
-    describe_gauge!(MAPPING_OFFSET_LAG, "Records between a mapping's committed offset and the end of its partition");
-    describe_counter!(API_INVALID_REQUESTS, "Invoke API requests rejected as malformed");
+    describe_gauge!(
+        MAPPING_ITERATOR_AGE,
+        "How far behind the newest record of its shard a mapping reads, in milliseconds"
+    );
+    describe_gauge!(
+        MAPPING_OFFSET_LAG,
+        "Records between a mapping's committed offset and the end of its partition"
+    );
+    describe_counter!(
+        API_INVALID_REQUESTS,
+        "Invoke API requests rejected as malformed"
+    );
 }

@@ -7,7 +7,9 @@ use std::str::FromStr;
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use thiserror::Error;
 
 #[derive(Debug, Error)]
@@ -87,27 +89,53 @@ pub struct Checkpoint {
 
 #[async_trait]
 pub trait StateStore: Send + Sync + 'static {
-    async fn checkpoint(&self, source: &str, shard: &str) -> Result<Option<Checkpoint>, StateError>;
-    async fn put_checkpoint(&self, source: &str, shard: &str, checkpoint: &Checkpoint) -> Result<(), StateError>;
+    async fn checkpoint(&self, source: &str, shard: &str)
+    -> Result<Option<Checkpoint>, StateError>;
+    async fn put_checkpoint(
+        &self,
+        source: &str,
+        shard: &str,
+        checkpoint: &Checkpoint,
+    ) -> Result<(), StateError>;
 
     /// Durably records new events and forgets finished ones, in one transaction: on disk
     /// when this returns.
     async fn apply(&self, inserts: &[QueuedEvent], removes: &[String]) -> Result<(), StateError>;
     /// Events of `function` due at `now_ms`, oldest first.
-    async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError>;
+    async fn due(
+        &self,
+        function: &str,
+        now_ms: i64,
+        limit: u32,
+    ) -> Result<Vec<QueuedEvent>, StateError>;
     /// When the next event of `function` due strictly after `after_ms` falls due.
     async fn next_due(&self, function: &str, after_ms: i64) -> Result<Option<i64>, StateError>;
-    async fn reschedule(&self, id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> Result<(), StateError>;
+    async fn reschedule(
+        &self,
+        id: &str,
+        attempts: &[AttemptRecord],
+        next_attempt_ms: i64,
+    ) -> Result<(), StateError>;
     async fn queued(&self) -> Result<u64, StateError>;
 
     /// Records a new version with the next number and returns it.
-    async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError>;
+    async fn publish_version(
+        &self,
+        function: &str,
+        snapshot: &str,
+        code_sha256: &str,
+        description: &str,
+    ) -> Result<VersionRecord, StateError>;
     async fn versions(&self, function: &str) -> Result<Vec<VersionRecord>, StateError>;
     async fn put_alias(&self, alias: &AliasRecord) -> Result<(), StateError>;
     async fn delete_alias(&self, function: &str, name: &str) -> Result<bool, StateError>;
     async fn aliases(&self, function: &str) -> Result<Vec<AliasRecord>, StateError>;
     /// Reserved concurrency set through the API (`None`: removed), which overrides the file.
-    async fn put_concurrency(&self, function: &str, reserved: Option<u32>) -> Result<(), StateError>;
+    async fn put_concurrency(
+        &self,
+        function: &str,
+        reserved: Option<u32>,
+    ) -> Result<(), StateError>;
     /// `None` when the API never set it; `Some(None)` when it was removed through the API.
     async fn concurrency(&self, function: &str) -> Result<Option<Option<u32>>, StateError>;
 }
@@ -115,7 +143,11 @@ pub trait StateStore: Send + Sync + 'static {
 /// Opens the store named by `state:` (`sqlite://PATH`, relative to `base_dir`).
 pub async fn open(url: &str, base_dir: &Path) -> Result<Box<dyn StateStore>, StateError> {
     if let Some(path) = url.strip_prefix("sqlite://") {
-        let path = if Path::new(path).is_absolute() { PathBuf::from(path) } else { base_dir.join(path) };
+        let path = if Path::new(path).is_absolute() {
+            PathBuf::from(path)
+        } else {
+            base_dir.join(path)
+        };
         Ok(Box::new(SqliteStore::open(&path).await?))
     } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
         Ok(Box::new(PostgresStore::open(url).await?))
@@ -169,7 +201,10 @@ const SCHEMA: &[&str] = &[
 impl SqliteStore {
     pub async fn open(path: &Path) -> Result<Self, StateError> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|source| StateError::Dir { path: dir.to_path_buf(), source })?;
+            std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         }
         let options = SqliteConnectOptions::from_str("sqlite://")?
             .filename(path)
@@ -178,9 +213,14 @@ impl SqliteStore {
             // FULL: an accepted event survives a power cut, not only a crash of Sluice.
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(std::time::Duration::from_secs(10));
-        let pool = SqlitePoolOptions::new().max_connections(4).connect_with(options).await?;
+        let pool = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options)
+            .await?;
         for statement in SCHEMA {
-            sqlx::query(&statement.replace("{BYTES}", "BLOB")).execute(&pool).await?;
+            sqlx::query(&statement.replace("{BYTES}", "BLOB"))
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool })
     }
@@ -193,9 +233,14 @@ pub struct PostgresStore {
 
 impl PostgresStore {
     pub async fn open(url: &str) -> Result<Self, StateError> {
-        let pool = sqlx::postgres::PgPoolOptions::new().max_connections(8).connect(url).await?;
+        let pool = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(8)
+            .connect(url)
+            .await?;
         for statement in SCHEMA {
-            sqlx::query(&statement.replace("{BYTES}", "BYTEA")).execute(&pool).await?;
+            sqlx::query(&statement.replace("{BYTES}", "BYTEA"))
+                .execute(&pool)
+                .await?;
         }
         Ok(Self { pool })
     }
@@ -449,11 +494,23 @@ mod tests {
         let path = dir.path().join("s.db");
         {
             let store = SqliteStore::open(&path).await.expect("open");
-            store.apply(&[event("b", "f", 20), event("a", "f", 10), event("c", "g", 0)], &[]).await.expect("enqueue");
+            store
+                .apply(
+                    &[event("b", "f", 20), event("a", "f", 10), event("c", "g", 0)],
+                    &[],
+                )
+                .await
+                .expect("enqueue");
         }
         let store = SqliteStore::open(&path).await.expect("reopen");
         assert_eq!(store.queued().await.expect("count"), 3);
-        let due: Vec<_> = store.due("f", 15, 10).await.expect("due").into_iter().map(|e| e.id).collect();
+        let due: Vec<_> = store
+            .due("f", 15, 10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
         assert_eq!(due, ["a"]);
         assert_eq!(store.next_due("f", 0).await.expect("next"), Some(10));
         assert_eq!(store.next_due("f", 10).await.expect("next"), Some(20));
@@ -464,9 +521,15 @@ mod tests {
             error_message: Some("m".into()),
             duration_ms: 1.0,
         };
-        store.reschedule("a", std::slice::from_ref(&attempt), 30).await.expect("reschedule");
+        store
+            .reschedule("a", std::slice::from_ref(&attempt), 30)
+            .await
+            .expect("reschedule");
         let due = store.due("f", 100, 10).await.expect("due");
-        assert_eq!(due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
+        assert_eq!(
+            due.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["b", "a"]
+        );
         assert_eq!(due[1].attempts, vec![attempt]);
         store.apply(&[], &["b".to_string()]).await.expect("remove");
         assert_eq!(store.queued().await.expect("count"), 2);
@@ -475,24 +538,68 @@ mod tests {
     #[tokio::test]
     async fn checkpoints_are_per_source_and_shard() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(&dir.path().join("s.db")).await.expect("open");
+        let store = SqliteStore::open(&dir.path().join("s.db"))
+            .await
+            .expect("open");
         assert_eq!(store.checkpoint("m", "s1").await.expect("none"), None);
-        let c = Checkpoint { sequence: Some("42".into()), finished: false };
+        let c = Checkpoint {
+            sequence: Some("42".into()),
+            finished: false,
+        };
         store.put_checkpoint("m", "s1", &c).await.expect("put");
-        store.put_checkpoint("other", "s1", &Checkpoint { sequence: None, finished: true }).await.expect("put");
+        store
+            .put_checkpoint(
+                "other",
+                "s1",
+                &Checkpoint {
+                    sequence: None,
+                    finished: true,
+                },
+            )
+            .await
+            .expect("put");
         assert_eq!(store.checkpoint("m", "s1").await.expect("some"), Some(c));
-        let done = Checkpoint { sequence: Some("99".into()), finished: true };
-        store.put_checkpoint("m", "s1", &done).await.expect("update");
+        let done = Checkpoint {
+            sequence: Some("99".into()),
+            finished: true,
+        };
+        store
+            .put_checkpoint("m", "s1", &done)
+            .await
+            .expect("update");
         assert_eq!(store.checkpoint("m", "s1").await.expect("some"), Some(done));
     }
 
     #[tokio::test]
     async fn versions_number_up_per_function_and_aliases_upsert() {
         let dir = tempfile::tempdir().expect("dir");
-        let store = SqliteStore::open(&dir.path().join("s.db")).await.expect("open");
-        assert_eq!(store.publish_version("f", "{}", "sha", "one").await.expect("v1").version, 1);
-        assert_eq!(store.publish_version("f", "{}", "sha", "two").await.expect("v2").version, 2);
-        assert_eq!(store.publish_version("g", "{}", "sha", "").await.expect("g1").version, 1);
+        let store = SqliteStore::open(&dir.path().join("s.db"))
+            .await
+            .expect("open");
+        assert_eq!(
+            store
+                .publish_version("f", "{}", "sha", "one")
+                .await
+                .expect("v1")
+                .version,
+            1
+        );
+        assert_eq!(
+            store
+                .publish_version("f", "{}", "sha", "two")
+                .await
+                .expect("v2")
+                .version,
+            2
+        );
+        assert_eq!(
+            store
+                .publish_version("g", "{}", "sha", "")
+                .await
+                .expect("g1")
+                .version,
+            1
+        );
         assert_eq!(store.versions("f").await.expect("list").len(), 2);
         let mut alias = AliasRecord {
             function: "f".into(),
@@ -523,29 +630,72 @@ mod tests {
         let admin_url = std::env::var("SLUICE_TEST_POSTGRES")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".to_string());
         let db = format!("sluice_test_{}", uuid::Uuid::new_v4().simple());
-        let admin = sqlx::PgPool::connect(&admin_url).await.expect("PostgreSQL at SLUICE_TEST_POSTGRES (run scripts/test)");
-        sqlx::query(&format!("CREATE DATABASE {db}")).execute(&admin).await.expect("create database");
+        let admin = sqlx::PgPool::connect(&admin_url)
+            .await
+            .expect("PostgreSQL at SLUICE_TEST_POSTGRES (run scripts/test)");
+        sqlx::query(&format!("CREATE DATABASE {db}"))
+            .execute(&admin)
+            .await
+            .expect("create database");
         let url = match admin_url.rsplit_once('/') {
             Some((base, _)) => format!("{base}/{db}"),
             None => panic!("no database in {admin_url}"),
         };
         {
             let store = open(&url, Path::new(".")).await.expect("open");
-            store.put_checkpoint("m", "s1", &Checkpoint { sequence: Some("7".into()), finished: false }).await.expect("put");
-            store.apply(&[event("a", "f", 10), event("b", "f", 20)], &[]).await.expect("enqueue");
-            assert_eq!(store.publish_version("f", "{}", "sha", "").await.expect("v1").version, 1);
+            store
+                .put_checkpoint(
+                    "m",
+                    "s1",
+                    &Checkpoint {
+                        sequence: Some("7".into()),
+                        finished: false,
+                    },
+                )
+                .await
+                .expect("put");
+            store
+                .apply(&[event("a", "f", 10), event("b", "f", 20)], &[])
+                .await
+                .expect("enqueue");
+            assert_eq!(
+                store
+                    .publish_version("f", "{}", "sha", "")
+                    .await
+                    .expect("v1")
+                    .version,
+                1
+            );
         }
         // A second handle, as a second Sluice instance would have, sees the same state.
         let other = open(&url, Path::new(".")).await.expect("reopen");
         assert_eq!(
             other.checkpoint("m", "s1").await.expect("checkpoint"),
-            Some(Checkpoint { sequence: Some("7".into()), finished: false })
+            Some(Checkpoint {
+                sequence: Some("7".into()),
+                finished: false
+            })
         );
-        let due: Vec<String> = other.due("f", 15, 10).await.expect("due").into_iter().map(|e| e.id).collect();
+        let due: Vec<String> = other
+            .due("f", 15, 10)
+            .await
+            .expect("due")
+            .into_iter()
+            .map(|e| e.id)
+            .collect();
         assert_eq!(due, ["a"]);
         assert_eq!(other.queued().await.expect("count"), 2);
-        assert_eq!(other.publish_version("f", "{}", "sha", "").await.expect("v2").version, 2);
+        assert_eq!(
+            other
+                .publish_version("f", "{}", "sha", "")
+                .await
+                .expect("v2")
+                .version,
+            2
+        );
         drop(other);
-        let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)")).execute(&admin).await;
+        let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
+            .execute(&admin)
+            .await;
     }
 }

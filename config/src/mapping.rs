@@ -745,7 +745,11 @@ fn decode_filters(d: &mut Decoder<'_>, fields: &Fields<'_>) -> Vec<serde_json::V
     filters
 }
 
-fn decode_retry(d: &mut Decoder<'_>, fields: &Fields<'_>, default_attempts: Option<u32>) -> RetryConfig {
+fn decode_retry(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    default_attempts: Option<u32>,
+) -> RetryConfig {
     let Some(retry) = d.section(fields, "retry", RETRY_KEYS) else {
         return RetryConfig {
             max_attempts: default_attempts,

@@ -204,15 +204,16 @@ async fn handle(
     let request_id = uuid::Uuid::new_v4().to_string();
     let event = event(&hook, &method, &uri, &headers, peer, &body, &request_id);
     let payload = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
-    let labels = [("source", hook.name.clone()), ("function", hook.function.clone())];
+    let labels = [
+        ("source", hook.name.clone()),
+        ("function", hook.function.clone()),
+    ];
     metrics::counter!(WEBHOOK_REQUESTS, &labels).increment(1);
     let outcome = if hook.asynchronous {
         hook.dispatch
             .invoke_async(&hook.function, payload)
             .await
-            .map(|id| {
-                (StatusCode::ACCEPTED, axum::Json(json!({"requestId": id}))).into_response()
-            })
+            .map(|id| (StatusCode::ACCEPTED, axum::Json(json!({"requestId": id}))).into_response())
     } else {
         hook.dispatch
             .invoke(&hook.function, payload)
@@ -241,7 +242,11 @@ mod tests {
             fn invoke<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a> {
                 Box::pin(async { Ok(Bytes::new()) })
             }
-            fn invoke_async<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a, String> {
+            fn invoke_async<'a>(
+                &'a self,
+                _: &'a str,
+                _: Bytes,
+            ) -> crate::DispatchFuture<'a, String> {
                 Box::pin(async { Ok(String::new()) })
             }
         }
@@ -260,8 +265,17 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.insert("cookie", HeaderValue::from_static("a=1; b=2"));
         let uri: Uri = "/hooks/orders?x=1&x=2&y=".parse().expect("uri");
-        let value = event(&hook(), &Method::POST, &uri, &headers, "127.0.0.1:5000".parse().expect("peer"), br#"{"id":7}"#, "rid");
-        let parsed: LambdaFunctionUrlRequest = serde_json::from_value(value.clone()).expect("Function URL shape");
+        let value = event(
+            &hook(),
+            &Method::POST,
+            &uri,
+            &headers,
+            "127.0.0.1:5000".parse().expect("peer"),
+            br#"{"id":7}"#,
+            "rid",
+        );
+        let parsed: LambdaFunctionUrlRequest =
+            serde_json::from_value(value.clone()).expect("Function URL shape");
         assert_eq!(parsed.raw_path.as_deref(), Some("/hooks/orders"));
         assert_eq!(parsed.body.as_deref(), Some(r#"{"id":7}"#));
         assert_eq!(parsed.request_context.http.method.as_deref(), Some("POST"));
@@ -273,7 +287,15 @@ mod tests {
     #[test]
     fn binary_bodies_are_base64() {
         let uri: Uri = "/h".parse().expect("uri");
-        let value = event(&hook(), &Method::PUT, &uri, &HeaderMap::new(), "127.0.0.1:1".parse().expect("peer"), &[0xff, 0xfe], "rid");
+        let value = event(
+            &hook(),
+            &Method::PUT,
+            &uri,
+            &HeaderMap::new(),
+            "127.0.0.1:1".parse().expect("peer"),
+            &[0xff, 0xfe],
+            "rid",
+        );
         assert_eq!(value["isBase64Encoded"], true);
         assert_eq!(value["body"], B64.encode([0xff, 0xfe]));
     }

@@ -36,7 +36,8 @@ impl DispatchError {
     }
 }
 
-pub type DispatchFuture<'a, T = Bytes> = Pin<Box<dyn Future<Output = Result<T, DispatchError>> + Send + 'a>>;
+pub type DispatchFuture<'a, T = Bytes> =
+    Pin<Box<dyn Future<Output = Result<T, DispatchError>> + Send + 'a>>;
 
 /// How a source hands one event to a function (`name` or `name:qualifier`). The broker
 /// implements it; tests may implement it to observe a source.

@@ -24,7 +24,13 @@ pub struct ScheduleSource {
 }
 
 impl ScheduleSource {
-    pub fn new(name: &str, function: &str, config: ScheduleConfig, region: &str, account: &str) -> Self {
+    pub fn new(
+        name: &str,
+        function: &str,
+        config: ScheduleConfig,
+        region: &str,
+        account: &str,
+    ) -> Self {
         Self {
             name: name.to_string(),
             function: function.to_string(),
@@ -35,7 +41,10 @@ impl ScheduleSource {
     }
 
     /// When the tick after `now` fires; `None` when a cron schedule has no future time.
-    fn next_after(&self, now: chrono::DateTime<chrono::Utc>) -> Option<chrono::DateTime<chrono::Utc>> {
+    fn next_after(
+        &self,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<chrono::DateTime<chrono::Utc>> {
         match &self.config.schedule {
             Schedule::Rate(d) => chrono::Duration::from_std(*d).ok().map(|d| now + d),
             Schedule::Cron { cron, .. } => cron::Schedule::from_str(cron).ok()?.after(&now).next(),
@@ -71,7 +80,10 @@ impl ScheduleSource {
     /// cron schedule at its times (UTC, as EventBridge). Each tick queues one asynchronous
     /// invocation; ticks missed while Sluice was busy are skipped, not made up.
     pub async fn run(self, dispatch: Arc<dyn Dispatch>, stop: CancellationToken) {
-        let labels = [("source", self.name.clone()), ("function", self.function.clone())];
+        let labels = [
+            ("source", self.name.clone()),
+            ("function", self.function.clone()),
+        ];
         let mut ticker = match &self.config.schedule {
             Schedule::Rate(period) => {
                 let mut t = tokio::time::interval(*period);
@@ -143,7 +155,9 @@ mod tests {
             "us-east-1",
             "000000000000",
         );
-        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T13:00:00Z").expect("t").with_timezone(&chrono::Utc);
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-26T13:00:00Z")
+            .expect("t")
+            .with_timezone(&chrono::Utc);
         let next = src.next_after(now).expect("a future time");
         assert_eq!(next.to_rfc3339(), "2026-11-27T12:00:00+00:00");
     }
@@ -167,13 +181,17 @@ mod tests {
             .expect("time")
             .with_timezone(&chrono::Utc);
         let event: serde_json::Value =
-            serde_json::from_slice(&source(None, Duration::from_secs(60)).event(now)).expect("json");
+            serde_json::from_slice(&source(None, Duration::from_secs(60)).event(now))
+                .expect("json");
         assert_eq!(event["source"], "aws.events");
         assert_eq!(event["detail-type"], "Scheduled Event");
         assert_eq!(event["account"], "000000000000");
         assert_eq!(event["region"], "us-east-1");
         assert_eq!(event["time"], "2026-11-26T18:00:00Z");
-        assert_eq!(event["resources"][0], "arn:aws:events:us-east-1:000000000000:rule/nightly");
+        assert_eq!(
+            event["resources"][0],
+            "arn:aws:events:us-east-1:000000000000:rule/nightly"
+        );
         assert_eq!(event["detail"], serde_json::json!({}));
         assert_eq!(event["version"], "0");
     }
@@ -182,17 +200,28 @@ mod tests {
     fn configured_input_replaces_the_payload() {
         let input = serde_json::json!({"job": "compact"});
         let body = source(Some(input.clone()), Duration::from_secs(60)).event(chrono::Utc::now());
-        assert_eq!(serde_json::from_slice::<serde_json::Value>(&body).expect("json"), input);
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).expect("json"),
+            input
+        );
     }
 
     struct Recorder(Mutex<Vec<(String, Bytes)>>);
 
     impl Dispatch for Recorder {
         fn invoke<'a>(&'a self, _: &'a str, _: Bytes) -> crate::DispatchFuture<'a> {
-            Box::pin(async { Err(crate::DispatchError::NotFound("schedules invoke asynchronously".into())) })
+            Box::pin(async {
+                Err(crate::DispatchError::NotFound(
+                    "schedules invoke asynchronously".into(),
+                ))
+            })
         }
 
-        fn invoke_async<'a>(&'a self, function: &'a str, payload: Bytes) -> crate::DispatchFuture<'a, String> {
+        fn invoke_async<'a>(
+            &'a self,
+            function: &'a str,
+            payload: Bytes,
+        ) -> crate::DispatchFuture<'a, String> {
             self.0
                 .lock()
                 .expect("lock")
@@ -205,9 +234,8 @@ mod tests {
     async fn ticks_at_the_rate_until_stopped() {
         let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
         let stop = CancellationToken::new();
-        let task = tokio::spawn(
-            source(None, Duration::from_secs(10)).run(recorder.clone(), stop.clone()),
-        );
+        let task =
+            tokio::spawn(source(None, Duration::from_secs(10)).run(recorder.clone(), stop.clone()));
         // The first tick fires at once, then one every 10 s of (paused, auto-advanced) time.
         tokio::time::sleep(Duration::from_secs(35)).await;
         stop.cancel();

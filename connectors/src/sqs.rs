@@ -44,7 +44,11 @@ fn sdk_error<E: ProvideErrorMetadata + std::error::Error + 'static, R: std::fmt:
 }
 
 impl SqsSource {
-    pub async fn connect(queue_url: &str, endpoint_url: Option<&str>, region: Option<&str>) -> Result<Self, ReadError> {
+    pub async fn connect(
+        queue_url: &str,
+        endpoint_url: Option<&str>,
+        region: Option<&str>,
+    ) -> Result<Self, ReadError> {
         let (config, region) = sdk_config(endpoint_url, region, queue_url).await?;
         let client = Client::new(&config);
         let attrs = client
@@ -58,8 +62,15 @@ impl SqsSource {
         let arn = attrs
             .get(&QueueAttributeName::QueueArn)
             .cloned()
-            .unwrap_or_else(|| format!("arn:aws:sqs:{region}:000000000000:{}", queue_url.rsplit('/').next().unwrap_or_default()));
-        let fifo = attrs.get(&QueueAttributeName::FifoQueue).is_some_and(|v| v == "true");
+            .unwrap_or_else(|| {
+                format!(
+                    "arn:aws:sqs:{region}:000000000000:{}",
+                    queue_url.rsplit('/').next().unwrap_or_default()
+                )
+            });
+        let fifo = attrs
+            .get(&QueueAttributeName::FifoQueue)
+            .is_some_and(|v| v == "true");
         let visibility_timeout = attrs
             .get(&QueueAttributeName::VisibilityTimeout)
             .and_then(|v| v.parse().ok())
@@ -109,13 +120,15 @@ impl SqsSource {
         if let Ok(parsed) = serde_json::from_str::<Value>(body) {
             filter_view["body"] = parsed;
         }
-        let attr = |name: MessageSystemAttributeName| m.attributes().and_then(|a| a.get(&name)).cloned();
+        let attr =
+            |name: MessageSystemAttributeName| m.attributes().and_then(|a| a.get(&name)).cloned();
         let id = m.message_id().unwrap_or_default().to_string();
         let group = attr(MessageSystemAttributeName::MessageGroupId);
         Delivery {
             record: Record {
                 id: id.clone(),
-                position: attr(MessageSystemAttributeName::SequenceNumber).unwrap_or_else(|| id.clone()),
+                position: attr(MessageSystemAttributeName::SequenceNumber)
+                    .unwrap_or_else(|| id.clone()),
                 key: group.clone().unwrap_or_else(|| id.clone()),
                 arrival_ms: attr(MessageSystemAttributeName::SentTimestamp)
                     .and_then(|t| t.parse().ok())
@@ -240,7 +253,9 @@ impl QueueSource for SqsSource {
     }
 
     fn visibility_timeout(&self) -> Option<Duration> {
-        Some(Duration::from_secs(u64::try_from(self.visibility_timeout).unwrap_or(0)))
+        Some(Duration::from_secs(
+            u64::try_from(self.visibility_timeout).unwrap_or(0),
+        ))
     }
 
     fn envelope(&self, records: &[&Record]) -> Value {

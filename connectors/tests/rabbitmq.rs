@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use aws_lambda_events::event::rabbitmq::RabbitMqEvent;
 use lapin::options::{
-    BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
+    BasicGetOptions, BasicPublishOptions, ExchangeDeclareOptions, ExchangeDeleteOptions,
+    QueueBindOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties, ExchangeKind};
@@ -134,7 +134,9 @@ async fn take(source: &RabbitMqSource, count: usize, within: Duration) -> Vec<De
 fn body(d: &Delivery) -> String {
     use base64::Engine;
     let data = d.record.lambda["data"].as_str().expect("data");
-    let bytes = base64::engine::general_purpose::STANDARD.decode(data).expect("base64");
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(data)
+        .expect("base64");
     String::from_utf8(bytes).expect("utf-8")
 }
 
@@ -175,7 +177,10 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
     let queue = unique("ack");
     admin.declare(&queue, FieldTable::default()).await;
     let mut headers = FieldTable::default();
-    headers.insert("tenant".into(), AMQPValue::LongString(LongString::from("acme")));
+    headers.insert(
+        "tenant".into(),
+        AMQPValue::LongString(LongString::from("acme")),
+    );
     let first = BasicProperties::default()
         .with_message_id("order-1".into())
         .with_content_type("application/json".into())
@@ -183,7 +188,9 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
     admin.publish(&queue, br#"{"total": 12}"#, first).await;
     admin.publish_numbered(&queue, 2).await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 10)
+        .await
+        .expect("source");
     assert_eq!(source.redelivery(), Redelivery::InPlace);
     assert_eq!(source.batch_info_key(), "RabbitMQBatchInfo");
     assert_eq!(
@@ -193,14 +200,23 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
     let got = take(&source, 3, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 3);
     assert_eq!(got[0].record.id, "order-1");
-    assert_eq!(got[0].record.filter_view["data"], serde_json::json!({"total": 12}));
-    assert_eq!(got[0].record.key, queue, "the default exchange routes by queue name");
+    assert_eq!(
+        got[0].record.filter_view["data"],
+        serde_json::json!({"total": 12})
+    );
+    assert_eq!(
+        got[0].record.key, queue,
+        "the default exchange routes by queue name"
+    );
     assert_eq!(
         got[1].record.id, got[1].handle,
         "without a message id the delivery names itself"
     );
     assert_ne!(got[1].record.id, got[2].record.id);
-    assert!(got.iter().all(|d| d.receive_count == 1 && d.group.is_none()));
+    assert!(
+        got.iter()
+            .all(|d| d.receive_count == 1 && d.group.is_none())
+    );
 
     let event = source.envelope(&got.iter().map(|d| &d.record).collect::<Vec<_>>());
     let parsed: RabbitMqEvent = serde_json::from_value(event).expect("an aws:rmq event");
@@ -210,17 +226,27 @@ async fn delivers_lambda_shaped_records_and_an_ack_removes_them() {
         messages[0].basic_properties.headers["tenant"],
         serde_json::json!({"bytes": [97, 99, 109, 101]})
     );
-    assert_eq!(messages[0].basic_properties.message_id.as_deref(), Some("order-1"));
+    assert_eq!(
+        messages[0].basic_properties.message_id.as_deref(),
+        Some("order-1")
+    );
 
     source.ack(&refs(&got)).await.expect("ack");
-    assert!(take(&source, 1, Duration::from_millis(300)).await.is_empty());
+    assert!(
+        take(&source, 1, Duration::from_millis(300))
+            .await
+            .is_empty()
+    );
     drop(source);
     assert_eq!(
         admin.settled_count(&queue).await,
         0,
         "acknowledged messages do not come back"
     );
-    assert!(admin.get(&queue).await.is_none(), "a second consumer sees nothing");
+    assert!(
+        admin.get(&queue).await.is_none(),
+        "a second consumer sees nothing"
+    );
     admin.delete(&queue).await;
 }
 
@@ -231,11 +257,16 @@ async fn acking_a_later_run_leaves_earlier_deliveries_unacked() {
     admin.declare(&queue, FieldTable::default()).await;
     admin.publish_numbered(&queue, 6).await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 10)
+        .await
+        .expect("source");
     let got = take(&source, 6, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 6);
     // A contiguous run, but not from the oldest unsettled delivery: `multiple` would ack 0–2 too.
-    source.ack(&refs(&got[3..])).await.expect("ack the later half");
+    source
+        .ack(&refs(&got[3..]))
+        .await
+        .expect("ack the later half");
     drop(source);
     assert_eq!(admin.settled_count(&queue).await, 3);
     let mut left = Vec::new();
@@ -251,9 +282,13 @@ async fn release_puts_a_message_back_for_another_try() {
     let admin = Admin::new().await;
     let queue = unique("release");
     admin.declare(&queue, FieldTable::default()).await;
-    admin.publish(&queue, b"again", BasicProperties::default()).await;
+    admin
+        .publish(&queue, b"again", BasicProperties::default())
+        .await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 10)
+        .await
+        .expect("source");
     let first = take(&source, 1, Duration::from_secs(10)).await;
     assert_eq!((first.len(), first[0].receive_count), (1, 1));
     source.release(&refs(&first)).await.expect("release");
@@ -277,11 +312,18 @@ async fn a_quorum_queue_counts_every_delivery() {
     let admin = Admin::new().await;
     let queue = unique("quorum");
     let mut arguments = FieldTable::default();
-    arguments.insert("x-queue-type".into(), AMQPValue::LongString(LongString::from("quorum")));
+    arguments.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString(LongString::from("quorum")),
+    );
     admin.declare(&queue, arguments).await;
-    admin.publish(&queue, b"counted", BasicProperties::default()).await;
+    admin
+        .publish(&queue, b"counted", BasicProperties::default())
+        .await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 10)
+        .await
+        .expect("source");
     for expected in 1..=3 {
         let got = take(&source, 1, Duration::from_secs(10)).await;
         assert_eq!(got.len(), 1);
@@ -331,17 +373,28 @@ async fn reject_hands_the_message_to_the_queues_dead_letter_exchange() {
         AMQPValue::LongString(LongString::from(exchange.as_str())),
     );
     admin.declare(&queue, arguments).await;
-    admin.publish(&queue, b"good", BasicProperties::default()).await;
-    admin.publish(&queue, b"poison", BasicProperties::default()).await;
+    admin
+        .publish(&queue, b"good", BasicProperties::default())
+        .await;
+    admin
+        .publish(&queue, b"poison", BasicProperties::default())
+        .await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 10).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 10)
+        .await
+        .expect("source");
     let got = take(&source, 2, Duration::from_secs(10)).await;
     assert_eq!(got.len(), 2);
-    let (poison, good): (Vec<&Delivery>, Vec<&Delivery>) = got.iter().partition(|d| body(d) == "poison");
+    let (poison, good): (Vec<&Delivery>, Vec<&Delivery>) =
+        got.iter().partition(|d| body(d) == "poison");
     source.reject(&poison).await.expect("reject");
     source.ack(&good).await.expect("ack");
     drop(source);
-    assert_eq!(admin.settled_count(&queue).await, 0, "neither comes back to the queue");
+    assert_eq!(
+        admin.settled_count(&queue).await,
+        0,
+        "neither comes back to the queue"
+    );
     let mut dead_lettered = None;
     let deadline = Instant::now() + Duration::from_secs(5);
     while dead_lettered.is_none() && Instant::now() < deadline {
@@ -350,7 +403,12 @@ async fn reject_hands_the_message_to_the_queues_dead_letter_exchange() {
     }
     let dead_lettered = dead_lettered.expect("the rejected message reached the dead-letter queue");
     assert_eq!(dead_lettered.delivery.data, b"poison");
-    let headers = dead_lettered.delivery.properties.headers().clone().unwrap_or_default();
+    let headers = dead_lettered
+        .delivery
+        .properties
+        .headers()
+        .clone()
+        .unwrap_or_default();
     assert!(
         headers.contains_key("x-death"),
         "the broker dead-lettered it: {headers:?}"
@@ -372,9 +430,15 @@ async fn prefetch_bounds_the_unacknowledged_deliveries() {
     admin.declare(&queue, FieldTable::default()).await;
     admin.publish_numbered(&queue, 10).await;
 
-    let source = RabbitMqSource::connect(URI, &queue, 3).await.expect("source");
+    let source = RabbitMqSource::connect(URI, &queue, 3)
+        .await
+        .expect("source");
     let first = take(&source, 10, Duration::from_secs(2)).await;
-    assert_eq!(first.len(), 3, "no more than prefetch while none is acknowledged");
+    assert_eq!(
+        first.len(),
+        3,
+        "no more than prefetch while none is acknowledged"
+    );
     source.ack(&refs(&first)).await.expect("ack");
     let second = take(&source, 10, Duration::from_secs(2)).await;
     assert_eq!(second.len(), 3, "acking frees exactly prefetch slots");
@@ -442,10 +506,20 @@ async fn reconnects_after_the_server_closes_the_connection_and_loses_nothing() {
     }
     let want: BTreeSet<String> = (0..MESSAGES).map(|n| n.to_string()).collect();
     assert_eq!(seen, want, "every published message was received");
-    assert_eq!(redelivered, unconfirmed, "the batch whose acks were skipped came back");
-    assert!(deliveries >= MESSAGES + in_flight.len(), "{deliveries} deliveries");
+    assert_eq!(
+        redelivered, unconfirmed,
+        "the batch whose acks were skipped came back"
+    );
+    assert!(
+        deliveries >= MESSAGES + in_flight.len(),
+        "{deliveries} deliveries"
+    );
     drop(source);
-    assert_eq!(admin.settled_count(&queue).await, 0, "and every one was acknowledged");
+    assert_eq!(
+        admin.settled_count(&queue).await,
+        0,
+        "and every one was acknowledged"
+    );
     admin.delete(&queue).await;
 }
 

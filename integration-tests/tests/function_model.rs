@@ -854,11 +854,14 @@ async fn event_older_than_max_event_age_is_dead_lettered_without_running() {
             .await
             .expect("state");
         store
-            .apply(&[
-                queued("stale", now - 120_000, Vec::new()),
-                queued("stale-retry", now - 120_000, vec![failed_once]),
-                queued("fresh", now, Vec::new()),
-            ], &[])
+            .apply(
+                &[
+                    queued("stale", now - 120_000, Vec::new()),
+                    queued("stale-retry", now - 120_000, vec![failed_once]),
+                    queued("fresh", now, Vec::new()),
+                ],
+                &[],
+            )
             .await
             .expect("enqueue");
     }

@@ -67,8 +67,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let path = dir.path().join("nested/dlq.jsonl");
         let sink = FileDeadLetter::new(path.clone());
-        sink.write(&serde_json::json!({"n": 1})).await.expect("first");
-        sink.write(&serde_json::json!({"n": 2})).await.expect("second");
+        sink.write(&serde_json::json!({"n": 1}))
+            .await
+            .expect("first");
+        sink.write(&serde_json::json!({"n": 2}))
+            .await
+            .expect("second");
         let text = std::fs::read_to_string(&path).expect("read");
         assert_eq!(text, "{\"n\":1}\n{\"n\":2}\n");
     }
@@ -84,6 +88,9 @@ mod tests {
             .await
             .expect_err("cannot write into a directory");
         assert!(err.is_retriable());
-        assert!(err.to_string().contains(&path.display().to_string()), "{err}");
+        assert!(
+            err.to_string().contains(&path.display().to_string()),
+            "{err}"
+        );
     }
 }

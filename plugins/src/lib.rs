@@ -29,7 +29,10 @@ pub enum DeadLetterError {
         source: rdkafka::error::KafkaError,
     },
     #[error("cannot write dead letter to {destination}: {message}")]
-    Remote { destination: String, message: String },
+    Remote {
+        destination: String,
+        message: String,
+    },
     #[error("cannot write dead letter to {destination}: {source}")]
     RabbitMq {
         destination: String,
@@ -45,7 +48,8 @@ impl DeadLetterError {
             // A producer librdkafka refused to create stays refused.
             Self::Kafka { source, .. } => !matches!(
                 source,
-                rdkafka::error::KafkaError::ClientCreation(_) | rdkafka::error::KafkaError::ClientConfig(..)
+                rdkafka::error::KafkaError::ClientCreation(_)
+                    | rdkafka::error::KafkaError::ClientConfig(..)
             ),
             // The broker or the connection failed; it or another connection can take it later.
             Self::RabbitMq { .. } => true,
@@ -75,7 +79,11 @@ pub fn build(config: &DeadLetterConfig) -> Box<dyn DeadLetterSink> {
             uri,
             exchange,
             routing_key,
-        } => Box::new(rabbitmq::RabbitMqDeadLetter::new(uri.clone(), exchange.clone(), routing_key.clone())),
+        } => Box::new(rabbitmq::RabbitMqDeadLetter::new(
+            uri.clone(),
+            exchange.clone(),
+            routing_key.clone(),
+        )),
         DeadLetterKind::Sqs { queue_url, aws } => Box::new(sqs::SqsDeadLetter::new(
             queue_url.clone(),
             aws.endpoint_url.clone(),

@@ -51,7 +51,8 @@ impl RabbitMqDeadLetter {
             Ok(u) => format!("{}:{}/{}", u.authority.host, u.authority.port, u.vhost),
             Err(_) => "an invalid uri".to_string(),
         };
-        let destination = format!("rabbitmq exchange {exchange:?} routing key {routing_key:?} at {at}");
+        let destination =
+            format!("rabbitmq exchange {exchange:?} routing key {routing_key:?} at {at}");
         Self {
             uri,
             exchange,
@@ -91,15 +92,21 @@ impl RabbitMqDeadLetter {
             return Ok((link.generation, link.channel.clone()));
         }
         if let Some(old) = slot.link.take() {
-            let _ = old.connection.close(200, "replacing a broken channel".into()).await;
+            let _ = old
+                .connection
+                .close(200, "replacing a broken channel".into())
+                .await;
         }
-        let properties = ConnectionProperties::default().with_connection_name(self.connection_name.as_str().into());
+        let properties = ConnectionProperties::default()
+            .with_connection_name(self.connection_name.as_str().into());
         let connection = Connection::connect(&self.uri, properties)
             .await
             .map_err(|e| self.amqp(e))?;
         let open = async {
             let channel = connection.create_channel().await?;
-            channel.confirm_select(ConfirmSelectOptions::default()).await?;
+            channel
+                .confirm_select(ConfirmSelectOptions::default())
+                .await?;
             Ok::<_, lapin::Error>(channel)
         };
         let channel = match open.await {
@@ -122,7 +129,10 @@ impl RabbitMqDeadLetter {
     /// Drops the connection a failed publish used, so that the next write opens a new one.
     async fn forget(&self, generation: u64) {
         let mut slot = self.slot.lock().await;
-        if slot.link.as_ref().is_some_and(|l| l.generation == generation)
+        if slot
+            .link
+            .as_ref()
+            .is_some_and(|l| l.generation == generation)
             && let Some(old) = slot.link.take()
         {
             let _ = old.connection.close(200, "publish failed".into()).await;
@@ -134,10 +144,10 @@ impl RabbitMqDeadLetter {
 impl DeadLetterSink for RabbitMqDeadLetter {
     async fn write(&self, record: &serde_json::Value) -> Result<(), DeadLetterError> {
         let body = serde_json::to_vec(record)?;
-        let exchange =
-            ShortString::try_new(self.exchange.as_str()).map_err(|e| self.remote(format!("exchange: {e}")))?;
-        let routing_key =
-            ShortString::try_new(self.routing_key.as_str()).map_err(|e| self.remote(format!("routing key: {e}")))?;
+        let exchange = ShortString::try_new(self.exchange.as_str())
+            .map_err(|e| self.remote(format!("exchange: {e}")))?;
+        let routing_key = ShortString::try_new(self.routing_key.as_str())
+            .map_err(|e| self.remote(format!("routing key: {e}")))?;
         let (generation, channel) = self.channel().await?;
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
@@ -169,7 +179,9 @@ impl DeadLetterSink for RabbitMqDeadLetter {
                 "no queue took the message ({} {})",
                 returned.reply_code, returned.reply_text
             ))),
-            Confirmation::Nack(_) => Err(self.remote("the broker refused the message (basic.nack)")),
+            Confirmation::Nack(_) => {
+                Err(self.remote("the broker refused the message (basic.nack)"))
+            }
             Confirmation::NotRequested => Err(self.remote("the channel is not in confirm mode")),
         }
     }
@@ -207,7 +219,11 @@ mod tests {
 
     async fn declare(channel: &Channel, queue: &str) {
         channel
-            .queue_declare(queue.into(), QueueDeclareOptions::durable(), FieldTable::default())
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
             .await
             .expect("declare");
     }
@@ -252,11 +268,15 @@ mod tests {
         let queue = unique("dlq");
         declare(&channel, &queue).await;
         let sink = RabbitMqDeadLetter::new(URI.to_string(), String::new(), queue.clone());
-        let record = serde_json::json!({"requestContext": {"condition": "RetryAttemptsExhausted"}, "n": 1});
+        let record =
+            serde_json::json!({"requestContext": {"condition": "RetryAttemptsExhausted"}, "n": 1});
         sink.write(&record).await.expect("confirmed");
 
-        let message = get(&channel, &queue).await.expect("the dead letter is in the queue");
-        let body: serde_json::Value = serde_json::from_slice(&message.delivery.data).expect("json body");
+        let message = get(&channel, &queue)
+            .await
+            .expect("the dead letter is in the queue");
+        let body: serde_json::Value =
+            serde_json::from_slice(&message.delivery.data).expect("json body");
         assert_eq!(body, record);
         let properties = &message.delivery.properties;
         assert_eq!(*properties.delivery_mode(), Some(2));
@@ -265,7 +285,11 @@ mod tests {
             Some("application/json")
         );
         assert!(get(&channel, &queue).await.is_none(), "exactly one message");
-        assert!(!sink.describe().contains("guest:guest"), "{}", sink.describe());
+        assert!(
+            !sink.describe().contains("guest:guest"),
+            "{}",
+            sink.describe()
+        );
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await
@@ -285,7 +309,9 @@ mod tests {
         assert!(err.to_string().contains("NO_ROUTE"), "{err}");
 
         declare(&channel, &queue).await;
-        sink.write(&serde_json::json!({"n": 2})).await.expect("confirmed now");
+        sink.write(&serde_json::json!({"n": 2}))
+            .await
+            .expect("confirmed now");
         let message = get(&channel, &queue).await.expect("delivered");
         assert_eq!(message.delivery.data, br#"{"n":2}"#);
         channel
@@ -331,8 +357,12 @@ mod tests {
             )
             .await
             .expect("bind");
-        sink.write(&serde_json::json!({"n": 2})).await.expect("confirmed");
-        let message = get(&channel, &queue).await.expect("routed through the exchange");
+        sink.write(&serde_json::json!({"n": 2}))
+            .await
+            .expect("confirmed");
+        let message = get(&channel, &queue)
+            .await
+            .expect("routed through the exchange");
         assert_eq!(message.delivery.data, br#"{"n":2}"#);
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
@@ -353,8 +383,11 @@ mod tests {
         let queue = unique("dlq-reconnect");
         declare(&channel, &queue).await;
         let name = unique("dead-letter-connection");
-        let sink = RabbitMqDeadLetter::new(URI.to_string(), String::new(), queue.clone()).with_connection_name(&name);
-        sink.write(&serde_json::json!({"n": 1})).await.expect("first");
+        let sink = RabbitMqDeadLetter::new(URI.to_string(), String::new(), queue.clone())
+            .with_connection_name(&name);
+        sink.write(&serde_json::json!({"n": 1}))
+            .await
+            .expect("first");
         close_connection(&name);
 
         // A write racing the close may fail (retriably); the one after it reconnects.
@@ -373,7 +406,10 @@ mod tests {
         while get(&channel, &queue).await.is_some() {
             delivered += 1;
         }
-        assert_eq!(delivered, 2, "the first and the first successful write after the close");
+        assert_eq!(
+            delivered, 2,
+            "the first and the first successful write after the close"
+        );
         channel
             .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
             .await

@@ -54,7 +54,10 @@ impl DeadLetterSink for SqsDeadLetter {
         if self.queue_url.ends_with(".fifo") {
             // A FIFO destination needs a group and a deduplication id; the request id makes a
             // retried write of the same record a duplicate SQS drops.
-            let id = record["requestContext"]["requestId"].as_str().unwrap_or_default().to_string();
+            let id = record["requestContext"]["requestId"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
             send = send
                 .message_group_id("sluice")
                 .message_deduplication_id(if id.is_empty() { uuid_like(record) } else { id });

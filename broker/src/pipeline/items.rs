@@ -32,11 +32,22 @@ pub fn parse(body: &[u8], batch_ids: &HashSet<&str>) -> Result<Vec<String>, Stri
             Some(Value::String(s)) if !s.is_empty() => s.clone(),
             Some(Value::Number(n)) => n.to_string(),
             // Lambda's Kafka form: `{"partition": "topic-partition", "offset": N}`.
-            Some(Value::Object(o)) => match (o.get("partition").and_then(Value::as_str), o.get("offset").and_then(Value::as_i64)) {
+            Some(Value::Object(o)) => match (
+                o.get("partition").and_then(Value::as_str),
+                o.get("offset").and_then(Value::as_i64),
+            ) {
                 (Some(p), Some(off)) => format!("{p}@{off}"),
-                _ => return Err(format!("invalid itemIdentifier {item} in batchItemFailures")),
+                _ => {
+                    return Err(format!(
+                        "invalid itemIdentifier {item} in batchItemFailures"
+                    ));
+                }
             },
-            Some(other) => return Err(format!("invalid itemIdentifier {other} in batchItemFailures")),
+            Some(other) => {
+                return Err(format!(
+                    "invalid itemIdentifier {other} in batchItemFailures"
+                ));
+            }
             None => return Err("an entry of batchItemFailures has no itemIdentifier".to_string()),
         };
         if !batch_ids.contains(id.as_str()) {
@@ -57,7 +68,15 @@ mod tests {
 
     #[test]
     fn empty_answers_mean_all_succeeded() {
-        for body in ["", "null", "{}", r#"{"batchItemFailures": []}"#, r#"{"batchItemFailures": null}"#, r#""ok""#, "not json"] {
+        for body in [
+            "",
+            "null",
+            "{}",
+            r#"{"batchItemFailures": []}"#,
+            r#"{"batchItemFailures": null}"#,
+            r#""ok""#,
+            "not json",
+        ] {
             assert_eq!(parse(body.as_bytes(), &ids()), Ok(vec![]), "{body}");
         }
     }
@@ -65,7 +84,10 @@ mod tests {
     #[test]
     fn failed_identifiers_are_returned_in_order() {
         let body = br#"{"batchItemFailures": [{"itemIdentifier": "3"}, {"itemIdentifier": "2"}]}"#;
-        assert_eq!(parse(body, &ids()), Ok(vec!["3".to_string(), "2".to_string()]));
+        assert_eq!(
+            parse(body, &ids()),
+            Ok(vec!["3".to_string(), "2".to_string()])
+        );
     }
 
     #[test]

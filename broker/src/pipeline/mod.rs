@@ -14,16 +14,16 @@ use std::time::Duration;
 use bytes::Bytes;
 use serde_json::{Value, json};
 use sluice_config::MappingConfig;
-use sluice_config::filter::FilterPattern;
-use sluice_connectors::record::Record;
-use sluice_plugins::DeadLetterSink;
 use sluice_config::SourceKind;
+use sluice_config::filter::FilterPattern;
 use sluice_connectors::dynamodb_streams::DynamoDbStreamsSource;
 use sluice_connectors::kinesis::KinesisSource;
 use sluice_connectors::queue::QueueSource;
 use sluice_connectors::rabbitmq::RabbitMqSource;
+use sluice_connectors::record::Record;
 use sluice_connectors::sqs::SqsSource;
 use sluice_connectors::stream::{ReadError, StreamSource};
+use sluice_plugins::DeadLetterSink;
 use tokio_util::sync::CancellationToken;
 
 use crate::state::StateStore;
@@ -37,30 +37,54 @@ pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn 
     let mut backoff = Duration::from_millis(500);
     loop {
         let connected: Result<Connected, ReadError> = match &kind {
-            SourceKind::Kinesis(k) => KinesisSource::connect(&k.stream, k.aws.endpoint_url.as_deref(), k.aws.region.as_deref())
-                .await
-                .map(|s| Connected::Stream(Arc::new(s))),
+            SourceKind::Kinesis(k) => KinesisSource::connect(
+                &k.stream,
+                k.aws.endpoint_url.as_deref(),
+                k.aws.region.as_deref(),
+            )
+            .await
+            .map(|s| Connected::Stream(Arc::new(s))),
             SourceKind::DynamoDbStreams(d) => {
-                let target = d.stream_arn.as_deref().or(d.table.as_deref()).unwrap_or_default();
-                DynamoDbStreamsSource::connect(target, d.aws.endpoint_url.as_deref(), d.aws.region.as_deref())
-                    .await
-                    .map(|s| Connected::Stream(Arc::new(s)))
+                let target = d
+                    .stream_arn
+                    .as_deref()
+                    .or(d.table.as_deref())
+                    .unwrap_or_default();
+                DynamoDbStreamsSource::connect(
+                    target,
+                    d.aws.endpoint_url.as_deref(),
+                    d.aws.region.as_deref(),
+                )
+                .await
+                .map(|s| Connected::Stream(Arc::new(s)))
             }
             SourceKind::RabbitMq(r) => RabbitMqSource::from_config(r)
                 .await
                 // One consumer: its prefetch bounds what is in flight, and order is kept.
                 .map(|s| Connected::Queue(Arc::new(s), 1)),
-            SourceKind::Sqs(q) => SqsSource::connect(&q.queue_url, q.aws.endpoint_url.as_deref(), q.aws.region.as_deref())
-                .await
-                .map(|s| Connected::Queue(Arc::new(s), q.maximum_concurrency.unwrap_or(DEFAULT_SQS_POLLERS) as usize)),
+            SourceKind::Sqs(q) => SqsSource::connect(
+                &q.queue_url,
+                q.aws.endpoint_url.as_deref(),
+                q.aws.region.as_deref(),
+            )
+            .await
+            .map(|s| {
+                Connected::Queue(
+                    Arc::new(s),
+                    q.maximum_concurrency.unwrap_or(DEFAULT_SQS_POLLERS) as usize,
+                )
+            }),
             SourceKind::Kafka(k) => return kafka::run(mapping, k.clone()).await,
             _ => return,
         };
         match connected {
             Ok(Connected::Stream(source)) => return stream::run(mapping, source, store).await,
-            Ok(Connected::Queue(source, pollers)) => return queue::run(mapping, source, pollers).await,
+            Ok(Connected::Queue(source, pollers)) => {
+                return queue::run(mapping, source, pollers).await;
+            }
             Err(e) => {
-                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
+                    .increment(1);
                 tracing::error!(source = %mapping.name, error = %e, "cannot connect to the source; retrying");
             }
         }
@@ -94,6 +118,15 @@ impl GiveUp {
             Self::RecordAgeExceeded => "RecordAgeExceeded",
         }
     }
+}
+
+/// What a partial batch response (`batchItemFailures`) retries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartialRetry {
+    /// Ordered sources: the lowest failed item and everything after it.
+    FromLowestFailed,
+    /// Queues: the failed items only.
+    OnlyFailed,
 }
 
 /// The result of one invocation of a batch.
@@ -186,12 +219,19 @@ impl Mapping {
     }
 
     fn labels(&self) -> [(&'static str, String); 2] {
-        [("source", self.name.clone()), ("function", self.function.clone())]
+        [
+            ("source", self.name.clone()),
+            ("function", self.function.clone()),
+        ]
     }
 
     pub(crate) fn count(&self, outcome: &'static str, n: usize) {
         let [s, f] = self.labels();
-        metrics::counter!(m::MAPPING_RECORDS, &[s, f, ("outcome", outcome.to_string())]).increment(n as u64);
+        metrics::counter!(
+            m::MAPPING_RECORDS,
+            &[s, f, ("outcome", outcome.to_string())]
+        )
+        .increment(n as u64);
     }
 
     /// Splits records into those that pass the filters and those filtered out (which are
@@ -247,19 +287,51 @@ impl Mapping {
 
     /// Invokes the function once with `records`, waiting out throttles (which spend no
     /// attempt). Returns `None` only when stopping.
-    pub async fn invoke(&self, records: &[&Record], envelope: &Envelope) -> Option<(BatchResult, Attempt)> {
+    pub async fn invoke(
+        &self,
+        records: &[&Record],
+        envelope: &Envelope,
+    ) -> Option<(BatchResult, Attempt)> {
         let payload = Bytes::from(serde_json::to_vec(&envelope(records)).unwrap_or_default());
         loop {
             let started = now_ms();
             let Some((f, instance, arn)) = self.resolve() else {
-                let error = FunctionError::new("ResourceNotFoundException", format!("Function not found: {}", self.function));
-                return Some((BatchResult::Failed(error.clone()), Attempt { time: rfc3339(started), error: Some(error), duration_ms: 0.0, records: records.len() }));
+                let error = FunctionError::new(
+                    "ResourceNotFoundException",
+                    format!("Function not found: {}", self.function),
+                );
+                return Some((
+                    BatchResult::Failed(error.clone()),
+                    Attempt {
+                        time: rfc3339(started),
+                        error: Some(error),
+                        duration_ms: 0.0,
+                        records: records.len(),
+                    },
+                ));
             };
             if payload.len() > MAX_SYNC_PAYLOAD {
-                let error = FunctionError::new("RequestTooLargeException", format!("the batch's event is {} bytes, over Lambda's {MAX_SYNC_PAYLOAD}", payload.len()));
-                return Some((BatchResult::Failed(error.clone()), Attempt { time: rfc3339(started), error: Some(error), duration_ms: 0.0, records: records.len() }));
+                let error = FunctionError::new(
+                    "RequestTooLargeException",
+                    format!(
+                        "the batch's event is {} bytes, over Lambda's {MAX_SYNC_PAYLOAD}",
+                        payload.len()
+                    ),
+                );
+                return Some((
+                    BatchResult::Failed(error.clone()),
+                    Attempt {
+                        time: rfc3339(started),
+                        error: Some(error),
+                        duration_ms: 0.0,
+                        records: records.len(),
+                    },
+                ));
             }
-            match f.invoke(&instance, Invocation::new(payload.clone(), arn)).await {
+            match f
+                .invoke(&instance, Invocation::new(payload.clone(), arn))
+                .await
+            {
                 Err(_throttle) => {
                     let [s, fl] = self.labels();
                     metrics::counter!(m::MAPPING_THROTTLES, &[s, fl]).increment(1);
@@ -272,18 +344,29 @@ impl Mapping {
                     let result = match outcome.result {
                         Err(e) => BatchResult::Failed(e),
                         Ok(body) if self.config.report_batch_item_failures => {
-                            let ids: HashSet<&str> = records.iter().map(|r| r.id.as_str()).collect();
+                            let ids: HashSet<&str> =
+                                records.iter().map(|r| r.id.as_str()).collect();
                             match items::parse(&body, &ids) {
                                 Ok(failed) if failed.is_empty() => BatchResult::Succeeded,
                                 Ok(failed) => BatchResult::Partial(failed),
-                                Err(message) => BatchResult::Failed(FunctionError::new("InvalidBatchItemFailures", message)),
+                                Err(message) => BatchResult::Failed(FunctionError::new(
+                                    "InvalidBatchItemFailures",
+                                    message,
+                                )),
                             }
                         }
                         Ok(_) => BatchResult::Succeeded,
                     };
                     let error = match &result {
                         BatchResult::Failed(e) => Some(e.clone()),
-                        BatchResult::Partial(ids) => Some(FunctionError::new("BatchItemFailures", format!("the function reported {} of {} records as failed", ids.len(), records.len()))),
+                        BatchResult::Partial(ids) => Some(FunctionError::new(
+                            "BatchItemFailures",
+                            format!(
+                                "the function reported {} of {} records as failed",
+                                ids.len(),
+                                records.len()
+                            ),
+                        )),
                         BatchResult::Succeeded => None,
                     };
                     let attempt = Attempt {
@@ -304,7 +387,13 @@ impl Mapping {
     /// failing batch when asked; resumes from the lowest failed item on a partial failure.
     /// Returns `None` only when stopping with records whose outcome is not final (they must
     /// not be acknowledged or checkpointed).
-    pub async fn run_to_completion<'a>(&self, records: &'a [Record], source: &BatchSource, envelope: &Envelope) -> Option<Vec<&'a Record>> {
+    pub async fn run_to_completion<'a>(
+        &self,
+        records: &'a [Record],
+        source: &BatchSource,
+        envelope: &Envelope,
+        partial: PartialRetry,
+    ) -> Option<Vec<&'a Record>> {
         let mut unrouted: Vec<&'a Record> = Vec::new();
         // Work items: a slice of the batch and the attempts it has used.
         let mut queue: std::collections::VecDeque<(Vec<&Record>, Vec<Attempt>)> =
@@ -316,9 +405,13 @@ impl Mapping {
                 }
                 if let Some(max_age) = self.config.retry.max_record_age {
                     let cutoff = now_ms() - max_age.as_millis() as i64;
-                    let (old, fresh): (Vec<&Record>, Vec<&Record>) = batch.iter().partition(|r| r.arrival_ms < cutoff);
+                    let (old, fresh): (Vec<&Record>, Vec<&Record>) =
+                        batch.iter().partition(|r| r.arrival_ms < cutoff);
                     if !old.is_empty() {
-                        match self.give_up(&old, &attempts, GiveUp::RecordAgeExceeded, source).await {
+                        match self
+                            .give_up(&old, &attempts, GiveUp::RecordAgeExceeded, source)
+                            .await
+                        {
                             None => return None,
                             Some(false) => unrouted.extend(old),
                             Some(true) => {}
@@ -336,11 +429,22 @@ impl Mapping {
                         break;
                     }
                     BatchResult::Partial(failed) => {
-                        // Lambda resumes from the lowest failed item: everything before it is done.
                         let failed: HashSet<String> = failed.into_iter().collect();
-                        let first = batch.iter().position(|r| failed.contains(&r.id)).unwrap_or(0);
-                        self.count("delivered", first);
-                        batch.drain(..first);
+                        let before = batch.len();
+                        match partial {
+                            // Lambda resumes a shard from the lowest failed item: everything
+                            // before it is done, everything from it on runs again, in order.
+                            PartialRetry::FromLowestFailed => {
+                                let first = batch
+                                    .iter()
+                                    .position(|r| failed.contains(&r.id))
+                                    .unwrap_or(0);
+                                batch.drain(..first);
+                            }
+                            // A queue retries exactly what failed.
+                            PartialRetry::OnlyFailed => batch.retain(|r| failed.contains(&r.id)),
+                        }
+                        self.count("delivered", before - batch.len());
                         attempts.push(attempt);
                     }
                     BatchResult::Failed(_) => {
@@ -357,8 +461,16 @@ impl Mapping {
                     }
                 }
                 let retries_used = attempts.len().saturating_sub(1) as u32;
-                if self.config.retry.max_attempts.is_some_and(|max| retries_used >= max) {
-                    match self.give_up(&batch, &attempts, GiveUp::RetryAttemptsExhausted, source).await {
+                if self
+                    .config
+                    .retry
+                    .max_attempts
+                    .is_some_and(|max| retries_used >= max)
+                {
+                    match self
+                        .give_up(&batch, &attempts, GiveUp::RetryAttemptsExhausted, source)
+                        .await
+                    {
                         None => return None,
                         Some(false) => unrouted.extend(batch),
                         Some(true) => {}
@@ -377,7 +489,13 @@ impl Mapping {
     }
 
     /// Lambda's on-failure record for a batch, with the full records under `sluice`.
-    pub fn failure_record(&self, records: &[&Record], attempts: &[Attempt], condition: GiveUp, source: &BatchSource) -> Value {
+    pub fn failure_record(
+        &self,
+        records: &[&Record],
+        attempts: &[Attempt],
+        condition: GiveUp,
+        source: &BatchSource,
+    ) -> Value {
         let first = records.first();
         let last = records.last();
         let last_error = attempts.iter().rev().find_map(|a| a.error.clone());
@@ -430,7 +548,13 @@ impl Mapping {
     /// until it is durable (the records stay unacknowledged meanwhile). `Some(true)` when
     /// written, `Some(false)` when the mapping has no destination (the caller decides: the
     /// source's own dead-lettering, or drop), `None` when stopping before the write succeeded.
-    pub async fn give_up(&self, records: &[&Record], attempts: &[Attempt], condition: GiveUp, source: &BatchSource) -> Option<bool> {
+    pub async fn give_up(
+        &self,
+        records: &[&Record],
+        attempts: &[Attempt],
+        condition: GiveUp,
+        source: &BatchSource,
+    ) -> Option<bool> {
         let Some(sink) = &self.on_failure else {
             self.count("given_up", records.len());
             tracing::warn!(source = %self.name, records = records.len(), condition = condition.as_str(),
@@ -510,12 +634,21 @@ mod tests {
 
     /// A mapping with `max_record_age` and no attempt limit into a native function `f` that
     /// notes the sequence numbers of every batch and fails when `fail` says so.
-    fn mapping(fail: bool, seen: Arc<Mutex<Vec<Vec<String>>>>, dir: &std::path::Path, dead: Arc<Kept>) -> Mapping {
+    fn mapping(
+        fail: bool,
+        seen: Arc<Mutex<Vec<Vec<String>>>>,
+        dir: &std::path::Path,
+        dead: Arc<Kept>,
+    ) -> Mapping {
         let mut native = NativeRegistry::new();
         native.register("f", move |event: Value, _ctx| {
             let batch = event["Records"]
                 .as_array()
-                .map(|rs| rs.iter().map(|r| r["seq"].as_str().unwrap_or_default().to_string()).collect())
+                .map(|rs| {
+                    rs.iter()
+                        .map(|r| r["seq"].as_str().unwrap_or_default().to_string())
+                        .collect()
+                })
                 .unwrap_or_default();
             seen.lock().expect("seen").push(batch);
             async move {
@@ -526,19 +659,38 @@ mod tests {
                 }
             }
         });
-        let config = sluice_config::parse_str("functions:\n  f: {runtime: native}\n", "test.yaml", dir, &|_| None)
-            .expect("the test configuration loads");
-        let functions = Arc::new(Functions::build(&config, &native, dir).expect("the functions build"));
+        let config = sluice_config::parse_str(
+            "functions:\n  f: {runtime: native}\n",
+            "test.yaml",
+            dir,
+            &|_| None,
+        )
+        .expect("the test configuration loads");
+        let functions =
+            Arc::new(Functions::build(&config, &native, dir).expect("the functions build"));
         let config = MappingConfig {
-            retry: RetryConfig { max_attempts: None, max_record_age: Some(MAX_AGE) },
+            retry: RetryConfig {
+                max_attempts: None,
+                max_record_age: Some(MAX_AGE),
+            },
             ..MappingConfig::default()
         };
         let on_failure: Arc<dyn DeadLetterSink> = dead;
-        Mapping::new("m", "f", config, functions, Some(("dlq".into(), on_failure)), CancellationToken::new()).expect("mapping")
+        Mapping::new(
+            "m",
+            "f",
+            config,
+            functions,
+            Some(("dlq".into(), on_failure)),
+            CancellationToken::new(),
+        )
+        .expect("mapping")
     }
 
     fn envelope() -> Envelope {
-        Arc::new(|records: &[&Record]| json!({ "Records": records.iter().map(|r| &r.lambda).collect::<Vec<_>>() }))
+        Arc::new(
+            |records: &[&Record]| json!({ "Records": records.iter().map(|r| &r.lambda).collect::<Vec<_>>() }),
+        )
     }
 
     fn source() -> BatchSource {
@@ -556,17 +708,37 @@ mod tests {
         let dead = Arc::new(Kept::default());
         let mapping = mapping(false, seen.clone(), dir.path(), dead.clone());
         let records = [record("1", 61_000), record("2", 1_000), record("3", 0)];
-        let unrouted = mapping.run_to_completion(&records, &source(), &envelope()).await.expect("not stopped");
-        assert!(unrouted.is_empty(), "written to the destination, not handed back");
+        let unrouted = mapping
+            .run_to_completion(
+                &records,
+                &source(),
+                &envelope(),
+                PartialRetry::FromLowestFailed,
+            )
+            .await
+            .expect("not stopped");
+        assert!(
+            unrouted.is_empty(),
+            "written to the destination, not handed back"
+        );
 
-        assert_eq!(*seen.lock().expect("seen"), [vec!["2".to_string(), "3".to_string()]]);
+        assert_eq!(
+            *seen.lock().expect("seen"),
+            [vec!["2".to_string(), "3".to_string()]]
+        );
         let dead = dead.records();
         assert_eq!(dead.len(), 1, "{dead:?}");
         let failure = &dead[0];
         assert_eq!(failure["requestContext"]["condition"], "RecordAgeExceeded");
         assert_eq!(failure["requestContext"]["approximateInvokeCount"], 0);
         let info = &failure["KinesisBatchInfo"];
-        assert_eq!((info["startSequenceNumber"].as_str(), info["endSequenceNumber"].as_str()), (Some("1"), Some("1")));
+        assert_eq!(
+            (
+                info["startSequenceNumber"].as_str(),
+                info["endSequenceNumber"].as_str()
+            ),
+            (Some("1"), Some("1"))
+        );
         assert_eq!(info["batchSize"], 1);
         assert_eq!(failure["sluice"]["records"], json!([{ "seq": "1" }]));
     }
@@ -580,12 +752,24 @@ mod tests {
         // 400 ms short of the limit: a few retries fit before it expires.
         let records = [record("7", MAX_AGE.as_millis() as i64 - 400)];
         let started = std::time::Instant::now();
-        let unrouted = tokio::time::timeout(Duration::from_secs(10), mapping.run_to_completion(&records, &source(), &envelope()))
-            .await
-            .expect("the record expired instead of being retried for ever")
-            .expect("not stopped");
+        let unrouted = tokio::time::timeout(
+            Duration::from_secs(10),
+            mapping.run_to_completion(
+                &records,
+                &source(),
+                &envelope(),
+                PartialRetry::FromLowestFailed,
+            ),
+        )
+        .await
+        .expect("the record expired instead of being retried for ever")
+        .expect("not stopped");
         assert!(unrouted.is_empty());
-        assert!(started.elapsed() >= Duration::from_millis(300), "given up after {:?}, before it expired", started.elapsed());
+        assert!(
+            started.elapsed() >= Duration::from_millis(300),
+            "given up after {:?}, before it expired",
+            started.elapsed()
+        );
 
         let tries = seen.lock().expect("seen").len();
         assert!(tries >= 2, "tried {tries} times before it expired");
@@ -593,7 +777,10 @@ mod tests {
         assert_eq!(dead.len(), 1, "{dead:?}");
         assert_eq!(dead[0]["requestContext"]["condition"], "RecordAgeExceeded");
         assert_eq!(dead[0]["requestContext"]["approximateInvokeCount"], tries);
-        assert_eq!(dead[0]["sluice"]["attempts"].as_array().map(Vec::len), Some(tries));
+        assert_eq!(
+            dead[0]["sluice"]["attempts"].as_array().map(Vec::len),
+            Some(tries)
+        );
         assert_eq!(dead[0]["sluice"]["error"]["errorType"], "Boom");
         assert_eq!(dead[0]["KinesisBatchInfo"]["startSequenceNumber"], "7");
     }

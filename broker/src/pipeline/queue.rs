@@ -21,9 +21,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(10);
 /// How often a running batch's messages are kept from other consumers: a third of the
 /// source's visibility timeout, at least 1 s, so that a short timeout never lapses mid-batch.
 fn keep_alive_every(source: &dyn QueueSource) -> Duration {
-    source
-        .visibility_timeout()
-        .map_or(KEEP_ALIVE, |timeout| (timeout / 3).max(Duration::from_secs(1)))
+    source.visibility_timeout().map_or(KEEP_ALIVE, |timeout| {
+        (timeout / 3).max(Duration::from_secs(1))
+    })
 }
 
 /// Pollers a mapping keeps even when its queue is idle.
@@ -50,7 +50,9 @@ impl Pollers {
             h.clear();
         }
         for d in ids {
-            h.entry(d.record.id.clone()).or_default().push(attempt.clone());
+            h.entry(d.record.id.clone())
+                .or_default()
+                .push(attempt.clone());
         }
     }
 
@@ -91,7 +93,9 @@ pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, max_poller
             _ = mapping.stop.cancelled() => break,
             _ = tokio::time::sleep(Duration::from_millis(250)) => {}
         }
-        if pollers.backlog.swap(false, Ordering::Relaxed) && pollers.running.load(Ordering::Relaxed) < max {
+        if pollers.backlog.swap(false, Ordering::Relaxed)
+            && pollers.running.load(Ordering::Relaxed) < max
+        {
             pollers.running.fetch_add(1, Ordering::Relaxed);
             tasks.spawn(poll(mapping.clone(), source.clone(), pollers.clone()));
             tracing::debug!(source = %mapping.name, pollers = pollers.running.load(Ordering::Relaxed), "backlog: one more poller");
@@ -132,7 +136,8 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
             match received {
                 Ok(d) => batch.extend(d),
                 Err(e) => {
-                    metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                    metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
+                        .increment(1);
                     tracing::warn!(source = %mapping.name, error = %e, "cannot receive from the queue");
                     tokio::select! {
                         _ = mapping.stop.cancelled() => {}
@@ -146,7 +151,9 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
                     idle = 0;
                     let surplus = pollers
                         .running
-                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n > MIN_POLLERS).then(|| n - 1))
+                        .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                            (n > MIN_POLLERS).then(|| n - 1)
+                        })
                         .is_ok();
                     if surplus {
                         return;
@@ -163,7 +170,15 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
         if batch.len() >= size {
             pollers.backlog.store(true, Ordering::Relaxed);
         }
-        settle(&mapping, source.as_ref(), batch, &batch_source, &envelope, &pollers).await;
+        settle(
+            &mapping,
+            source.as_ref(),
+            batch,
+            &batch_source,
+            &envelope,
+            &pollers,
+        )
+        .await;
     }
 }
 
@@ -196,7 +211,14 @@ async fn reject(mapping: &Mapping, source: &dyn QueueSource, deliveries: &[&Deli
 }
 
 /// Settles one gathered batch: filtered messages are done; the rest run.
-async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery>, batch_source: &BatchSource, envelope: &Envelope, pollers: &Pollers) {
+async fn settle(
+    mapping: &Mapping,
+    source: &dyn QueueSource,
+    batch: Vec<Delivery>,
+    batch_source: &BatchSource,
+    envelope: &Envelope,
+    pollers: &Pollers,
+) {
     // Without filters every message passes: no need to copy each record to find that out.
     let (pass, filtered): (Vec<&Delivery>, Vec<&Delivery>) = if mapping.config.filters.is_empty() {
         (batch.iter().collect(), Vec::new())
@@ -225,7 +247,9 @@ async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery
     let work = async {
         match source.redelivery() {
             Redelivery::InPlace => in_place(mapping, source, &pass, batch_source, envelope).await,
-            Redelivery::BySource => by_source(mapping, source, &pass, batch_source, envelope, pollers).await,
+            Redelivery::BySource => {
+                by_source(mapping, source, &pass, batch_source, envelope, pollers).await
+            }
         }
     };
     tokio::select! {
@@ -234,15 +258,31 @@ async fn settle(mapping: &Mapping, source: &dyn QueueSource, batch: Vec<Delivery
     }
 }
 
-async fn in_place(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope) {
+async fn in_place(
+    mapping: &Mapping,
+    source: &dyn QueueSource,
+    pass: &[&Delivery],
+    batch_source: &BatchSource,
+    envelope: &Envelope,
+) {
     let records: Vec<Record> = pass.iter().map(|d| d.record.clone()).collect();
-    let Some(unrouted) = mapping.run_to_completion(&records, batch_source, envelope).await else {
+    let Some(unrouted) = mapping
+        .run_to_completion(
+            &records,
+            batch_source,
+            envelope,
+            super::PartialRetry::OnlyFailed,
+        )
+        .await
+    else {
         // Stopping: nothing is final, so everything goes back to the queue.
         release(mapping, source, pass).await;
         return;
     };
     let unrouted: HashSet<&str> = unrouted.iter().map(|r| r.id.as_str()).collect();
-    let (rejected, done): (Vec<&Delivery>, Vec<&Delivery>) = pass.iter().partition(|d| unrouted.contains(d.record.id.as_str()));
+    let (rejected, done): (Vec<&Delivery>, Vec<&Delivery>) = pass
+        .iter()
+        .partition(|d| unrouted.contains(d.record.id.as_str()));
     ack(mapping, source, &done).await;
     reject(mapping, source, &rejected).await;
 }
@@ -251,20 +291,41 @@ async fn in_place(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery
 /// the source to deliver again, and messages past the retry budget go to the on-failure
 /// destination (or to the queue's own redrive policy when there is none). Messages of a
 /// FIFO group run in order, and a failure holds back only the rest of its own group.
-async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Delivery], batch_source: &BatchSource, envelope: &Envelope, pollers: &Pollers) {
+async fn by_source(
+    mapping: &Mapping,
+    source: &dyn QueueSource,
+    pass: &[&Delivery],
+    batch_source: &BatchSource,
+    envelope: &Envelope,
+    pollers: &Pollers,
+) {
     let retry = &mapping.config.retry;
     let now = chrono::Utc::now().timestamp_millis();
-    let expired_age = |d: &&&Delivery| retry.max_record_age.is_some_and(|age| d.record.arrival_ms < now - age.as_millis() as i64);
-    let expired_tries = |d: &&&Delivery| retry.max_attempts.is_some_and(|max| d.receive_count > max.saturating_add(1));
+    let expired_age = |d: &&&Delivery| {
+        retry
+            .max_record_age
+            .is_some_and(|age| d.record.arrival_ms < now - age.as_millis() as i64)
+    };
+    let expired_tries = |d: &&&Delivery| {
+        retry
+            .max_attempts
+            .is_some_and(|max| d.receive_count > max.saturating_add(1))
+    };
     let (too_old, rest): (Vec<&Delivery>, Vec<&Delivery>) = pass.iter().partition(expired_age);
     let (exhausted, fresh): (Vec<&Delivery>, Vec<&Delivery>) = rest.iter().partition(expired_tries);
-    for (given_up, condition) in [(too_old, GiveUp::RecordAgeExceeded), (exhausted, GiveUp::RetryAttemptsExhausted)] {
+    for (given_up, condition) in [
+        (too_old, GiveUp::RecordAgeExceeded),
+        (exhausted, GiveUp::RetryAttemptsExhausted),
+    ] {
         if given_up.is_empty() {
             continue;
         }
         let records: Vec<&Record> = given_up.iter().map(|d| &d.record).collect();
         let attempts = pollers.take(&given_up);
-        match mapping.give_up(&records, &attempts, condition, batch_source).await {
+        match mapping
+            .give_up(&records, &attempts, condition, batch_source)
+            .await
+        {
             Some(true) => ack(mapping, source, &given_up).await,
             Some(false) => reject(mapping, source, &given_up).await,
             None => release(mapping, source, &given_up).await,
@@ -284,7 +345,10 @@ async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Deliver
             release(mapping, source, &group).await;
             return;
         };
-        let [s, f] = [("source", mapping.name.clone()), ("function", mapping.function.clone())];
+        let [s, f] = [
+            ("source", mapping.name.clone()),
+            ("function", mapping.function.clone()),
+        ];
         metrics::counter!(m::MAPPING_BATCHES, &[s, f]).increment(1);
         let ordered = group.first().is_some_and(|d| d.group.is_some());
         let (done, failed): (Vec<&Delivery>, Vec<&Delivery>) = match result {
@@ -294,7 +358,10 @@ async fn by_source(mapping: &Mapping, source: &dyn QueueSource, pass: &[&Deliver
                 let ids: HashSet<String> = ids.into_iter().collect();
                 if ordered {
                     // In a FIFO group nothing may pass a failed message.
-                    let first = group.iter().position(|d| ids.contains(&d.record.id)).unwrap_or(group.len());
+                    let first = group
+                        .iter()
+                        .position(|d| ids.contains(&d.record.id))
+                        .unwrap_or(group.len());
                     (group[..first].to_vec(), group[first..].to_vec())
                 } else {
                     group.iter().partition(|d| !ids.contains(&d.record.id))

@@ -34,18 +34,31 @@ pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: Ar
                     }
                     match ready(&mapping, store.as_ref(), shard, &present).await {
                         Ok(Some(start)) => {
-                            let task = tokio::spawn(run_shard(mapping.clone(), source.clone(), store.clone(), shard.id.clone(), start));
+                            let task = tokio::spawn(run_shard(
+                                mapping.clone(),
+                                source.clone(),
+                                store.clone(),
+                                shard.id.clone(),
+                                start,
+                            ));
                             running.insert(shard.id.clone(), task);
                         }
                         Ok(None) => {}
-                        Err(e) => tracing::error!(source = %mapping.name, shard = %shard.id, error = %e, "cannot read the shard's checkpoint"),
+                        Err(e) => {
+                            tracing::error!(source = %mapping.name, shard = %shard.id, error = %e, "cannot read the shard's checkpoint")
+                        }
                     }
                 }
                 // A parent that just finished lets its children start: look again soon.
-                refresh = if running.values().any(|t| t.is_finished()) { Duration::from_millis(200) } else { SHARD_REFRESH };
+                refresh = if running.values().any(|t| t.is_finished()) {
+                    Duration::from_millis(200)
+                } else {
+                    SHARD_REFRESH
+                };
             }
             Err(e) => {
-                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone()).increment(1);
+                metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
+                    .increment(1);
                 tracing::warn!(source = %mapping.name, error = %e, "cannot list the stream's shards");
                 refresh = Duration::from_secs(2);
             }
@@ -83,11 +96,17 @@ async fn ready(
     if checkpoint.as_ref().is_some_and(|c| c.finished) {
         return Ok(None);
     }
-    let parents: Vec<&String> = [&shard.parent, &shard.adjacent_parent].into_iter().flatten().collect();
+    let parents: Vec<&String> = [&shard.parent, &shard.adjacent_parent]
+        .into_iter()
+        .flatten()
+        .collect();
     for parent in &parents {
         // A parent that aged out of the stream has nothing left to read.
         if present.contains(parent.as_str()) {
-            let done = store.checkpoint(&mapping.name, parent).await?.is_some_and(|c| c.finished);
+            let done = store
+                .checkpoint(&mapping.name, parent)
+                .await?
+                .is_some_and(|c| c.finished);
             if !done {
                 return Ok(None);
             }
@@ -115,27 +134,57 @@ fn lane_of(key: &str, lanes: usize) -> usize {
 
 /// Runs records (in shard order) through the mapping: `parallelization` lanes by partition
 /// key, each lane's batches one after another. `true` when every record's outcome is final.
-pub async fn process_round(mapping: &Mapping, records: Vec<Record>, source: &BatchSource, envelope: &Envelope) -> bool {
+pub async fn process_round(
+    mapping: &Mapping,
+    records: Vec<Record>,
+    source: &BatchSource,
+    envelope: &Envelope,
+) -> bool {
     let lanes = mapping.config.parallelization.max(1) as usize;
     let mut by_lane: Vec<Vec<Record>> = vec![Vec::new(); lanes];
     for r in records {
-        let lane = if lanes == 1 { 0 } else { lane_of(&r.key, lanes) };
+        let lane = if lanes == 1 {
+            0
+        } else {
+            lane_of(&r.key, lanes)
+        };
         by_lane[lane].push(r);
     }
-    let runs = by_lane.iter().filter(|l| !l.is_empty()).map(|lane| async move {
-        for batch in mapping.batches(lane) {
-            // A stream has no dead-lettering of its own: records given up without a
-            // destination are skipped, as Lambda does.
-            if mapping.run_to_completion(batch, source, envelope).await.is_none() {
-                return false;
+    let runs = by_lane
+        .iter()
+        .filter(|l| !l.is_empty())
+        .map(|lane| async move {
+            for batch in mapping.batches(lane) {
+                // A stream has no dead-lettering of its own: records given up without a
+                // destination are skipped, as Lambda does.
+                if mapping
+                    .run_to_completion(
+                        batch,
+                        source,
+                        envelope,
+                        super::PartialRetry::FromLowestFailed,
+                    )
+                    .await
+                    .is_none()
+                {
+                    return false;
+                }
             }
-        }
-        true
-    });
-    futures::future::join_all(runs).await.into_iter().all(|done| done)
+            true
+        });
+    futures::future::join_all(runs)
+        .await
+        .into_iter()
+        .all(|done| done)
 }
 
-async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: Arc<dyn StateStore>, shard: String, start: StartAt) {
+async fn run_shard(
+    mapping: Arc<Mapping>,
+    source: Arc<dyn StreamSource>,
+    store: Arc<dyn StateStore>,
+    shard: String,
+    start: StartAt,
+) {
     let batch_source = BatchSource {
         info_key: source.batch_info_key(),
         source_arn: source.stream_arn().to_string(),
@@ -171,7 +220,9 @@ async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: 
         }
     };
     tracing::info!(source = %mapping.name, %shard, "reading shard");
-    let want = (mapping.config.batch.size as usize).saturating_mul(mapping.config.parallelization.max(1) as usize).max(1);
+    let want = (mapping.config.batch.size as usize)
+        .saturating_mul(mapping.config.parallelization.max(1) as usize)
+        .max(1);
     // Records read and not yet run. A round takes at most `want` of them and is checkpointed
     // when done, so a crash repeats at most one round; reads wait while a round's worth is
     // buffered, so a slow function slows the reads instead of growing the buffer.
@@ -226,14 +277,23 @@ async fn run_shard(mapping: Arc<Mapping>, source: Arc<dyn StreamSource>, store: 
     }
 }
 
-async fn save(mapping: &Mapping, store: &dyn StateStore, shard: &str, sequence: &Option<String>, finished: bool) {
+async fn save(
+    mapping: &Mapping,
+    store: &dyn StateStore,
+    shard: &str,
+    sequence: &Option<String>,
+    finished: bool,
+) {
     let checkpoint = Checkpoint {
         sequence: sequence.clone(),
         finished,
     };
     let mut backoff = Duration::from_millis(100);
     loop {
-        match store.put_checkpoint(&mapping.name, shard, &checkpoint).await {
+        match store
+            .put_checkpoint(&mapping.name, shard, &checkpoint)
+            .await
+        {
             Ok(()) => return,
             Err(e) => {
                 tracing::error!(source = %mapping.name, %shard, error = %e, "cannot save the checkpoint; retrying");

@@ -12,10 +12,22 @@ pub enum PackageError {
     Missing { path: PathBuf },
     #[error("package {path} is neither a directory nor a .zip file")]
     NotAPackage { path: PathBuf },
-    #[error("package {path} is {size} bytes zipped, over the limit of {limit} bytes (limits.package_zipped)")]
-    ZippedTooLarge { path: PathBuf, size: u64, limit: u64 },
-    #[error("package {path} is {size} bytes unpacked, over the limit of {limit} bytes (limits.package_unpacked)")]
-    UnpackedTooLarge { path: PathBuf, size: u64, limit: u64 },
+    #[error(
+        "package {path} is {size} bytes zipped, over the limit of {limit} bytes (limits.package_zipped)"
+    )]
+    ZippedTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
+    #[error(
+        "package {path} is {size} bytes unpacked, over the limit of {limit} bytes (limits.package_unpacked)"
+    )]
+    UnpackedTooLarge {
+        path: PathBuf,
+        size: u64,
+        limit: u64,
+    },
     #[error("cannot read package {path}: {source}")]
     Io {
         path: PathBuf,
@@ -155,7 +167,10 @@ mod tests {
     #[test]
     fn unpacks_a_zip_keeping_the_executable_bit() {
         use std::os::unix::fs::PermissionsExt;
-        let zip = zip_with(&[("bootstrap", b"#!/bin/sh\n", 0o755), ("data.txt", b"x", 0o644)]);
+        let zip = zip_with(&[
+            ("bootstrap", b"#!/bin/sh\n", 0o755),
+            ("data.txt", b"x", 0o644),
+        ]);
         let root = tempfile::tempdir().expect("root");
         let dir = prepare(zip.path(), ROOMY, root.path()).expect("prepared");
         let mode = std::fs::metadata(dir.join("bootstrap"))
@@ -175,7 +190,14 @@ mod tests {
             unpacked: 1000,
         };
         let err = prepare(zip.path(), limits, root.path()).expect_err("too large");
-        assert!(matches!(err, PackageError::UnpackedTooLarge { size: 4096, limit: 1000, .. }));
+        assert!(matches!(
+            err,
+            PackageError::UnpackedTooLarge {
+                size: 4096,
+                limit: 1000,
+                ..
+            }
+        ));
         assert_eq!(std::fs::read_dir(root.path()).expect("root").count(), 0);
     }
 
@@ -188,7 +210,10 @@ mod tests {
             unpacked: 250_000_000,
         };
         let err = prepare(zip.path(), limits, root.path()).expect_err("too large");
-        assert!(matches!(err, PackageError::ZippedTooLarge { limit: 10, .. }), "{err}");
+        assert!(
+            matches!(err, PackageError::ZippedTooLarge { limit: 10, .. }),
+            "{err}"
+        );
     }
 
     #[test]

@@ -84,10 +84,7 @@ impl ProcessRunner {
 
     /// Stops every idle environment (the busy ones stop when their invocation ends).
     pub(crate) fn shutdown(&self) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clear();
+        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     pub(crate) async fn invoke(&self, inv: &Invocation) -> Executed {
@@ -430,7 +427,12 @@ impl Environment {
                     Status::Running => "the runtime stopped answering".to_string(),
                 };
                 self.kill();
-                self.done_after_init(inv, Err(self.exit_error(request_id, &how)), false, init_duration)
+                self.done_after_init(
+                    inv,
+                    Err(self.exit_error(request_id, &how)),
+                    false,
+                    init_duration,
+                )
             }
         }
     }
@@ -439,7 +441,10 @@ impl Environment {
         if self.memory.oom_killed() {
             FunctionError::new(
                 "Runtime.OutOfMemory",
-                format!("RequestId: {request_id} Error: Runtime exited with error: {how} (out of memory: memory_mb is {})", self.spec.memory_mb),
+                format!(
+                    "RequestId: {request_id} Error: Runtime exited with error: {how} (out of memory: memory_mb is {})",
+                    self.spec.memory_mb
+                ),
             )
         } else {
             FunctionError::new(
@@ -483,9 +488,7 @@ impl Environment {
 }
 
 async fn wait_not_running(status: &mut watch::Receiver<Status>) {
-    let _ = status
-        .wait_for(|s| !matches!(s, Status::Running))
-        .await;
+    let _ = status.wait_for(|s| !matches!(s, Status::Running)).await;
     // Without a status change, this branch must never win the select.
     if matches!(*status.borrow(), Status::Running) {
         std::future::pending::<()>().await;
@@ -543,7 +546,10 @@ fn lambda_environment(
         ("_HANDLER", spec.handler.clone()),
         ("AWS_LAMBDA_FUNCTION_NAME", spec.function_name.clone()),
         ("AWS_LAMBDA_FUNCTION_VERSION", spec.version.clone()),
-        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", spec.memory_mb.to_string()),
+        (
+            "AWS_LAMBDA_FUNCTION_MEMORY_SIZE",
+            spec.memory_mb.to_string(),
+        ),
         (
             "AWS_LAMBDA_LOG_GROUP_NAME",
             format!("/aws/lambda/{}", spec.function_name),
@@ -552,7 +558,10 @@ fn lambda_environment(
         ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand".to_string()),
         ("AWS_REGION", spec.region.clone()),
         ("AWS_DEFAULT_REGION", spec.region.clone()),
-        ("AWS_EXECUTION_ENV", "AWS_Lambda_provided.al2023".to_string()),
+        (
+            "AWS_EXECUTION_ENV",
+            "AWS_Lambda_provided.al2023".to_string(),
+        ),
         ("LAMBDA_TASK_ROOT", root),
         ("LAMBDA_RUNTIME_DIR", "/var/runtime".to_string()),
     ]
@@ -655,7 +664,11 @@ async fn response(
     match axum::body::to_bytes(body, MAX_SYNC_PAYLOAD).await {
         Ok(bytes) => {
             let _ = current.reply.send(Reply::Response(bytes));
-            (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+            (
+                StatusCode::ACCEPTED,
+                axum::Json(serde_json::json!({"status": "OK"})),
+            )
+                .into_response()
         }
         Err(_) => {
             let message = format!(
@@ -665,7 +678,11 @@ async fn response(
                 "Function.ResponseSizeTooLarge",
                 message.clone(),
             )));
-            runtime_error(StatusCode::PAYLOAD_TOO_LARGE, "RequestEntityTooLarge", &message)
+            runtime_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestEntityTooLarge",
+                &message,
+            )
         }
     }
 }
@@ -688,8 +705,15 @@ async fn error(
         .and_then(|v| v.to_str().ok());
     let _ = current
         .reply
-        .send(Reply::Error(FunctionError::from_runtime_body(&body, header_type)));
-    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+        .send(Reply::Error(FunctionError::from_runtime_body(
+            &body,
+            header_type,
+        )));
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"status": "OK"})),
+    )
+        .into_response()
 }
 
 async fn init_error(
@@ -702,6 +726,12 @@ async fn init_error(
         .and_then(|v| v.to_str().ok())
         .or(Some("Runtime.Unknown"));
     let error = FunctionError::from_runtime_body(&body, header_type);
-    shared.status.send_modify(|s| *s = Status::InitFailed(error));
-    (StatusCode::ACCEPTED, axum::Json(serde_json::json!({"status": "OK"}))).into_response()
+    shared
+        .status
+        .send_modify(|s| *s = Status::InitFailed(error));
+    (
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({"status": "OK"})),
+    )
+        .into_response()
 }

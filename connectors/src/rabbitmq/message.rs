@@ -57,7 +57,10 @@ impl Message<'_> {
     /// it (a copy of the record, the body parsed as JSON) would double the cost of a message.
     pub fn record(&self, now_ms: i64, for_filters: bool) -> Record {
         let lambda = object([
-            ("basicProperties", basic_properties(self.properties, self.data.len())),
+            (
+                "basicProperties",
+                basic_properties(self.properties, self.data.len()),
+            ),
             ("redelivered", Value::Bool(self.redelivered)),
             ("data", Value::String(B64.encode(self.data))),
         ]);
@@ -77,7 +80,9 @@ impl Message<'_> {
             _ => self.handle(),
         };
         let arrival_ms = match self.properties.timestamp() {
-            Some(secs) => i64::try_from(*secs).unwrap_or(i64::MAX / 1000).saturating_mul(1000),
+            Some(secs) => i64::try_from(*secs)
+                .unwrap_or(i64::MAX / 1000)
+                .saturating_mul(1000),
             None => now_ms,
         };
         Record {
@@ -110,15 +115,26 @@ pub fn envelope(source_arn: &str, queue_key: &str, records: &[&Record]) -> Value
 /// A JSON object of these entries. Every message goes through here, so not `json!`: that runs
 /// each value that is already a `Value` through serde's serializer again, a deep copy per level.
 fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    Value::Object(entries.into_iter().map(|(key, value)| (key.to_string(), value)).collect())
+    Value::Object(
+        entries
+            .into_iter()
+            .map(|(key, value)| (key.to_string(), value))
+            .collect(),
+    )
 }
 
 fn basic_properties(p: &BasicProperties, body_size: usize) -> Value {
-    let text = |s: &Option<ShortString>| s.as_ref().map_or(Value::Null, |s| Value::from(s.as_str()));
+    let text =
+        |s: &Option<ShortString>| s.as_ref().map_or(Value::Null, |s| Value::from(s.as_str()));
     object([
         ("contentType", text(p.content_type())),
         ("contentEncoding", text(p.content_encoding())),
-        ("headers", p.headers().as_ref().map_or_else(|| Value::Object(Map::new()), table)),
+        (
+            "headers",
+            p.headers()
+                .as_ref()
+                .map_or_else(|| Value::Object(Map::new()), table),
+        ),
         // AMQP's defaults when the publisher left them out: transient, priority 0.
         ("deliveryMode", Value::from(p.delivery_mode().unwrap_or(1))),
         ("priority", Value::from(p.priority().unwrap_or(0))),
@@ -126,7 +142,12 @@ fn basic_properties(p: &BasicProperties, body_size: usize) -> Value {
         ("replyTo", text(p.reply_to())),
         ("expiration", text(p.expiration())),
         ("messageId", text(p.message_id())),
-        ("timestamp", p.timestamp().and_then(gson_date).map_or(Value::Null, Value::from)),
+        (
+            "timestamp",
+            p.timestamp()
+                .and_then(gson_date)
+                .map_or(Value::Null, Value::from),
+        ),
         ("type", text(p.kind())),
         ("userId", text(p.user_id())),
         ("appId", text(p.app_id())),
@@ -159,7 +180,9 @@ fn header_value(v: &AMQPValue) -> Value {
         AMQPValue::LongLongInt(n) => Value::from(*n),
         AMQPValue::Float(f) => Value::from(f64::from(*f)),
         AMQPValue::Double(f) => Value::from(*f),
-        AMQPValue::DecimalValue(d) => Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale))),
+        AMQPValue::DecimalValue(d) => {
+            Value::from(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
         AMQPValue::ShortString(s) => object([("bytes", signed(s.as_str().as_bytes()))]),
         AMQPValue::LongString(s) => object([("bytes", signed(s.as_bytes()))]),
         AMQPValue::ByteArray(b) => signed(b.as_slice()),
@@ -199,18 +222,31 @@ mod tests {
 
     fn headers() -> FieldTable {
         let mut h = FieldTable::default();
-        h.insert("header1".into(), AMQPValue::LongString(LongString::from("value1")));
+        h.insert(
+            "header1".into(),
+            AMQPValue::LongString(LongString::from("value1")),
+        );
         h.insert("numberInHeader".into(), AMQPValue::LongInt(10));
         h.insert("é".into(), AMQPValue::LongString(LongString::from("é")));
-        h.insert("raw".into(), AMQPValue::ByteArray(ByteArray::from(vec![1u8, 255])));
+        h.insert(
+            "raw".into(),
+            AMQPValue::ByteArray(ByteArray::from(vec![1u8, 255])),
+        );
         h.insert(
             "list".into(),
-            AMQPValue::FieldArray(FieldArray::from(vec![AMQPValue::Boolean(true), AMQPValue::Void])),
+            AMQPValue::FieldArray(FieldArray::from(vec![
+                AMQPValue::Boolean(true),
+                AMQPValue::Void,
+            ])),
         );
         h
     }
 
-    fn message<'a>(properties: &'a BasicProperties, data: &'a [u8], redelivered: bool) -> Message<'a> {
+    fn message<'a>(
+        properties: &'a BasicProperties,
+        data: &'a [u8],
+        redelivered: bool,
+    ) -> Message<'a> {
         Message {
             generation: 3,
             delivery_tag: 17,
@@ -237,17 +273,24 @@ mod tests {
         let arn = "arn:aws:mq:us-east-1:000000000000:broker:localhost:/";
         let event = envelope(arn, &queue_key("orders", "/"), &[&record, &other]);
 
-        let parsed: RabbitMqEvent = serde_json::from_value(event.clone()).expect("an aws:rmq event");
+        let parsed: RabbitMqEvent =
+            serde_json::from_value(event.clone()).expect("an aws:rmq event");
         assert_eq!(parsed.event_source.as_deref(), Some("aws:rmq"));
         assert_eq!(parsed.event_source_arn.as_deref(), Some(arn));
         let messages = &parsed.messages_by_queue["orders::/"];
         assert_eq!(messages.len(), 2);
         let first = &messages[0].basic_properties;
         assert_eq!(first.content_type.as_deref(), Some("application/json"));
-        assert_eq!((first.delivery_mode, first.priority, first.body_size), (2, 34, 13));
+        assert_eq!(
+            (first.delivery_mode, first.priority, first.body_size),
+            (2, 34, 13)
+        );
         assert_eq!(first.message_id.as_deref(), Some("m-1"));
         assert_eq!(first.timestamp.as_deref(), Some("Jan 1, 1970, 12:33:41 AM"));
-        assert_eq!(first.headers["header1"], json!({"bytes": [118, 97, 108, 117, 101, 49]}));
+        assert_eq!(
+            first.headers["header1"],
+            json!({"bytes": [118, 97, 108, 117, 101, 49]})
+        );
         assert_eq!(first.headers["numberInHeader"], json!(10));
         assert_eq!(first.headers["é"], json!({"bytes": [-61, -87]}));
         assert_eq!(first.headers["raw"], json!([1, -1]));
@@ -274,8 +317,14 @@ mod tests {
     fn a_record_names_its_delivery_and_decodes_json_for_filters() {
         let properties = BasicProperties::default().with_message_id("m-1".into());
         let record = message(&properties, br#"{"total": 12}"#, false).record(5, true);
-        assert_eq!(record.id, "m-1", "a function names records by their message id");
-        assert_eq!((record.position.as_str(), record.key.as_str()), ("17", "orders.eu"));
+        assert_eq!(
+            record.id, "m-1",
+            "a function names records by their message id"
+        );
+        assert_eq!(
+            (record.position.as_str(), record.key.as_str()),
+            ("17", "orders.eu")
+        );
         assert_eq!((record.arrival_ms, record.size), (5, 13));
         assert_eq!(record.filter_view["data"], json!({"total": 12}));
         assert_eq!(record.filter_view["basicProperties"]["messageId"], "m-1");

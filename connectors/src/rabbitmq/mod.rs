@@ -17,7 +17,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures::StreamExt;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions, BasicRejectOptions,
+};
 use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::FieldTable;
 use lapin::uri::AMQPUri;
@@ -92,16 +94,34 @@ impl RabbitMqSource {
     /// only when the mapping has filters to match it against.
     pub async fn from_config(config: &RabbitMqConfig) -> Result<Self, ReadError> {
         let filter_views = !config.mapping.filters.is_empty();
-        Self::start(&config.uri, &config.queue, config.prefetch, &format!("sluice {}", config.queue), filter_views).await
+        Self::start(
+            &config.uri,
+            &config.queue,
+            config.prefetch,
+            &format!("sluice {}", config.queue),
+            filter_views,
+        )
+        .await
     }
 
     /// As [`connect`](Self::connect), naming the connection (`connection_name`, as the
     /// management UI and `rabbitmqctl list_connections client_properties` show it).
-    pub async fn connect_as(uri: &str, queue: &str, prefetch: u16, connection_name: &str) -> Result<Self, ReadError> {
+    pub async fn connect_as(
+        uri: &str,
+        queue: &str,
+        prefetch: u16,
+        connection_name: &str,
+    ) -> Result<Self, ReadError> {
         Self::start(uri, queue, prefetch, connection_name, true).await
     }
 
-    async fn start(uri: &str, queue: &str, prefetch: u16, connection_name: &str, filter_views: bool) -> Result<Self, ReadError> {
+    async fn start(
+        uri: &str,
+        queue: &str,
+        prefetch: u16,
+        connection_name: &str,
+        filter_views: bool,
+    ) -> Result<Self, ReadError> {
         let parsed: AMQPUri = uri
             .parse()
             .map_err(|e| ReadError::Other(format!("invalid RabbitMQ uri: {e}")))?;
@@ -149,7 +169,11 @@ impl RabbitMqSource {
         let (channel, plan) = {
             let mut link = lock(&self.link);
             let generation = link.generation;
-            let mut current: Vec<u64> = tags.iter().filter(|(g, _)| *g == generation).map(|(_, t)| *t).collect();
+            let mut current: Vec<u64> = tags
+                .iter()
+                .filter(|(g, _)| *g == generation)
+                .map(|(_, t)| *t)
+                .collect();
             current.sort_unstable();
             current.dedup();
             let skipped = tags.len() - current.len();
@@ -194,7 +218,9 @@ impl RabbitMqSource {
                 result
             }
         };
-        result.map_err(|e| ReadError::Other(format!("cannot {} on {}: {e}", how.verb(), self.queue_key)))
+        result.map_err(|e| {
+            ReadError::Other(format!("cannot {} on {}: {e}", how.verb(), self.queue_key))
+        })
     }
 }
 
@@ -225,7 +251,11 @@ impl Settle {
                     )
                     .await
             }
-            Settle::Reject => channel.basic_reject(tag, BasicRejectOptions { requeue: false }).await,
+            Settle::Reject => {
+                channel
+                    .basic_reject(tag, BasicRejectOptions { requeue: false })
+                    .await
+            }
         }
     }
 
@@ -261,7 +291,12 @@ impl QueueSource for RabbitMqSource {
             let next = if out.is_empty() {
                 match tokio::time::timeout_at(deadline, rx.recv()).await {
                     Ok(Some(next)) => next,
-                    Ok(None) => return Err(ReadError::Other(format!("the consumer of {} stopped", self.queue_key))),
+                    Ok(None) => {
+                        return Err(ReadError::Other(format!(
+                            "the consumer of {} stopped",
+                            self.queue_key
+                        )));
+                    }
                     Err(_) => break,
                 }
             } else {
@@ -279,7 +314,10 @@ impl QueueSource for RabbitMqSource {
             let link = lock(&self.link);
             if link.channel.is_none() {
                 let why = link.last_error.as_deref().unwrap_or("connecting");
-                return Err(ReadError::Other(format!("not connected to {}: {why}", self.source_arn)));
+                return Err(ReadError::Other(format!(
+                    "not connected to {}: {why}",
+                    self.source_arn
+                )));
             }
         }
         Ok(out)
@@ -323,9 +361,14 @@ fn lock(link: &Mutex<Link>) -> MutexGuard<'_, Link> {
 }
 
 fn classify(target: &Target, e: &lapin::Error) -> ReadError {
-    let text = format!("cannot consume {} at {}: {e}", target.queue_key, target.source_arn);
+    let text = format!(
+        "cannot consume {} at {}: {e}",
+        target.queue_key, target.source_arn
+    );
     match e.kind() {
-        ErrorKind::ProtocolError(amqp) if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) => {
+        ErrorKind::ProtocolError(amqp)
+            if matches!(amqp.kind(), AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)) =>
+        {
             ReadError::NotFound(text)
         }
         _ => ReadError::Other(text),
@@ -339,11 +382,14 @@ struct Opened {
 }
 
 async fn open(target: &Target) -> lapin::Result<Opened> {
-    let properties = ConnectionProperties::default().with_connection_name(target.connection_name.as_str().into());
+    let properties = ConnectionProperties::default()
+        .with_connection_name(target.connection_name.as_str().into());
     let connection = Connection::connect(&target.uri, properties).await?;
     let consume = async {
         let channel = connection.create_channel().await?;
-        channel.basic_qos(target.prefetch, BasicQosOptions::default()).await?;
+        channel
+            .basic_qos(target.prefetch, BasicQosOptions::default())
+            .await?;
         let consumer = channel
             .basic_consume(
                 target.queue.as_str().into(),
@@ -512,7 +558,9 @@ mod tests {
 
     #[test]
     fn the_arn_names_host_and_vhost() {
-        let uri: AMQPUri = "amqp://guest:secret@mq.internal:5672/%2f".parse().expect("uri");
+        let uri: AMQPUri = "amqp://guest:secret@mq.internal:5672/%2f"
+            .parse()
+            .expect("uri");
         assert_eq!(
             broker_arn(&uri.authority.host, &uri.vhost),
             "arn:aws:mq:us-east-1:000000000000:broker:mq.internal:/"
