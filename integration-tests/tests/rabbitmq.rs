@@ -232,13 +232,15 @@ impl Rabbit {
 
     /// Deletes every queue and exchange this test declared.
     async fn clean_up(self) {
-        for queue in self.queues.lock().expect("queues").drain(..) {
+        let queues = self.queues.into_inner().expect("queues");
+        let exchanges = self.exchanges.into_inner().expect("exchanges");
+        for queue in queues {
             self.channel
                 .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
                 .await
                 .unwrap_or_else(|e| panic!("delete queue {queue}: {e}"));
         }
-        for exchange in self.exchanges.lock().expect("exchanges").drain(..) {
+        for exchange in exchanges {
             // Auto-delete: gone already with its last binding, and then this is a no-op.
             let _ = self
                 .channel
