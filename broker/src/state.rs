@@ -570,36 +570,24 @@ mod tests {
         assert_eq!(store.checkpoint("m", "s1").await.expect("some"), Some(done));
     }
 
+    /// Publishes a version with an empty snapshot and returns its number.
+    async fn published(store: &dyn StateStore, function: &str, description: &str) -> u32 {
+        store
+            .publish_version(function, "{}", "sha", description)
+            .await
+            .expect("publish")
+            .version
+    }
+
     #[tokio::test]
     async fn versions_number_up_per_function_and_aliases_upsert() {
         let dir = tempfile::tempdir().expect("dir");
         let store = SqliteStore::open(&dir.path().join("s.db"))
             .await
             .expect("open");
-        assert_eq!(
-            store
-                .publish_version("f", "{}", "sha", "one")
-                .await
-                .expect("v1")
-                .version,
-            1
-        );
-        assert_eq!(
-            store
-                .publish_version("f", "{}", "sha", "two")
-                .await
-                .expect("v2")
-                .version,
-            2
-        );
-        assert_eq!(
-            store
-                .publish_version("g", "{}", "sha", "")
-                .await
-                .expect("g1")
-                .version,
-            1
-        );
+        assert_eq!(published(&store, "f", "one").await, 1);
+        assert_eq!(published(&store, "f", "two").await, 2);
+        assert_eq!(published(&store, "g", "").await, 1);
         assert_eq!(store.versions("f").await.expect("list").len(), 2);
         let mut alias = AliasRecord {
             function: "f".into(),
@@ -658,14 +646,7 @@ mod tests {
                 .apply(&[event("a", "f", 10), event("b", "f", 20)], &[])
                 .await
                 .expect("enqueue");
-            assert_eq!(
-                store
-                    .publish_version("f", "{}", "sha", "")
-                    .await
-                    .expect("v1")
-                    .version,
-                1
-            );
+            assert_eq!(published(store.as_ref(), "f", "").await, 1);
         }
         // A second handle, as a second Sluice instance would have, sees the same state.
         let other = open(&url, Path::new(".")).await.expect("reopen");
@@ -685,14 +666,7 @@ mod tests {
             .collect();
         assert_eq!(due, ["a"]);
         assert_eq!(other.queued().await.expect("count"), 2);
-        assert_eq!(
-            other
-                .publish_version("f", "{}", "sha", "")
-                .await
-                .expect("v2")
-                .version,
-            2
-        );
+        assert_eq!(published(other.as_ref(), "f", "").await, 2);
         drop(other);
         let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
             .execute(&admin)
