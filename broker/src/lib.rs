@@ -40,6 +40,9 @@ pub struct StartOptions {
     /// Where unpacked packages and local state live. Default: the directory of the
     /// `sqlite://` state file, or a temporary directory when the state is elsewhere.
     pub data_dir: Option<PathBuf>,
+    /// Refuse a state store whose schema needs migrations instead of applying them
+    /// (`sluice run --no-migrate`, for operators who upgrade with `sluice state migrate`).
+    pub no_migrate: bool,
 }
 
 #[derive(Debug, Error)]
@@ -150,11 +153,19 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     })?;
     let functions = Arc::new(Functions::build(&config, &options.native, &data_dir)?);
     let store: Arc<dyn state::StateStore> = Arc::from(
-        state::open(&config.state, &config.base_dir)
-            .await
-            .map_err(|e| BuildError {
-                errors: vec![config.error_at("state", e.to_string())],
-            })?,
+        state::open_with(
+            &config.state,
+            &config.base_dir,
+            if options.no_migrate {
+                state::OpenOptions::NO_MIGRATE
+            } else {
+                state::OpenOptions::INSTANCE
+            },
+        )
+        .await
+        .map_err(|e| BuildError {
+            errors: vec![config.error_at("state", e.to_string())],
+        })?,
     );
     functions.attach_store(store.clone(), &config).await?;
     let dead_letters: HashMap<String, Arc<dyn sluice_plugins::DeadLetterSink>> = config

@@ -36,6 +36,14 @@ enum Command {
         /// How long in-flight invocations may finish after SIGTERM.
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         grace: Duration,
+        /// Refuse to start on a state store that needs migrations, instead of applying them.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Inspect or upgrade the state store's schema.
+    State {
+        #[command(subcommand)]
+        action: StateAction,
     },
     /// Check a configuration file without starting anything; every error is reported.
     Validate {
@@ -64,6 +72,25 @@ enum Command {
     },
     #[command(flatten)]
     Manage(Manage),
+}
+
+#[derive(Subcommand)]
+enum StateAction {
+    /// Print the store's schema version and what this Sluice would apply.
+    Version {
+        /// The configuration file naming the store (`state:`).
+        #[arg(short, long, default_value = "sluice.yaml")]
+        config: PathBuf,
+    },
+    /// Apply pending migrations now (Sluice otherwise applies them at start).
+    Migrate {
+        /// The configuration file naming the store (`state:`).
+        #[arg(short, long, default_value = "sluice.yaml")]
+        config: PathBuf,
+        /// Print what would be applied and change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// Management commands: each is one call to the Lambda API of a running Sluice, whose JSON
@@ -210,7 +237,9 @@ fn main() -> ExitCode {
                 config,
                 listen,
                 grace,
-            } => run(&config, listen, grace).await,
+                no_migrate,
+            } => run(&config, listen, grace, no_migrate).await,
+            Command::State { action } => state(action).await,
             Command::Validate { file } => validate(&file).await,
             Command::Invoke {
                 name,
@@ -242,13 +271,19 @@ fn load(path: &Path) -> Result<sluice_config::Config, ExitCode> {
     })
 }
 
-async fn run(path: &Path, listen: Option<SocketAddr>, grace: Duration) -> anyhow::Result<ExitCode> {
+async fn run(
+    path: &Path,
+    listen: Option<SocketAddr>,
+    grace: Duration,
+    no_migrate: bool,
+) -> anyhow::Result<ExitCode> {
     let config = match load(path) {
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
     let options = sluice::StartOptions {
         listen,
+        no_migrate,
         ..Default::default()
     };
     let running = match sluice::start(config, options).await {
@@ -290,6 +325,60 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
         config.functions.len(),
         config.sources.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice state version` and `sluice state migrate`.
+async fn state(action: StateAction) -> anyhow::Result<ExitCode> {
+    use sluice::state::migrations::describe;
+    let (path, dry_run) = match &action {
+        StateAction::Version { config } => (config, true),
+        StateAction::Migrate { config, dry_run } => (config, *dry_run),
+    };
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let status = sluice::state::status(&config.state, &config.base_dir)
+        .await
+        .with_context(|| format!("cannot read the state store {}", config.state))?;
+    let pending = status.pending();
+    if dry_run {
+        println!(
+            "state store schema version {} (this Sluice: {}{})",
+            status.version(),
+            status.latest,
+            if status.unversioned {
+                "; made before versioned migrations, adopted as version 1"
+            } else {
+                ""
+            }
+        );
+        if let Err(too_new) = status.check_not_newer() {
+            println!("{too_new}");
+            return Ok(ExitCode::FAILURE);
+        }
+        match (&action, pending.is_empty()) {
+            (_, true) => println!("up to date"),
+            (StateAction::Migrate { .. }, false) => {
+                println!("would apply: {}", describe(&pending));
+            }
+            (StateAction::Version { .. }, false) => println!("pending: {}", describe(&pending)),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let applied = sluice::state::migrate(&config.state, &config.base_dir)
+        .await
+        .with_context(|| format!("cannot migrate the state store {}", config.state))?;
+    if applied.is_empty() {
+        println!("up to date at schema version {}", status.latest);
+    } else {
+        println!(
+            "applied {}; schema version now {}",
+            describe(&applied),
+            status.latest
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

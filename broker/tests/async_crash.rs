@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use common::{Server, bootstrap, free_port, start, write};
 use serde_json::{Value, json};
-use sluice::state::{SqliteStore, StateStore};
+use sluice::state::{OpenOptions, SqliteStore, StateStore};
 
 /// Appends `{"id", "request_id"}` to `$SEEN` for every event it is given, sleeps `sleep`
 /// seconds, then fails when the event says `fail` and succeeds otherwise.
@@ -100,9 +100,11 @@ dead_letters:
     }
 
     async fn queued(&self) -> u64 {
-        let store = SqliteStore::open(&self.dir.path().join("data/state.db"))
-            .await
-            .expect("state");
+        let store =
+            SqliteStore::open_with(&self.dir.path().join("data/state.db"), OpenOptions::INSPECT)
+                .await
+                .expect("state")
+                .0;
         store.queued().await.expect("queued")
     }
 }

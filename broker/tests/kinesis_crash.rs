@@ -101,9 +101,10 @@ async fn wait_until(what: &str, mut done: impl AsyncFnMut() -> bool) {
 
 /// Each shard's checkpointed sequence number.
 async fn checkpoints(state: &str) -> BTreeMap<String, Option<String>> {
-    let store = sluice::state::open(state, Path::new("."))
-        .await
-        .expect("open the state");
+    let store =
+        sluice::state::open_with(state, Path::new("."), sluice::state::OpenOptions::INSPECT)
+            .await
+            .expect("open the state");
     let mut at = BTreeMap::new();
     for shard in 0..SHARDS {
         let shard = format!("shardId-{shard:012}");

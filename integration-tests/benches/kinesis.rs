@@ -185,6 +185,7 @@ async fn start_sluice(
             listen: Some("127.0.0.1:0".parse().expect("addr")),
             native,
             data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
         },
     )
     .await

@@ -191,6 +191,7 @@ async fn through_sluice(queue: &str, n: usize) -> (sluice::Running, tempfile::Te
             listen: Some("127.0.0.1:0".parse().expect("addr")),
             native,
             data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
         },
     )
     .await

@@ -280,6 +280,7 @@ async fn through_sluice(client: &Client, url: &str, n: usize) -> Mapped {
             listen: Some("127.0.0.1:0".parse().expect("addr")),
             native,
             data_dir: Some(dir.path().to_path_buf()),
+            ..Default::default()
         },
     )
     .await

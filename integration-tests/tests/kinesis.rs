@@ -910,9 +910,10 @@ async fn resumes_from_the_postgres_checkpoint_after_an_abrupt_stop_without_loss(
     std::mem::forget(running);
     // A write the dead runtime had sent may still land; let it, before reading the state.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let store = sluice::state::open(&state, Path::new("."))
-        .await
-        .expect("open the PostgreSQL state");
+    let store =
+        sluice::state::open_with(&state, Path::new("."), sluice::state::OpenOptions::INSPECT)
+            .await
+            .expect("open the PostgreSQL state");
     let mut at_stop = BTreeMap::new();
     for shard in last.keys() {
         at_stop.insert(

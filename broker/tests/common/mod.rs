@@ -71,10 +71,16 @@ impl Server {
 
 /// Starts `sluice run -c CONFIG` on `port` and waits until it listens.
 pub fn start(config: &Path, port: u16) -> Server {
+    start_with(config, port, &[])
+}
+
+/// [`start`] with more arguments for `sluice run`.
+pub fn start_with(config: &Path, port: u16, args: &[&str]) -> Server {
     let child = Command::new(SLUICE)
         .args(["run", "-c"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--grace", "10s"])
+        .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()

@@ -182,6 +182,7 @@ impl Sluice {
             listen: Some("127.0.0.1:0".parse().expect("socket address")),
             data_dir: Some(dir.path().join("data")),
             native,
+            ..Default::default()
         };
         let running = sluice::start(config, options)
             .await
@@ -596,6 +597,7 @@ pub async fn start_on_state(
         listen: Some("127.0.0.1:0".parse().expect("socket address")),
         data_dir: Some(data_dir.to_path_buf()),
         native,
+        ..Default::default()
     };
     sluice::start(config, options)
         .await
@@ -674,9 +676,10 @@ impl StatefulSluice {
     ) -> StatefulSluice {
         let state = format!("sqlite://{}", dir.path().join("state.db").display());
         let running = start_on_state(&state, dir.path(), yaml, native).await;
-        let store = sluice::state::open(&state, Path::new("."))
-            .await
-            .expect("open the state");
+        let store =
+            sluice::state::open_with(&state, Path::new("."), sluice::state::OpenOptions::INSPECT)
+                .await
+                .expect("open the state");
         StatefulSluice {
             running,
             store,

@@ -1,16 +1,30 @@
-//! The state store: the durable async-invocation queue, published versions, aliases and
-//! concurrency settings, behind one trait. SQLite (a file) is the embedded default.
+//! The state store: the durable async-invocation queue, published versions, aliases,
+//! concurrency settings, checkpoints and schedule ticks, behind one trait. SQLite (a file) is
+//! the embedded default; PostgreSQL is shared by several instances.
+//!
+//! Opening a store brings its schema up to date through versioned migrations
+//! ([`migrations`]), unless the caller asks it not to. A SQLite store serves one Sluice
+//! process at a time: a second one is refused by a lock file beside the database, since two
+//! processes would both claim its async events and checkpoints.
 
+#[cfg(test)]
+mod migration_tests;
+pub mod migrations;
+
+use std::fs::TryLockError;
+use std::io::{Read, Seek, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
-use sqlx::Row;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{Connection, Row};
 use thiserror::Error;
+
+pub use migrations::{MigrationInfo, SchemaStatus};
 
 #[derive(Debug, Error)]
 pub enum StateError {
@@ -26,6 +40,41 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+    #[error("cannot lock the state store with {path}: {source}")]
+    LockFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "the state store {path} is in use by another Sluice process{holder}: a SQLite store serves one instance at a time; to run several instances, give them a shared PostgreSQL store (`state: postgres://…`)"
+    )]
+    InUse { path: PathBuf, holder: String },
+    #[error("there is no state store at {0}")]
+    Missing(PathBuf),
+    #[error(
+        "the state store's schema is at version {store}, newer than this Sluice understands (up to version {binary}): run the Sluice release that upgraded it, or a newer one"
+    )]
+    TooNew { store: i64, binary: i64 },
+    #[error(
+        "the state store's schema is at version {store} and this Sluice needs version {binary} (pending: {pending}): run `sluice state migrate`, or start without --no-migrate"
+    )]
+    Outdated {
+        store: i64,
+        binary: i64,
+        pending: String,
+    },
+    #[error(
+        "state store migration {failed} failed, and the store was left unchanged at schema version {left_at}: {source}"
+    )]
+    MigrationFailed {
+        failed: String,
+        left_at: i64,
+        #[source]
+        source: sqlx::migrate::MigrateError,
+    },
+    #[error("state store migrations: {0}")]
+    Migrate(#[source] sqlx::migrate::MigrateError),
 }
 
 /// One try of an asynchronous event.
@@ -138,91 +187,221 @@ pub trait StateStore: Send + Sync + 'static {
     ) -> Result<(), StateError>;
     /// `None` when the API never set it; `Some(None)` when it was removed through the API.
     async fn concurrency(&self, function: &str) -> Result<Option<Option<u32>>, StateError>;
+
+    /// When the schedule `source` last fired (ms since the epoch), if it ever did.
+    async fn schedule_tick(&self, source: &str) -> Result<Option<i64>, StateError>;
+    async fn put_schedule_tick(&self, source: &str, tick_ms: i64) -> Result<(), StateError>;
 }
 
-/// Opens the store named by `state:` (`sqlite://PATH`, relative to `base_dir`).
-pub async fn open(url: &str, base_dir: &Path) -> Result<Box<dyn StateStore>, StateError> {
-    if let Some(path) = url.strip_prefix("sqlite://") {
-        let path = if Path::new(path).is_absolute() {
-            PathBuf::from(path)
+/// How a store is opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpenOptions {
+    /// Apply pending migrations (otherwise a store that needs them is refused).
+    pub migrate: bool,
+    /// Claim the store for this process (SQLite: one Sluice process per file).
+    pub exclusive: bool,
+}
+
+impl OpenOptions {
+    /// A running Sluice: claims the store and brings its schema up to date.
+    pub const INSTANCE: Self = Self {
+        migrate: true,
+        exclusive: true,
+    };
+    /// A running Sluice started with `--no-migrate`: refuses a store that needs migrations.
+    pub const NO_MIGRATE: Self = Self {
+        migrate: false,
+        exclusive: true,
+    };
+    /// A reader beside a running Sluice (tools, tests): no claim, no schema change.
+    pub const INSPECT: Self = Self {
+        migrate: false,
+        exclusive: false,
+    };
+}
+
+/// Where `state:` points.
+enum Location<'a> {
+    Sqlite(PathBuf),
+    Postgres(&'a str),
+}
+
+impl<'a> Location<'a> {
+    /// `sqlite://PATH` (relative to `base_dir`) or `postgres://…`.
+    fn parse(url: &'a str, base_dir: &Path) -> Result<Self, StateError> {
+        if let Some(path) = url.strip_prefix("sqlite://") {
+            Ok(Location::Sqlite(if Path::new(path).is_absolute() {
+                PathBuf::from(path)
+            } else {
+                base_dir.join(path)
+            }))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Location::Postgres(url))
         } else {
-            base_dir.join(path)
-        };
-        Ok(Box::new(SqliteStore::open(&path).await?))
-    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-        Ok(Box::new(PostgresStore::open(url).await?))
-    } else {
-        Err(StateError::Unsupported(url.to_string()))
+            Err(StateError::Unsupported(url.to_string()))
+        }
     }
+}
+
+/// Opens the store named by `state:` as a running Sluice does ([`OpenOptions::INSTANCE`]).
+pub async fn open(url: &str, base_dir: &Path) -> Result<Box<dyn StateStore>, StateError> {
+    open_with(url, base_dir, OpenOptions::INSTANCE).await
+}
+
+pub async fn open_with(
+    url: &str,
+    base_dir: &Path,
+    options: OpenOptions,
+) -> Result<Box<dyn StateStore>, StateError> {
+    Ok(match Location::parse(url, base_dir)? {
+        Location::Sqlite(path) => Box::new(SqliteStore::open_with(&path, options).await?.0),
+        Location::Postgres(url) => Box::new(PostgresStore::open_with(url, options).await?.0),
+    })
+}
+
+/// Where the store's schema stands, without changing or claiming anything (a store that does
+/// not exist yet is at version 0).
+pub async fn status(url: &str, base_dir: &Path) -> Result<SchemaStatus, StateError> {
+    match Location::parse(url, base_dir)? {
+        Location::Sqlite(path) => {
+            if !path.exists() {
+                return Ok(SchemaStatus {
+                    applied: Vec::new(),
+                    unversioned: false,
+                    latest: migrations::latest_version(),
+                });
+            }
+            let options = sqlite_options(&path)?.read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+            let status = migrations::sqlite_status(&mut conn).await;
+            let _ = conn.close().await;
+            status
+        }
+        Location::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            let status = migrations::postgres_status(&mut conn).await;
+            let _ = conn.close().await;
+            status
+        }
+    }
+}
+
+/// Claims the store and applies its pending migrations (`sluice state migrate`); returns what
+/// was applied.
+pub async fn migrate(url: &str, base_dir: &Path) -> Result<Vec<MigrationInfo>, StateError> {
+    Ok(match Location::parse(url, base_dir)? {
+        Location::Sqlite(path) => {
+            SqliteStore::open_with(&path, OpenOptions::INSTANCE)
+                .await?
+                .1
+        }
+        Location::Postgres(url) => {
+            PostgresStore::open_with(url, OpenOptions::INSTANCE)
+                .await?
+                .1
+        }
+    })
 }
 
 pub struct SqliteStore {
     pool: SqlitePool,
+    /// Held for as long as the store is open; the OS releases it if the process dies.
+    _lock: Option<InstanceLock>,
 }
 
-const SCHEMA: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS async_events (
-        id TEXT PRIMARY KEY,
-        function TEXT NOT NULL,
-        qualifier TEXT,
-        payload {BYTES} NOT NULL,
-        trace_id TEXT NOT NULL,
-        received_at_ms BIGINT NOT NULL,
-        next_attempt_ms BIGINT NOT NULL,
-        attempts TEXT NOT NULL)",
-    "CREATE INDEX IF NOT EXISTS async_events_due ON async_events (function, next_attempt_ms)",
-    "CREATE TABLE IF NOT EXISTS versions (
-        function TEXT NOT NULL,
-        version BIGINT NOT NULL,
-        snapshot TEXT NOT NULL,
-        code_sha256 TEXT NOT NULL,
-        description TEXT NOT NULL,
-        created_at TEXT NOT NULL,
-        PRIMARY KEY (function, version))",
-    "CREATE TABLE IF NOT EXISTS aliases (
-        function TEXT NOT NULL,
-        name TEXT NOT NULL,
-        version TEXT NOT NULL,
-        weights TEXT NOT NULL,
-        description TEXT NOT NULL,
-        revision_id TEXT NOT NULL,
-        PRIMARY KEY (function, name))",
-    "CREATE TABLE IF NOT EXISTS checkpoints (
-        source TEXT NOT NULL,
-        shard TEXT NOT NULL,
-        sequence TEXT,
-        finished BIGINT NOT NULL,
-        PRIMARY KEY (source, shard))",
-    "CREATE TABLE IF NOT EXISTS function_concurrency (
-        function TEXT PRIMARY KEY,
-        reserved BIGINT)",
-];
+fn sqlite_options(path: &Path) -> Result<SqliteConnectOptions, StateError> {
+    Ok(SqliteConnectOptions::from_str("sqlite://")?
+        .filename(path)
+        .journal_mode(SqliteJournalMode::Wal)
+        // FULL: an accepted event survives a power cut, not only a crash of Sluice.
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(std::time::Duration::from_secs(10)))
+}
 
 impl SqliteStore {
+    /// Opens the store at `path` as a running Sluice does ([`OpenOptions::INSTANCE`]).
     pub async fn open(path: &Path) -> Result<Self, StateError> {
+        Ok(Self::open_with(path, OpenOptions::INSTANCE).await?.0)
+    }
+
+    /// Opens the store, returning the migrations it applied.
+    pub async fn open_with(
+        path: &Path,
+        options: OpenOptions,
+    ) -> Result<(Self, Vec<MigrationInfo>), StateError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StateError::Dir {
                 path: dir.to_path_buf(),
                 source,
             })?;
         }
-        let options = SqliteConnectOptions::from_str("sqlite://")?
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            // FULL: an accepted event survives a power cut, not only a crash of Sluice.
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(std::time::Duration::from_secs(10));
+        let lock = if options.exclusive {
+            Some(InstanceLock::acquire(path)?)
+        } else {
+            None
+        };
+        if !options.migrate && !path.exists() {
+            return Err(StateError::Missing(path.to_path_buf()));
+        }
         let pool = SqlitePoolOptions::new()
             .max_connections(4)
-            .connect_with(options)
+            .connect_with(sqlite_options(path)?.create_if_missing(options.migrate))
             .await?;
-        for statement in SCHEMA {
-            sqlx::query(&statement.replace("{BYTES}", "BLOB"))
-                .execute(&pool)
-                .await?;
+        let mut conn = pool.acquire().await?;
+        let applied = if options.migrate {
+            migrations::apply_sqlite(&mut conn, Vec::new()).await?
+        } else {
+            let status = migrations::sqlite_status(&mut conn).await?;
+            status.check_not_newer()?;
+            status.check_current()?;
+            Vec::new()
+        };
+        drop(conn);
+        Ok((Self { pool, _lock: lock }, applied))
+    }
+}
+
+/// An exclusive `flock` on `<database>.lock`, naming its holder's pid inside.
+struct InstanceLock {
+    _file: std::fs::File,
+}
+
+impl InstanceLock {
+    fn acquire(db: &Path) -> Result<Self, StateError> {
+        let mut lock_path = db.as_os_str().to_owned();
+        lock_path.push(".lock");
+        let lock_path = PathBuf::from(lock_path);
+        let lock_error = |source| StateError::LockFile {
+            path: lock_path.clone(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(lock_error)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut pid = String::new();
+                let _ = file.read_to_string(&mut pid);
+                let holder = match pid.trim() {
+                    "" => String::new(),
+                    pid => format!(" (pid {pid})"),
+                };
+                return Err(StateError::InUse {
+                    path: db.to_path_buf(),
+                    holder,
+                });
+            }
+            Err(TryLockError::Error(source)) => return Err(lock_error(source)),
         }
-        Ok(Self { pool })
+        file.set_len(0).map_err(lock_error)?;
+        file.rewind().map_err(lock_error)?;
+        write!(file, "{}", std::process::id()).map_err(lock_error)?;
+        Ok(Self { _file: file })
     }
 }
 
@@ -232,17 +411,38 @@ pub struct PostgresStore {
 }
 
 impl PostgresStore {
+    /// Opens the store at `url` as a running Sluice does ([`OpenOptions::INSTANCE`]).
     pub async fn open(url: &str) -> Result<Self, StateError> {
+        Ok(Self::open_with(url, OpenOptions::INSTANCE).await?.0)
+    }
+
+    /// Opens the store, returning the migrations it applied. Several instances are expected
+    /// to share it, so `exclusive` claims nothing here.
+    pub async fn open_with(
+        url: &str,
+        options: OpenOptions,
+    ) -> Result<(Self, Vec<MigrationInfo>), StateError> {
+        // Migrations run on a connection of their own, outside the pool: closing it releases
+        // the migration lock whatever happened.
+        let mut conn = sqlx::PgConnection::connect(url).await?;
+        let applied = if options.migrate {
+            migrations::apply_postgres(&mut conn, Vec::new()).await
+        } else {
+            migrations::postgres_status(&mut conn)
+                .await
+                .and_then(|status| {
+                    status.check_not_newer()?;
+                    status.check_current()
+                })
+                .map(|()| Vec::new())
+        };
+        let _ = conn.close().await;
+        let applied = applied?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
             .connect(url)
             .await?;
-        for statement in SCHEMA {
-            sqlx::query(&statement.replace("{BYTES}", "BYTEA"))
-                .execute(&pool)
-                .await?;
-        }
-        Ok(Self { pool })
+        Ok((Self { pool }, applied))
     }
 }
 
@@ -462,6 +662,22 @@ impl StateStore for $store {
             None => Ok(None),
             Some(row) => Ok(Some(row.try_get::<Option<i64>, _>("reserved")?.and_then(|r| u32::try_from(r).ok()))),
         }
+    }
+
+    async fn schedule_tick(&self, source: &str) -> Result<Option<i64>, StateError> {
+        Ok(sqlx::query_scalar("SELECT last_tick_ms FROM schedule_ticks WHERE source = $1")
+            .bind(source)
+            .fetch_optional(&self.pool)
+            .await?)
+    }
+
+    async fn put_schedule_tick(&self, source: &str, tick_ms: i64) -> Result<(), StateError> {
+        sqlx::query("INSERT INTO schedule_ticks (source, last_tick_ms) VALUES ($1, $2) ON CONFLICT (source) DO UPDATE SET last_tick_ms = excluded.last_tick_ms")
+            .bind(source)
+            .bind(tick_ms)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 }
 
