@@ -71,26 +71,47 @@ pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
         .merge(webhooks)
-        .method_not_allowed_fallback(unsupported)
-        .fallback(unsupported)
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
 }
 
-/// What a path no route serves answers: an operation of Lambda's API that Sluice does not
-/// implement (or a method a served path does not take) is a client error naming it, in the
-/// shape the SDKs raise; anything else is a JSON 404.
-async fn unsupported(method: Method, uri: Uri) -> Response {
+/// A path no route serves.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    refuse_unrouted(&method, &uri, StatusCode::NOT_FOUND)
+}
+
+/// A served path asked with a method it does not take.
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    refuse_unrouted(&method, &uri, StatusCode::METHOD_NOT_ALLOWED)
+}
+
+/// An operation of Lambda's API that Sluice does not implement (an unknown path under one of
+/// its date prefixes, or a method a served path does not take) is a client error naming it,
+/// in the shape the SDKs raise; anything else is a JSON 404 or 405. Never an empty body.
+fn refuse_unrouted(method: &Method, uri: &Uri, status: StatusCode) -> Response {
     let path = uri.path();
     let (status, code, message) = if LAMBDA_API_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        let status = if status == StatusCode::NOT_FOUND {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
         (
-            StatusCode::BAD_REQUEST,
+            status,
             "UnsupportedOperationException",
             format!("{method} {path} is not supported by Sluice"),
         )
+    } else if status == StatusCode::NOT_FOUND {
+        (
+            status,
+            "UnknownOperationException",
+            format!("No operation or webhook at {path}"),
+        )
     } else {
         (
-            StatusCode::NOT_FOUND,
-            "UnknownOperationException",
-            format!("No operation or webhook at {method} {path}"),
+            status,
+            "MethodNotAllowedException",
+            format!("{method} is not allowed on {path}"),
         )
     };
     metrics::counter!(crate::metrics::API_INVALID_REQUESTS, "error" => code).increment(1);
