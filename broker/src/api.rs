@@ -75,6 +75,43 @@ pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
         .fallback(not_found)
 }
 
+/// Connections served past `api.max_connections`, for everything but invocations: enough for
+/// health checks, metrics scrapes and management calls while invocations hold every slot.
+pub(crate) const RESERVED_CONNECTIONS: u32 = 32;
+
+/// `app` for the reserve connections: invocations (the Invoke API and webhooks) are refused
+/// with 429, the rest is served as usual.
+pub(crate) fn without_invocations(app: Router) -> Router {
+    app.layer(axum::middleware::from_fn(refuse_invocations))
+}
+
+async fn refuse_invocations(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let operator = path == "/healthz"
+        || path == "/metrics"
+        || (LAMBDA_API_PREFIXES.iter().any(|p| path.starts_with(p))
+            && !path.ends_with("/invocations"));
+    if operator {
+        return next.run(request).await;
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("Reason".into(), "ConnectionLimitExceeded".into());
+    let mut response = lambda_error_with(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequestsException",
+        "Rate Exceeded.",
+        extra,
+    );
+    // Closed after the answer, so that the reserve slot is free for the next operator call.
+    response
+        .headers_mut()
+        .insert("connection", HeaderValue::from_static("close"));
+    response
+}
+
 /// A path no route serves.
 async fn not_found(method: Method, uri: Uri) -> Response {
     refuse_unrouted(&method, &uri, StatusCode::NOT_FOUND)

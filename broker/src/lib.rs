@@ -205,9 +205,20 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limits = serve::ServeLimits::from_config(&config.api);
-    let server = tokio::spawn(serve::serve("api", listener, app, limits, async move {
-        let _ = stop_rx.await;
-    }));
+    let reserve = serve::Reserve {
+        connections: api::RESERVED_CONNECTIONS,
+        app: api::without_invocations(app.clone()),
+    };
+    let server = tokio::spawn(serve::serve(
+        "api",
+        listener,
+        app,
+        limits,
+        Some(reserve),
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
     let source_tasks = start_sources(&config, &queue, &store, &dead_letters, &sources);
     tracing::info!(%addr, functions = functions.names().count(), sources = source_tasks.len(), "Sluice is listening");
     background.extend(source_tasks);

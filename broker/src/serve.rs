@@ -9,6 +9,11 @@
 //! served at once: past that, new connections wait in the kernel's listen backlog until one
 //! closes, instead of failing with EMFILE. The soft RLIMIT_NOFILE is raised to the hard limit
 //! at start, and the connection cap is kept below what the descriptor limit allows.
+//!
+//! A cap alone would let a burst of slow invocations hold every slot and leave `/healthz` and
+//! the management API waiting behind them. So a listener may keep a small reserve of
+//! connections beyond the cap, served by a router of their own (for the API: everything but
+//! invocations, which it answers 429), so that an operator can always look in.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -111,19 +116,32 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Connections served beyond the cap, by a router of their own.
+pub struct Reserve {
+    pub connections: u32,
+    pub app: Router,
+}
+
 /// Serves `app` on `listener` within `limits` until `stop` resolves; then stops accepting,
 /// closes idle connections, and returns once the requests in progress have been answered.
 /// Handlers see the peer address as `ConnectInfo<SocketAddr>`. `name` labels the metrics
-/// (`api`, `runtime`).
+/// (`api`, `runtime`). With a `reserve`, connections past the cap are served by its router
+/// until the reserve too is full.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
+    reserve: Option<Reserve>,
     stop: impl Future<Output = ()> + Send,
 ) {
     let max = limits.max_connections.max(1);
     let permits = Arc::new(Semaphore::new(max as usize));
+    let (reserved, reserve_app) = match reserve {
+        Some(r) => (r.connections, Some(r.app)),
+        None => (0, None),
+    };
+    let spare = Arc::new(Semaphore::new(reserved as usize));
     let closing = CancellationToken::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
@@ -136,11 +154,16 @@ pub async fn serve(
     loop {
         // A permit first: at the cap, connections wait in the backlog rather than holding a
         // descriptor each.
-        let permit = tokio::select! {
+        let (permit, app) = tokio::select! {
+            biased;
             () = &mut stop => break,
             permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => p,
+                Ok(p) => (p, app.clone()),
                 Err(_) => break,
+            },
+            permit = spare.clone().acquire_owned(), if reserve_app.is_some() => match (permit, &reserve_app) {
+                (Ok(p), Some(reserve_app)) => (p, reserve_app.clone()),
+                _ => break,
             },
         };
         let (stream, peer) = tokio::select! {
@@ -156,7 +179,6 @@ pub async fn serve(
             },
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
             request
                 .extensions_mut()
@@ -195,4 +217,5 @@ pub async fn serve(
     closing.cancel();
     // Every connection holds a permit until it ends: all of them back means all have ended.
     let _ = permits.acquire_many(max).await;
+    let _ = spare.acquire_many(reserved).await;
 }

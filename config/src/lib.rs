@@ -59,7 +59,7 @@ pub mod defaults {
     /// The largest webhook body accepted: Lambda's 6 MB synchronous payload limit (6 MiB).
     pub const HTTP_MAX_BODY: u64 = 6 * 1024 * 1024;
     /// Connections the API listener serves at once.
-    pub const MAX_CONNECTIONS: u32 = 1024;
+    pub const MAX_CONNECTIONS: u32 = 4096;
     /// How long a client may take to send a request's headers (or keep a connection idle).
     pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// Records per batch for every poll-based source but `sqs`, as in Lambda.
@@ -162,7 +162,8 @@ pub struct ApiConfig {
     /// `api.listen`, default `127.0.0.1:9000`.
     pub listen: SocketAddr,
     /// `api.max_connections`: connections served at once; more wait in the listen backlog.
-    /// Default 1024.
+    /// Default 4096, above the default account concurrency, so that invocations alone cannot
+    /// fill it.
     pub max_connections: u32,
     /// `api.header_read_timeout`: how long a connection may take to send a request's headers,
     /// and how long a kept-alive connection may stay idle. Default 10 s.

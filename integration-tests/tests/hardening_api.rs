@@ -458,16 +458,21 @@ fn chrono_now_ms() -> i64 {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_and_management_answer_during_a_burst_of_slow_invocations() {
+async fn healthz_and_management_answer_while_slow_invocations_hold_every_connection() {
     let name = unique_name("burst");
     let done = Arc::new(AtomicUsize::new(0));
-    let sluice = start_native(&name, "", done.clone()).await;
-    const BURST: usize = 400;
+    // 20 connections at once: a burst of 100 slow invocations holds all of them for 3 s.
+    let sluice = start_native(&name, "api:\n  max_connections: 20\n", done.clone()).await;
+    const BURST: usize = 100;
     let mut burst = Vec::new();
     for _ in 0..BURST {
-        let http = sluice.http.clone();
         let url = sluice.invocations_url(&name);
         burst.push(tokio::spawn(async move {
+            // A client of its own per caller: nothing shared with the polling below.
+            let http = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
             http.post(url)
                 .body(r#"{"sleep_ms": 3000}"#)
                 .send()
@@ -475,9 +480,10 @@ async fn healthz_and_management_answer_during_a_burst_of_slow_invocations() {
                 .map(|r| r.status().as_u16())
         }));
     }
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let mut slowest = Duration::ZERO;
     let polling = Instant::now();
-    while polling.elapsed() < Duration::from_secs(3) {
+    while polling.elapsed() < Duration::from_secs(2) {
         for path in ["/healthz", &format!("/2015-03-31/functions/{name}")] {
             let started = Instant::now();
             let (status, _) = tokio::time::timeout(Duration::from_secs(5), sluice.get(path))
@@ -492,9 +498,18 @@ async fn healthz_and_management_answer_during_a_burst_of_slow_invocations() {
         slowest < Duration::from_secs(1),
         "the slowest answer took {slowest:?}"
     );
+    let mut ran = 0;
     for b in burst {
-        assert_eq!(b.await.expect("caller").expect("invoke"), 200);
+        match b.await.expect("caller").expect("invoke") {
+            200 => ran += 1,
+            429 => {}
+            other => panic!("an invocation answered {other}"),
+        }
     }
-    assert_eq!(done.load(Ordering::SeqCst), BURST);
+    assert!(
+        ran >= 20,
+        "the connections served ran their invocations: {ran}"
+    );
+    assert_eq!(done.load(Ordering::SeqCst), ran);
     sluice.shutdown().await;
 }
