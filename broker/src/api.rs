@@ -589,6 +589,23 @@ mod tests {
     }
 
     #[test]
+    fn json_check_counts_nesting_outside_strings_only() {
+        let at = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(check_json(at(MAX_JSON_DEPTH).as_bytes()), Ok(()));
+        let err = check_json(at(MAX_JSON_DEPTH + 1).as_bytes()).expect_err("too deep");
+        assert!(err.contains("nesting depth (1001)"), "{err}");
+        assert_eq!(check_json(br#"{"a": "[[[[{{{{\"[["}"#), Ok(()));
+        assert!(check_json(b"[1,]").is_err());
+    }
+
+    #[test]
+    fn json_check_refuses_invalid_utf8_inside_strings() {
+        let err = check_json(b"[\"\xff\"]").expect_err("invalid UTF-8");
+        assert_eq!(err, "Invalid UTF-8 byte 0xff at byte 2");
+        assert_eq!(check_json("[\"caf\u{e9}\"]".as_bytes()), Ok(()));
+    }
+
+    #[test]
     fn client_context_must_be_base64_json_object() {
         let ok = B64.encode(br#"{"custom":{"a":1}}"#);
         assert_eq!(

@@ -132,7 +132,7 @@ fn describe() {
     );
     describe_counter!(
         API_INVALID_REQUESTS,
-        "Invoke API requests rejected as malformed"
+        "API requests refused before any work, by error: malformed, too large, unsupported"
     );
     describe_gauge!(
         API_OPEN_CONNECTIONS,
