@@ -12,8 +12,12 @@ use std::time::{Duration, Instant};
 use common::{SLUICE, Server, bootstrap, free_port, write};
 
 /// Starts `sluice run` on `port` with stderr piped; returns it and the lines it logged up to
-/// "Sluice is listening". `nofile` caps the child's open files (soft and hard).
-fn run_logged(config: &std::path::Path, port: u16, nofile: Option<u64>) -> (Server, Vec<String>) {
+/// "Sluice is listening". `nofile` sets the child's open-file limit (soft, hard).
+fn run_logged(
+    config: &std::path::Path,
+    port: u16,
+    nofile: Option<(u64, u64)>,
+) -> (Server, Vec<String>) {
     let mut command = Command::new(SLUICE);
     command
         .args(["run", "-c"])
@@ -22,13 +26,13 @@ fn run_logged(config: &std::path::Path, port: u16, nofile: Option<u64>) -> (Serv
         .env_remove("NO_COLOR")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
-    if let Some(limit) = nofile {
+    if let Some((soft, hard)) = nofile {
         // SAFETY: setrlimit is async-signal-safe; the struct lives on the child's stack.
         unsafe {
             command.pre_exec(move || {
                 let l = libc::rlimit {
-                    rlim_cur: limit,
-                    rlim_max: limit,
+                    rlim_cur: soft,
+                    rlim_max: hard,
                 };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &l) != 0 {
                     return Err(std::io::Error::last_os_error());
@@ -100,7 +104,7 @@ fn idle_connections_past_the_open_file_limit_do_not_lock_out_healthz() {
     let port = free_port();
     // A soft and hard limit of 1024, as many services start with: 1,100 idle connections
     // would take every descriptor Sluice has.
-    let (_server, _) = run_logged(&config, port, Some(1024));
+    let (_server, _) = run_logged(&config, port, Some((1024, 1024)));
     let mut idle = Vec::new();
     for _ in 0..1100 {
         idle.push(TcpStream::connect(("127.0.0.1", port)).expect("connect"));
@@ -115,6 +119,21 @@ fn idle_connections_past_the_open_file_limit_do_not_lock_out_healthz() {
     );
     assert!(started.elapsed() < Duration::from_secs(8));
     drop(idle);
+}
+
+#[test]
+fn the_soft_open_file_limit_is_raised_to_the_hard_limit() {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = plain_function(dir.path());
+    let (server, _) = run_logged(&config, free_port(), Some((1024, 8192)));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", server.0.id()))
+        .expect("the child's limits");
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .expect("a Max open files line");
+    let numbers: Vec<&str> = open_files.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers, ["8192", "8192"], "{open_files}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
