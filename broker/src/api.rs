@@ -173,30 +173,24 @@ pub(crate) async fn read_body(
     limit: usize,
     operation: &str,
 ) -> Result<Bytes, Response> {
-    let too_large = || {
-        lambda_error(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "RequestTooLargeException",
-            &format!("Request must be smaller than {limit} bytes for the {operation} operation"),
-        )
-    };
-    let declared = header(headers, "content-length").and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
-    }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        // A body cut short by the client is not a size problem.
-        let source = std::error::Error::source(&e);
-        if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-            too_large()
-        } else {
-            lambda_error(
+    use sluice_connectors::http::{BodyError, read_limited};
+    read_limited(headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => lambda_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                &format!(
+                    "Request must be smaller than {limit} bytes for the {operation} operation"
+                ),
+            ),
+            // A body cut short by the client is not a size problem.
+            BodyError::Unreadable(_) => lambda_error(
                 StatusCode::BAD_REQUEST,
                 "InvalidRequestContentException",
-                &format!("Could not read the request body: {e}"),
-            )
-        }
-    })
+                &e.to_string(),
+            ),
+        })
 }
 
 /// Checks that a payload is JSON as Lambda accepts it: UTF-8 throughout (strings included),

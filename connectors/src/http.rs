@@ -264,40 +264,56 @@ async fn handle(
     })
 }
 
-/// Reads a webhook body of at most the hook's `max_body`; a larger one (declared or sent) is
-/// refused without reading the rest.
-async fn read_body(
-    hook: &Hook,
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    Unreadable(#[source] axum::Error),
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one, by its Content-Length or once
+/// more than `limit` bytes have come, is refused without reading the rest. Shared by the
+/// webhooks and Sluice's own API.
+pub async fn read_limited(
     headers: &HeaderMap,
     body: Body,
-) -> Result<Bytes, (StatusCode, &'static str, String)> {
-    let limit = hook.max_body;
-    let too_large = || {
-        (
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "body_too_large",
-            format!("Request body must be at most {limit} bytes"),
-        )
-    };
+    limit: usize,
+) -> Result<Bytes, BodyError> {
     let declared = headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        return Err(too_large());
+        return Err(BodyError::TooLarge { limit });
     }
     axum::body::to_bytes(body, limit).await.map_err(|e| {
         let source = std::error::Error::source(&e);
         if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-            too_large()
+            BodyError::TooLarge { limit }
         } else {
-            (
-                StatusCode::BAD_REQUEST,
-                "unreadable_body",
-                format!("Could not read the request body: {e}"),
-            )
+            BodyError::Unreadable(e)
         }
     })
+}
+
+/// Reads a webhook body of at most the hook's `max_body`.
+async fn read_body(
+    hook: &Hook,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, (StatusCode, &'static str, String)> {
+    read_limited(headers, body, hook.max_body)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("Request body must be at most {limit} bytes"),
+            ),
+            BodyError::Unreadable(_) => (StatusCode::BAD_REQUEST, "unreadable_body", e.to_string()),
+        })
 }
 
 #[cfg(test)]
