@@ -154,16 +154,16 @@ pub async fn serve(
     loop {
         // A permit first: at the cap, connections wait in the backlog rather than holding a
         // descriptor each.
-        let (permit, app) = tokio::select! {
+        let (permit, from_reserve) = tokio::select! {
             biased;
             () = &mut stop => break,
             permit = permits.clone().acquire_owned() => match permit {
-                Ok(p) => (p, app.clone()),
+                Ok(p) => (p, false),
                 Err(_) => break,
             },
-            permit = spare.clone().acquire_owned(), if reserve_app.is_some() => match (permit, &reserve_app) {
-                (Ok(p), Some(reserve_app)) => (p, reserve_app.clone()),
-                _ => break,
+            permit = spare.clone().acquire_owned(), if reserve_app.is_some() => match permit {
+                Ok(p) => (p, true),
+                Err(_) => break,
             },
         };
         let (stream, peer) = tokio::select! {
@@ -177,6 +177,14 @@ pub async fn serve(
                     continue;
                 }
             },
+        };
+        // A slot under the cap may have freed while this one waited for a connection.
+        let (permit, app) = match (from_reserve, &reserve_app) {
+            (true, Some(reserve_app)) => match permits.clone().try_acquire_owned() {
+                Ok(main) => (main, app.clone()),
+                Err(_) => (permit, reserve_app.clone()),
+            },
+            _ => (permit, app.clone()),
         };
         let _ = stream.set_nodelay(true);
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
