@@ -1,12 +1,18 @@
 //! The Lambda-compatible Invoke API, so the AWS CLI and every AWS SDK are Sluice clients, and
 //! the Prometheus `/metrics` endpoint.
+//!
+//! Every request body is read against a limit (Lambda's for the operation) and refused with
+//! `RequestTooLargeException` past it, without reading the rest. An operation Sluice does not
+//! implement, or an unknown path, gets a JSON error an SDK can raise, never an empty 404. A
+//! synchronous invocation runs in its own task: a caller that disconnects does not cut it
+//! short (Lambda finishes it and discards the result).
 
 use std::sync::Arc;
 
 use axum::Router;
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use base64::Engine;
@@ -25,6 +31,28 @@ const MAX_ASYNC_PAYLOAD: usize = 1024 * 1024;
 const LOG_TAIL: usize = 4096;
 /// Lambda's limit on a base64-encoded client context.
 const MAX_CLIENT_CONTEXT: usize = 3583;
+/// Lambda parses payloads with Jackson, whose default limit on nesting (StreamReadConstraints)
+/// is 1000 levels of arrays and objects.
+const MAX_JSON_DEPTH: usize = 1000;
+/// The largest body of a management request (versions, aliases, concurrency): their bodies
+/// are a few short fields.
+pub(crate) const MAX_MANAGE_BODY: usize = 256 * 1024;
+
+/// The date prefixes of Lambda's REST API: a path under one of them that Sluice does not serve
+/// is an operation it does not support.
+const LAMBDA_API_PREFIXES: &[&str] = &[
+    "/2015-03-31/",
+    "/2016-08-19/",
+    "/2017-03-31/",
+    "/2017-10-31/",
+    "/2018-10-31/",
+    "/2019-09-25/",
+    "/2019-09-30/",
+    "/2020-04-22/",
+    "/2020-06-30/",
+    "/2021-10-31/",
+    "/2021-11-15/",
+];
 
 #[derive(Clone)]
 pub(crate) struct ApiState {
@@ -32,14 +60,193 @@ pub(crate) struct ApiState {
     pub queue: Arc<AsyncQueue>,
 }
 
-pub(crate) fn router(state: ApiState) -> Router {
+/// The API's routes, with `webhooks` (routes of their own state) merged in.
+pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
     Router::new()
         .route("/2015-03-31/functions/{function}/invocations", post(invoke))
         .merge(crate::manage::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
+        // Each handler reads its body against its own limit (`read_body`).
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+        .merge(webhooks)
+        .method_not_allowed_fallback(method_not_allowed)
+        .fallback(not_found)
+}
+
+/// Connections served past `api.max_connections`, for everything but invocations: enough for
+/// health checks, metrics scrapes and management calls while invocations hold every slot.
+pub(crate) const RESERVED_CONNECTIONS: u32 = 32;
+
+/// `app` for the reserve connections: invocations (the Invoke API and webhooks) are refused
+/// with 429, the rest is served as usual.
+pub(crate) fn without_invocations(app: Router) -> Router {
+    app.layer(axum::middleware::from_fn(refuse_invocations))
+}
+
+async fn refuse_invocations(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = request.uri().path();
+    let operator = path == "/healthz"
+        || path == "/metrics"
+        || (LAMBDA_API_PREFIXES.iter().any(|p| path.starts_with(p))
+            && !path.ends_with("/invocations"));
+    if operator {
+        return next.run(request).await;
+    }
+    let mut extra = serde_json::Map::new();
+    extra.insert("Reason".into(), "ConnectionLimitExceeded".into());
+    let mut response = lambda_error_with(
+        StatusCode::TOO_MANY_REQUESTS,
+        "TooManyRequestsException",
+        "Rate Exceeded.",
+        extra,
+    );
+    // Closed after the answer, so that the reserve slot is free for the next operator call.
+    response
+        .headers_mut()
+        .insert("connection", HeaderValue::from_static("close"));
+    response
+}
+
+/// A path no route serves.
+async fn not_found(method: Method, uri: Uri) -> Response {
+    refuse_unrouted(&method, &uri, StatusCode::NOT_FOUND)
+}
+
+/// A served path asked with a method it does not take.
+async fn method_not_allowed(method: Method, uri: Uri) -> Response {
+    refuse_unrouted(&method, &uri, StatusCode::METHOD_NOT_ALLOWED)
+}
+
+/// An operation of Lambda's API that Sluice does not implement (an unknown path under one of
+/// its date prefixes, or a method a served path does not take) is a client error naming it,
+/// in the shape the SDKs raise; anything else is a JSON 404 or 405. Never an empty body.
+fn refuse_unrouted(method: &Method, uri: &Uri, status: StatusCode) -> Response {
+    let path = uri.path();
+    let (status, code, message) = if LAMBDA_API_PREFIXES.iter().any(|p| path.starts_with(p)) {
+        let status = if status == StatusCode::NOT_FOUND {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
+        (
+            status,
+            "UnsupportedOperationException",
+            format!("{method} {path} is not supported by Sluice"),
+        )
+    } else if status == StatusCode::NOT_FOUND {
+        (
+            status,
+            "UnknownOperationException",
+            format!("No operation or webhook at {path}"),
+        )
+    } else {
+        (
+            status,
+            "MethodNotAllowedException",
+            format!("{method} is not allowed on {path}"),
+        )
+    };
+    metrics::counter!(crate::metrics::API_INVALID_REQUESTS, "error" => code).increment(1);
+    let body = serde_json::json!({"Type": "User", "message": message});
+    let mut response = (status, axum::Json(body)).into_response();
+    response
+        .headers_mut()
+        .insert("x-amzn-errortype", HeaderValue::from_static(code));
+    response
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one (by its Content-Length, or
+/// once more than `limit` bytes have come) is refused with Lambda's
+/// `RequestTooLargeException` for `operation`, and the rest is never read.
+#[allow(
+    clippy::result_large_err,
+    reason = "the error is the handler's finished response, returned at once"
+)]
+pub(crate) async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    operation: &str,
+) -> Result<Bytes, Response> {
+    use sluice_connectors::http::{BodyError, read_limited};
+    read_limited(headers, body, limit)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => lambda_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "RequestTooLargeException",
+                &format!(
+                    "Request must be smaller than {limit} bytes for the {operation} operation"
+                ),
+            ),
+            // A body cut short by the client is not a size problem.
+            BodyError::Unreadable(_) => lambda_error(
+                StatusCode::BAD_REQUEST,
+                "InvalidRequestContentException",
+                &e.to_string(),
+            ),
+        })
+}
+
+/// Checks that a payload is JSON as Lambda accepts it: UTF-8 throughout (strings included),
+/// nested at most `MAX_JSON_DEPTH` deep. Linear in time; constant memory beyond the payload.
+fn check_json(payload: &[u8]) -> Result<(), String> {
+    if let Err(e) = std::str::from_utf8(payload) {
+        let at = e.valid_up_to();
+        return Err(format!(
+            "Invalid UTF-8 byte 0x{:02x} at byte {at}",
+            payload.get(at).copied().unwrap_or_default()
+        ));
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in payload {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_JSON_DEPTH {
+                    return Err(format!(
+                        "Document nesting depth ({depth}) exceeds the maximum allowed ({MAX_JSON_DEPTH})"
+                    ));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    // Skipping values keeps no tree: memory stays flat whatever the payload holds.
+    serde_json::from_slice::<serde::de::IgnoredAny>(payload)
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
+/// Counts a synchronous caller that went away before its invocation finished.
+struct CallerWaiting {
+    function: String,
+    answered: bool,
+}
+
+impl Drop for CallerWaiting {
+    fn drop(&mut self) {
+        if !self.answered {
+            metrics::counter!(crate::metrics::API_CALLER_DISCONNECTS, "function" => self.function.clone())
+                .increment(1);
+        }
+    }
 }
 
 /// An error in the shape Lambda's API returns, which the AWS SDKs turn into typed exceptions.
@@ -187,17 +394,9 @@ async fn invoke(
     } else {
         MAX_SYNC_PAYLOAD
     };
-    let payload = match axum::body::to_bytes(body, limit).await {
+    let payload = match read_body(&headers, body, limit, "InvokeFunction").await {
         Ok(b) => b,
-        Err(_) => {
-            return lambda_error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "RequestTooLargeException",
-                &format!(
-                    "Request must be smaller than {limit} bytes for the InvokeFunction operation"
-                ),
-            );
-        }
+        Err(response) => return response,
     };
     // Lambda hands an empty request to the function as an empty JSON object.
     let payload = if payload.iter().all(u8::is_ascii_whitespace) {
@@ -205,7 +404,7 @@ async fn invoke(
     } else {
         payload
     };
-    if let Err(e) = serde_json::from_slice::<serde::de::IgnoredAny>(&payload) {
+    if let Err(e) = check_json(&payload) {
         return lambda_error(
             StatusCode::BAD_REQUEST,
             "InvalidRequestContentException",
@@ -256,7 +455,26 @@ async fn invoke(
     let tail = header(&headers, "x-amz-log-type") == Some("Tail");
     inv.want_log = tail;
 
-    let outcome = match function.invoke(&instance, inv).await {
+    // Its own task: if the caller goes away, the invocation still runs to its end.
+    let mut waiting = CallerWaiting {
+        function: function.name.clone(),
+        answered: false,
+    };
+    let task = tokio::spawn(async move { function.invoke(&instance, inv).await });
+    let joined = task.await;
+    waiting.answered = true;
+    let invoked = match joined {
+        Ok(invoked) => invoked,
+        Err(e) => {
+            tracing::error!(error = %e, "an invocation task failed");
+            return lambda_error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "ServiceException",
+                "the invocation failed inside Sluice",
+            );
+        }
+    };
+    let outcome = match invoked {
         Ok(o) => o,
         Err(throttle) => {
             let mut extra = serde_json::Map::new();
@@ -362,6 +580,23 @@ mod tests {
         assert!(parse_function_ref("f:1", Some("2")).is_err());
         assert!(parse_function_ref("a:b:c", None).is_err());
         assert!(parse_function_ref("f:", None).is_err());
+    }
+
+    #[test]
+    fn json_check_counts_nesting_outside_strings_only() {
+        let at = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert_eq!(check_json(at(MAX_JSON_DEPTH).as_bytes()), Ok(()));
+        let err = check_json(at(MAX_JSON_DEPTH + 1).as_bytes()).expect_err("too deep");
+        assert!(err.contains("nesting depth (1001)"), "{err}");
+        assert_eq!(check_json(br#"{"a": "[[[[{{{{\"[["}"#), Ok(()));
+        assert!(check_json(b"[1,]").is_err());
+    }
+
+    #[test]
+    fn json_check_refuses_invalid_utf8_inside_strings() {
+        let err = check_json(b"[\"\xff\"]").expect_err("invalid UTF-8");
+        assert_eq!(err, "Invalid UTF-8 byte 0xff at byte 2");
+        assert_eq!(check_json("[\"caf\u{e9}\"]".as_bytes()), Ok(()));
     }
 
     #[test]

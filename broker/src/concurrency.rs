@@ -1,9 +1,11 @@
 //! Lambda's concurrency model: an account-wide limit, reserved concurrency carved out of it
-//! per function, and the rest shared, with at least 100 always left unreserved.
+//! per function, and the rest shared, with at least 100 always left unreserved; and the
+//! guard that keeps the concurrent-executions gauge and the invocation counter true.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use metrics::{Counter, Gauge};
 use thiserror::Error;
 
 /// Lambda keeps this much of the account's limit unreserved.
@@ -65,6 +67,30 @@ impl Drop for Permit {
         } else {
             s.unreserved_in_use = s.unreserved_in_use.saturating_sub(1);
         }
+    }
+}
+
+/// An invocation in progress, as the metrics see it: the concurrent-executions gauge is up
+/// while it lives and the invocation is counted when it ends, on every way out (result, error,
+/// panic, or the invocation's future being dropped by a caller that went away), so that the
+/// gauge cannot drift from what is actually running.
+#[derive(Debug)]
+pub struct RunningInvocation {
+    gauge: Gauge,
+    invocations: Counter,
+}
+
+impl RunningInvocation {
+    pub fn start(gauge: Gauge, invocations: Counter) -> Self {
+        gauge.increment(1.0);
+        Self { gauge, invocations }
+    }
+}
+
+impl Drop for RunningInvocation {
+    fn drop(&mut self) {
+        self.gauge.decrement(1.0);
+        self.invocations.increment(1);
     }
 }
 

@@ -263,13 +263,15 @@ impl Function {
             .try_acquire(&self.name)
             .inspect_err(|_| self.throttles.increment(1))?;
         let metrics = &instance.metrics;
-        metrics.concurrent.increment(1.0);
+        let running = crate::concurrency::RunningInvocation::start(
+            metrics.concurrent.clone(),
+            metrics.invocations.clone(),
+        );
         let started = Instant::now();
         let executed = instance.runner.invoke(&inv, &instance.version).await;
         let elapsed = started.elapsed();
-        metrics.concurrent.decrement(1.0);
+        drop(running);
         let duration = elapsed.saturating_sub(executed.init_duration.unwrap_or_default());
-        metrics.invocations.increment(1);
         metrics.duration.record(duration.as_secs_f64());
         if let Err(e) = &executed.result {
             metrics.errors.increment(1);

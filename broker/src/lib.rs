@@ -12,6 +12,7 @@ pub(crate) mod manage;
 pub mod metrics;
 pub mod pipeline;
 pub mod runtime;
+pub mod serve;
 pub mod state;
 
 use std::collections::HashMap;
@@ -135,8 +136,23 @@ fn default_data_dir(config: &Config) -> Option<PathBuf> {
 }
 
 /// Builds every function and starts the API listener.
+///
+/// The listener is bound before anything else starts: a second Sluice on the same state whose
+/// port is taken fails here, before its async queue workers or sources could take a single
+/// event.
 pub async fn start(config: Config, options: StartOptions) -> Result<Running, StartError> {
     let _ = metrics::prometheus();
+    match serve::raise_fd_limit() {
+        Ok(limit) => tracing::debug!(limit, "open-file limit"),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
+    let addr = options.listen.unwrap_or(config.api.listen);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
     let (data_dir, temp) = match options.data_dir.or_else(|| default_data_dir(&config)) {
         Some(dir) => (dir, None),
         None => {
@@ -180,13 +196,6 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         dead_letters.clone(),
         sources.child_token(),
     );
-    let addr = options.listen.unwrap_or(config.api.listen);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| StartError::Bind { addr, source })?;
     let hooks: Vec<_> = config
         .sources
         .iter()
@@ -198,29 +207,29 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             _ => None,
         })
         .collect();
-    let app = api::router(api::ApiState {
-        functions: functions.clone(),
-        queue: queue.clone(),
-    })
-    .merge(sluice_connectors::http::router(
-        &hooks,
-        queue.clone(),
-        invocation::ACCOUNT_ID,
-    ));
+    let app = api::router(
+        api::ApiState {
+            functions: functions.clone(),
+            queue: queue.clone(),
+        },
+        sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
+    );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        let result = axum::serve(
-            listener,
-            app.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(async move {
+    let limits = serve::ServeLimits::from_config(&config.api);
+    let reserve = serve::Reserve {
+        connections: api::RESERVED_CONNECTIONS,
+        app: api::without_invocations(app.clone()),
+    };
+    let server = tokio::spawn(serve::serve(
+        "api",
+        listener,
+        app,
+        limits,
+        Some(reserve),
+        async move {
             let _ = stop_rx.await;
-        })
-        .await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "the API server stopped");
-        }
-    });
+        },
+    ));
     let source_tasks = start_sources(&config, &queue, &store, &dead_letters, &sources);
     tracing::info!(%addr, functions = functions.names().count(), sources = source_tasks.len(), "Sluice is listening");
     background.extend(source_tasks);

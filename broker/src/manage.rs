@@ -1,19 +1,20 @@
 //! Lambda's management API for what Sluice manages at run time: versions, aliases,
 //! reserved concurrency, and reading functions. Same paths, shapes and error types as
-//! Lambda's, so boto3 and the AWS CLI work against it.
+//! Lambda's, so boto3 and the AWS CLI work against it. Request bodies are read against
+//! `MAX_MANAGE_BODY` (see `api::read_body`): a huge body is refused, not buffered.
 
 use std::collections::BTreeMap;
 
 use axum::Router;
+use axum::body::Body;
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::api::{ApiState, lambda_error, parse_function_ref};
+use crate::api::{ApiState, MAX_MANAGE_BODY, lambda_error, parse_function_ref, read_body};
 use crate::function::{Function, Instance, LATEST, ManageError};
 use crate::state::AliasRecord;
 
@@ -217,8 +218,13 @@ struct PublishBody {
 async fn publish_version(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&headers, body, MAX_MANAGE_BODY, "PublishVersion").await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let body: PublishBody = match parse_body(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -271,8 +277,13 @@ fn weights(routing: Option<RoutingConfig>) -> Option<Vec<(String, f64)>> {
 async fn create_alias(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&headers, body, MAX_MANAGE_BODY, "CreateAlias").await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let body: AliasBody = match parse_body(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -327,8 +338,13 @@ async fn get_alias(
 async fn update_alias(
     State(state): State<ApiState>,
     Path((raw, alias)): Path<(String, String)>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&headers, body, MAX_MANAGE_BODY, "UpdateAlias").await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let body: AliasBody = match parse_body(&body) {
         Ok(b) => b,
         Err(r) => return r,
@@ -376,8 +392,13 @@ struct ConcurrencyBody {
 async fn put_concurrency(
     State(state): State<ApiState>,
     Path(raw): Path<String>,
-    body: Bytes,
+    headers: HeaderMap,
+    body: Body,
 ) -> Response {
+    let body = match read_body(&headers, body, MAX_MANAGE_BODY, "PutFunctionConcurrency").await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
     let f = match function(&state, &raw) {
         Ok(f) => f.clone(),
         Err(r) => return r,

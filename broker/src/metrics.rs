@@ -26,6 +26,10 @@ pub const MAPPING_READ_ERRORS: &str = "sluice_mapping_read_errors_total";
 pub const MAPPING_ITERATOR_AGE: &str = "sluice_mapping_iterator_age_milliseconds";
 pub const MAPPING_OFFSET_LAG: &str = "sluice_mapping_offset_lag";
 pub const API_INVALID_REQUESTS: &str = "sluice_api_invalid_requests_total";
+pub const API_OPEN_CONNECTIONS: &str = "sluice_api_open_connections";
+pub const API_HEADER_TIMEOUTS: &str = "sluice_api_header_timeouts_total";
+pub const API_ACCEPT_ERRORS: &str = "sluice_api_accept_errors_total";
+pub const API_CALLER_DISCONNECTS: &str = "sluice_api_caller_disconnects_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -128,6 +132,22 @@ fn describe() {
     );
     describe_counter!(
         API_INVALID_REQUESTS,
-        "Invoke API requests rejected as malformed"
+        "API requests refused before any work, by error: malformed, too large, unsupported"
+    );
+    describe_gauge!(
+        API_OPEN_CONNECTIONS,
+        "Connections a listener is serving now (at api.max_connections, more wait in the backlog)"
+    );
+    describe_counter!(
+        API_HEADER_TIMEOUTS,
+        "Connections closed for not sending a request's headers within api.header_read_timeout"
+    );
+    describe_counter!(
+        API_ACCEPT_ERRORS,
+        "Failed accepts on a listener (out of file descriptors, say)"
+    );
+    describe_counter!(
+        API_CALLER_DISCONNECTS,
+        "Synchronous invocations whose caller went away before the result (the invocation still finishes)"
     );
 }

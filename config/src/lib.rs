@@ -56,6 +56,12 @@ pub mod defaults {
     pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
     /// Methods an `http` source accepts when it names none.
     pub const HTTP_METHODS: &[&str] = &["POST"];
+    /// The largest webhook body accepted: Lambda's 6 MB synchronous payload limit (6 MiB).
+    pub const HTTP_MAX_BODY: u64 = 6 * 1024 * 1024;
+    /// Connections the API listener serves at once.
+    pub const MAX_CONNECTIONS: u32 = 4096;
+    /// How long a client may take to send a request's headers (or keep a connection idle).
+    pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
     /// Records per batch for every poll-based source but `sqs`, as in Lambda.
     pub const BATCH_SIZE: u32 = 100;
     /// Messages per batch for `sqs` sources, as in Lambda.
@@ -155,6 +161,13 @@ pub struct Config {
 pub struct ApiConfig {
     /// `api.listen`, default `127.0.0.1:9000`.
     pub listen: SocketAddr,
+    /// `api.max_connections`: connections served at once; more wait in the listen backlog.
+    /// Default 4096, above the default account concurrency, so that invocations alone cannot
+    /// fill it.
+    pub max_connections: u32,
+    /// `api.header_read_timeout`: how long a connection may take to send a request's headers,
+    /// and how long a kept-alive connection may stay idle. Default 10 s.
+    pub header_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -511,6 +524,9 @@ pub struct HttpSourceConfig {
     pub asynchronous: bool,
     /// `methods`: uppercase HTTP methods accepted, default `["POST"]`.
     pub methods: Vec<String>,
+    /// `max_body`: the largest request body accepted, default 6 MiB (Lambda's synchronous
+    /// payload limit); larger ones are answered 413 without being read.
+    pub max_body: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -576,6 +592,8 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             listen: defaults::LISTEN,
+            max_connections: defaults::MAX_CONNECTIONS,
+            header_read_timeout: defaults::HEADER_READ_TIMEOUT,
         }
     }
 }
@@ -668,6 +686,7 @@ mod tests {
                 path: "/in".to_owned(),
                 asynchronous: false,
                 methods: vec!["POST".to_owned()],
+                max_body: defaults::HTTP_MAX_BODY,
             })
         );
     }

@@ -28,7 +28,10 @@ const TOP_KEYS: &[&str] = &[
     "sources",
     "dead_letters",
 ];
-const API_KEYS: &[&str] = &["listen"];
+const API_KEYS: &[&str] = &["listen", "max_connections", "header_read_timeout"];
+const MAX_CONNECTIONS: std::ops::RangeInclusive<i128> = 1..=1_000_000;
+const HEADER_READ_TIMEOUT: std::ops::RangeInclusive<Duration> =
+    Duration::from_millis(100)..=Duration::from_secs(3_600);
 const LIMITS_KEYS: &[&str] = &["package_zipped", "package_unpacked"];
 const CONCURRENCY_KEYS: &[&str] = &["limit"];
 const SHUTDOWN_KEYS: &[&str] = &["grace"];
@@ -60,6 +63,7 @@ const HTTP_KEYS: &[&str] = &[
     "path",
     "invocation",
     "methods",
+    "max_body",
 ];
 const SOURCE_TYPES: &[&str] = &[
     "kafka",
@@ -143,6 +147,21 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
         config.api.listen = d
             .parse(&api, "listen", "an address", parse_listen)
             .or(config.api.listen);
+        config.api.max_connections = d
+            .int(&api, "max_connections", MAX_CONNECTIONS, "")
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(config.api.max_connections);
+        config.api.header_read_timeout = d
+            .parse(&api, "header_read_timeout", "a duration", |text| {
+                bounded_duration(
+                    text,
+                    "header_read_timeout",
+                    &HEADER_READ_TIMEOUT,
+                    "between 100ms and 1h",
+                )
+            })
+            .or(config.api.header_read_timeout);
     }
     config.state = d
         .string(&top, "state")
@@ -1045,10 +1064,14 @@ fn decode_http(
         ),
         Field::Invalid => None,
     };
+    let max_body = d
+        .parse(fields, "max_body", "a size", parse_positive_size)
+        .or(crate::defaults::HTTP_MAX_BODY);
     Some(HttpSourceConfig {
         path: url_path?,
         asynchronous,
         methods: methods?,
+        max_body,
     })
 }
 

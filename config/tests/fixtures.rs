@@ -291,6 +291,7 @@ fn full_config_loads_every_value() {
             path: "/hooks/orders".to_owned(),
             asynchronous: true,
             methods: vec!["PUT".to_owned(), "POST".to_owned()],
+            max_body: sluice_config::defaults::HTTP_MAX_BODY,
         })
     );
     let ping = &config.sources["ping"];
@@ -301,6 +302,7 @@ fn full_config_loads_every_value() {
             path: "/metrics-in/ping".to_owned(),
             asynchronous: false,
             methods: vec!["POST".to_owned()],
+            max_body: sluice_config::defaults::HTTP_MAX_BODY,
         })
     );
 

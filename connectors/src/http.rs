@@ -1,13 +1,17 @@
 //! `type: http`: a webhook on Sluice's API listener. The request becomes a Lambda Function URL
 //! event (payload format 2.0); a synchronous webhook answers with the function's result, an
 //! asynchronous one with 202 once the event is durably queued.
+//!
+//! A body larger than the source's `max_body` (default 6 MiB, Lambda's synchronous payload
+//! limit) is answered 413 without being read. A synchronous invocation runs in its own task,
+//! so a caller that disconnects does not cut it short.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::{ConnectInfo, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
@@ -20,12 +24,16 @@ use sluice_config::HttpSourceConfig;
 use crate::{Dispatch, DispatchError};
 
 pub const WEBHOOK_REQUESTS: &str = "sluice_webhook_requests_total";
+/// Requests refused before the function was invoked, by `reason` (`body_too_large`,
+/// `unreadable_body`).
+pub const WEBHOOK_REFUSED: &str = "sluice_webhook_refused_total";
 
 #[derive(Clone)]
 struct Hook {
     name: String,
     function: String,
     asynchronous: bool,
+    max_body: usize,
     dispatch: Arc<dyn Dispatch>,
     account: String,
 }
@@ -53,6 +61,7 @@ pub fn router(
             name: name.clone(),
             function: function.clone(),
             asynchronous: config.asynchronous,
+            max_body: usize::try_from(config.max_body).unwrap_or(usize::MAX),
             dispatch: dispatch.clone(),
             account: account.to_string(),
         };
@@ -199,15 +208,29 @@ async fn handle(
     method: Method,
     uri: Uri,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Response {
-    let request_id = uuid::Uuid::new_v4().to_string();
-    let event = event(&hook, &method, &uri, &headers, peer, &body, &request_id);
-    let payload = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
     let labels = [
         ("source", hook.name.clone()),
         ("function", hook.function.clone()),
     ];
+    let body = match read_body(&hook, &headers, body).await {
+        Ok(body) => body,
+        Err((status, reason, message)) => {
+            metrics::counter!(
+                WEBHOOK_REFUSED,
+                &[
+                    ("source", hook.name.clone()),
+                    ("reason", reason.to_string())
+                ]
+            )
+            .increment(1);
+            return (status, axum::Json(json!({"message": message}))).into_response();
+        }
+    };
+    let request_id = uuid::Uuid::new_v4().to_string();
+    let event = event(&hook, &method, &uri, &headers, peer, &body, &request_id);
+    let payload = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
     metrics::counter!(WEBHOOK_REQUESTS, &labels).increment(1);
     let outcome = if hook.asynchronous {
         hook.dispatch
@@ -215,10 +238,20 @@ async fn handle(
             .await
             .map(|id| (StatusCode::ACCEPTED, axum::Json(json!({"requestId": id}))).into_response())
     } else {
-        hook.dispatch
-            .invoke(&hook.function, payload)
-            .await
-            .map(|result| response(&result))
+        // Its own task: a caller that goes away does not cut the invocation short.
+        let (dispatch, function) = (hook.dispatch.clone(), hook.function.clone());
+        let task = tokio::spawn(async move { dispatch.invoke(&function, payload).await });
+        match task.await {
+            Ok(result) => result.map(|result| response(&result)),
+            Err(e) => {
+                tracing::error!(source = %hook.name, error = %e, "a webhook invocation task failed");
+                return (
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    axum::Json(json!({"message": "the invocation failed inside Sluice"})),
+                )
+                    .into_response();
+            }
+        }
     };
     outcome.unwrap_or_else(|e| {
         let status = match &e {
@@ -229,6 +262,58 @@ async fn handle(
         tracing::warn!(source = %hook.name, function = %hook.function, error = %e, "webhook invocation failed");
         (status, axum::Json(json!({"message": e.to_string()}))).into_response()
     })
+}
+
+/// Why a request body was not read.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    #[error("the body is larger than {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error("cannot read the request body: {0}")]
+    Unreadable(#[source] axum::Error),
+}
+
+/// Reads a request body of at most `limit` bytes. A larger one, by its Content-Length or once
+/// more than `limit` bytes have come, is refused without reading the rest. Shared by the
+/// webhooks and Sluice's own API.
+pub async fn read_limited(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+) -> Result<Bytes, BodyError> {
+    let declared = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(BodyError::TooLarge { limit });
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let source = std::error::Error::source(&e);
+        if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            BodyError::TooLarge { limit }
+        } else {
+            BodyError::Unreadable(e)
+        }
+    })
+}
+
+/// Reads a webhook body of at most the hook's `max_body`.
+async fn read_body(
+    hook: &Hook,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Bytes, (StatusCode, &'static str, String)> {
+    read_limited(headers, body, hook.max_body)
+        .await
+        .map_err(|e| match e {
+            BodyError::TooLarge { limit } => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body_too_large",
+                format!("Request body must be at most {limit} bytes"),
+            ),
+            BodyError::Unreadable(_) => (StatusCode::BAD_REQUEST, "unreadable_body", e.to_string()),
+        })
 }
 
 #[cfg(test)]
@@ -254,6 +339,7 @@ mod tests {
             name: "orders".into(),
             function: "f".into(),
             asynchronous: false,
+            max_body: 6 * 1024 * 1024,
             dispatch: Arc::new(Nothing),
             account: "000000000000".into(),
         }
