@@ -443,6 +443,7 @@ async fn a_sluice_that_cannot_bind_its_port_takes_no_queued_event() {
         listen: Some(format!("127.0.0.1:{port}").parse().expect("address")),
         data_dir: Some(dir.path().to_path_buf()),
         native: counting_sleeper(&name, done.clone()),
+        ..Default::default()
     };
     let started = sluice::start(config, options).await;
     assert!(
