@@ -1,7 +1,7 @@
 //! Field-by-field decoding of the node tree, collecting every error instead of stopping at the
 //! first (which is all serde can do).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use crate::interpolate::interpolate;
@@ -76,6 +76,28 @@ impl<'n> Fields<'n> {
     }
 }
 
+/// Declared names (functions, dead letters) in file order, for suggestions, with a set for
+/// lookups: every reference is checked against them, and a file may declare thousands.
+pub(crate) struct Names<'a> {
+    order: Vec<&'a str>,
+    set: HashSet<&'a str>,
+}
+
+impl<'a> Names<'a> {
+    pub(crate) fn new(order: Vec<&'a str>) -> Self {
+        let set = order.iter().copied().collect();
+        Names { order, set }
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.set.contains(name)
+    }
+
+    pub(crate) fn as_slice(&self) -> &[&'a str] {
+        &self.order
+    }
+}
+
 pub(crate) fn child(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
@@ -89,15 +111,15 @@ pub(crate) fn index(path: &str, i: usize) -> String {
 }
 
 /// Scalar keys in file order, the first of duplicated keys only: the rest are reported once by
-/// [`Decoder::record_locations`] and otherwise ignored.
+/// [`Decoder::record_locations`] and otherwise ignored. A set, since a file may hold hundreds
+/// of thousands of keys in one mapping.
 fn unique_entries(entries: &[(Node, Node)]) -> Vec<Entry<'_>> {
-    let mut seen = Vec::new();
+    let mut seen = HashSet::with_capacity(entries.len());
     let mut unique = Vec::new();
     for (key, value) in entries {
         if let Kind::Scalar { text, .. } = &key.kind
-            && !seen.contains(&text.as_str())
+            && seen.insert(text.as_str())
         {
-            seen.push(text.as_str());
             unique.push(Entry {
                 key: text,
                 key_location: key.location,
@@ -459,8 +481,17 @@ impl<'a> Decoder<'a> {
 /// The candidate nearest to `word` by edit distance, when it is close enough (at most 2 edits)
 /// to be a likely typo rather than a different word.
 pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    // A suggestion among thousands of names helps nobody, and would cost a distance per name
+    // for every unknown reference.
+    if candidates.len() > MAX_SUGGESTION_CANDIDATES {
+        return None;
+    }
+    let length = word.chars().count();
     candidates
         .iter()
+        // Two edits cannot bridge a larger difference in length; skipping those keeps a
+        // megabyte-long key from costing a megabyte-sized table per candidate.
+        .filter(|candidate| candidate.chars().count().abs_diff(length) <= 2)
         .map(|candidate| (edit_distance(word, candidate), *candidate))
         .filter(|(distance, candidate)| {
             *distance <= 2 && *distance < word.chars().count().max(candidate.chars().count())
@@ -468,6 +499,8 @@ pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str>
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }
+
+const MAX_SUGGESTION_CANDIDATES: usize = 1000;
 
 /// Levenshtein distance, counting an adjacent swap (`memroy`) as one edit like a typist would.
 fn edit_distance(a: &str, b: &str) -> usize {

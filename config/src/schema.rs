@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::cron_expr::parse_cron;
 use crate::dead_letter::decode_dead_letter;
-use crate::decode::{Decoder, Field, Fields, child, closest, index};
+use crate::decode::{Decoder, Field, Fields, Names, child, closest, index};
 use crate::interpolate::is_variable_name;
 use crate::mapping::{MappingContext, PollType, decode_poll_source};
 use crate::shell::split_words;
@@ -113,8 +113,8 @@ const SHUTDOWN_GRACE: std::ops::RangeInclusive<Duration> =
 
 /// The names a destination (`on_success`, `on_failure`) can point at.
 struct Destinations<'a> {
-    functions: &'a [&'a str],
-    dead_letters: &'a [&'a str],
+    functions: &'a Names<'a>,
+    dead_letters: &'a Names<'a>,
 }
 
 pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) -> Config {
@@ -178,7 +178,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     }
 
     let dead_letters = d.entries(&top, "dead_letters");
-    let dead_letter_names: Vec<&str> = dead_letters.iter().map(|entry| entry.key).collect();
+    let dead_letter_names = Names::new(dead_letters.iter().map(|entry| entry.key).collect());
     for entry in &dead_letters {
         let path = child(&top.path_of("dead_letters"), entry.key);
         if !is_function_name(entry.key) {
@@ -199,7 +199,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     }
 
     let functions = d.entries(&top, "functions");
-    let declared: Vec<&str> = functions.iter().map(|entry| entry.key).collect();
+    let declared = Names::new(functions.iter().map(|entry| entry.key).collect());
     let destinations = Destinations {
         functions: &declared,
         dead_letters: &dead_letter_names,
@@ -487,8 +487,8 @@ fn decode_destination(
     destinations: &Destinations<'_>,
 ) -> Option<String> {
     let target = d.string(fields, key).ok()?;
-    let is_function = destinations.functions.contains(&target.as_str());
-    let is_dead_letter = destinations.dead_letters.contains(&target.as_str());
+    let is_function = destinations.functions.contains(&target);
+    let is_dead_letter = destinations.dead_letters.contains(&target);
     let problem = if is_function && is_dead_letter {
         format!(
             "`{target}` names both a function and a dead letter: rename one of them so that the destination is clear"
@@ -504,8 +504,9 @@ fn decode_destination(
     } else {
         let candidates: Vec<&str> = destinations
             .functions
+            .as_slice()
             .iter()
-            .chain(destinations.dead_letters)
+            .chain(destinations.dead_letters.as_slice())
             .copied()
             .filter(|candidate| *candidate != function)
             .collect();
@@ -1167,7 +1168,7 @@ fn check_function_ref(
     d: &mut Decoder<'_>,
     path: &str,
     reference: String,
-    declared: &[&str],
+    declared: &Names<'_>,
 ) -> Option<String> {
     let (name, qualifier) = match reference.split_once(':') {
         Some((name, qualifier)) => (name, Some(qualifier)),
@@ -1195,11 +1196,11 @@ fn check_function_ref(
             return None;
         }
     }
-    if !declared.contains(&name) {
+    if !declared.contains(name) {
         let message = with_suggestion(
             format!("unknown function `{name}`: it is not declared under `functions`"),
             name,
-            declared,
+            declared.as_slice(),
         );
         d.error(path, message);
         return None;
