@@ -135,7 +135,20 @@ pub(crate) struct Decoder<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     pub(crate) errors: Vec<ConfigError>,
     pub(crate) locations: BTreeMap<String, Location>,
+    /// What [`Decoder::locations`] takes so far, against [`MAX_LOCATION_BYTES`].
+    location_bytes: usize,
+    /// Set once the index of locations went over its budget: decoding would then build as
+    /// many paths again, so the file is refused with that one error.
+    pub(crate) over_budget: bool,
 }
+
+/// The most the index of node positions may take, counted as the paths' bytes plus
+/// [`LOCATION_OVERHEAD`] each. A path repeats every key above its node, so a long key over a
+/// long list costs the key's length once per item: a few megabytes of file could otherwise
+/// make terabytes of paths.
+pub(crate) const MAX_LOCATION_BYTES: usize = 256 * 1024 * 1024;
+/// The map entry and `Location` beside each path.
+const LOCATION_OVERHEAD: usize = 64;
 
 impl<'a> Decoder<'a> {
     pub(crate) fn new(origin: &'a str, env: &'a dyn Fn(&str) -> Option<String>) -> Self {
@@ -144,6 +157,8 @@ impl<'a> Decoder<'a> {
             env,
             errors: Vec::new(),
             locations: BTreeMap::new(),
+            location_bytes: 0,
+            over_budget: false,
         }
     }
 
@@ -187,6 +202,24 @@ impl<'a> Decoder<'a> {
     /// A collection or an empty value is placed at its key: `functions.resize` points at the
     /// line that says `resize:`, not at its first field.
     pub(crate) fn record_locations(&mut self, node: &Node, path: &str, key: Option<Location>) {
+        if self.over_budget {
+            return;
+        }
+        self.location_bytes = self
+            .location_bytes
+            .saturating_add(path.len() + LOCATION_OVERHEAD);
+        if self.location_bytes > MAX_LOCATION_BYTES {
+            self.over_budget = true;
+            self.error_at(
+                path,
+                Some(node.location),
+                format!(
+                    "the file has too many nodes, or nodes nested too deep under long keys: their paths take more than {} MiB",
+                    MAX_LOCATION_BYTES / (1024 * 1024)
+                ),
+            );
+            return;
+        }
         let own = match &node.kind {
             Kind::Scalar { text, .. } if !text.is_empty() => node.location,
             _ => key.unwrap_or(node.location),

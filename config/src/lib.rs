@@ -13,6 +13,7 @@ use std::time::Duration;
 mod cron_expr;
 mod dead_letter;
 mod decode;
+mod encoding;
 mod endpoints;
 mod error;
 pub mod filter;
@@ -23,6 +24,7 @@ mod shell;
 mod units;
 mod yaml;
 
+pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
 pub use units::{parse_duration, parse_size};
 
@@ -74,19 +76,70 @@ pub mod defaults {
 /// environment. Relative paths in the file are resolved against the file's directory.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let bytes = read_capped(path).map_err(|(location, message)| ConfigError {
         origin: origin.clone(),
         path: String::new(),
-        location: None,
-        message: format!("cannot read the file: {e}"),
+        location,
+        message,
     })?;
+    parse_bytes(&bytes, &origin, &base_dir_of(path), &|name| {
+        std::env::var(name).ok()
+    })
+}
+
+/// The directory relative paths in the file at `path` are resolved against: the file's own,
+/// made absolute so that package paths stay right if the process changes directory later.
+pub fn base_dir_of(path: &Path) -> PathBuf {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    // Absolute, so that package paths stay right if the process changes directory later.
-    let base_dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    parse_str(&text, &origin, &base_dir, &|name| std::env::var(name).ok())
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// The file's bytes, never more than [`MAX_FILE_SIZE`] of them: the size is checked before
+/// reading and the read is bounded too (a pipe or `/dev/zero` has no size to check).
+fn read_capped(path: &Path) -> Result<Vec<u8>, (Option<Location>, String)> {
+    use std::io::Read as _;
+    let unreadable = |e: std::io::Error| (None, format!("cannot read the file: {e}"));
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let size = file.metadata().map_err(unreadable)?.len();
+    if size > MAX_FILE_SIZE {
+        let error = encoding::too_large(size);
+        return Err((error.location, error.message));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        let error = encoding::too_large(bytes.len() as u64);
+        return Err((error.location, error.message));
+    }
+    Ok(bytes)
+}
+
+/// Like [`parse_str`] for the raw bytes of a file: text that is too large, not UTF-8, or
+/// UTF-16/UTF-32 is reported as such, with where.
+pub fn parse_bytes(
+    bytes: &[u8],
+    origin: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    match encoding::decode(bytes) {
+        Ok(text) => parse_str(text, origin, base_dir, env),
+        Err(error) => Err(encoding_error(origin, error).into()),
+    }
+}
+
+fn encoding_error(origin: &str, error: encoding::EncodingError) -> ConfigError {
+    ConfigError {
+        origin: origin.to_owned(),
+        path: String::new(),
+        location: error.location,
+        message: error.message,
+    }
 }
 
 /// Parses and checks configuration text. `origin` names it in errors; `env` looks up
@@ -97,29 +150,90 @@ pub fn parse_str(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let root = yaml::parse(text).map_err(|e| ConfigError {
+    let (config, errors) = check_str(text, origin, base_dir, env);
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors { errors })
+    }
+}
+
+/// Like [`parse_str`], but the configuration comes back with its errors: what could be
+/// decoded, with defaults where a value was wrong. `sluice validate` checks packages and
+/// commands of this partial configuration, so that one run reports every problem.
+pub fn check_str(
+    text: &str,
+    origin: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Config, Vec<ConfigError>) {
+    let mut config = Config {
         origin: origin.to_owned(),
-        path: String::new(),
-        location: Some(e.location),
-        message: format!("invalid YAML: {}", e.message),
-    })?;
+        base_dir: base_dir.to_path_buf(),
+        ..Config::default()
+    };
+    let root = match encoding::check_size(text).and_then(|()| encoding::check_nul(text)) {
+        Ok(()) => yaml::parse(text),
+        Err(error) => return (config, vec![encoding_error(origin, error)]),
+    };
+    let root = match root {
+        Ok(root) => root,
+        Err(e) => {
+            let error = ConfigError {
+                origin: origin.to_owned(),
+                path: String::new(),
+                location: Some(e.location),
+                message: format!("invalid YAML: {}", e.message),
+            };
+            return (config, vec![error]);
+        }
+    };
     let mut decoder = decode::Decoder::new(origin, env);
     if let Some(root) = &root {
         decoder.record_locations(root, "", None);
     }
-    let mut config = schema::decode(&mut decoder, root.as_ref(), base_dir);
+    if decoder.over_budget {
+        return (config, decoder.errors);
+    }
+    config = schema::decode(&mut decoder, root.as_ref(), base_dir);
     config.origin = origin.to_owned();
     config.locations = std::mem::take(&mut decoder.locations);
     let mut errors = decoder.errors;
-    if errors.is_empty() {
-        return Ok(config);
-    }
     // Decoding goes field by field; readers want the file's order. Unplaced errors go last.
+    sort_errors(&mut errors);
+    (config, errors)
+}
+
+/// Puts errors in file order (the order a reader goes through the file); errors with no
+/// position go last, in the order they came.
+pub fn sort_errors(errors: &mut [ConfigError]) {
     errors.sort_by_key(|e| {
         e.location
             .map_or((usize::MAX, usize::MAX), |l| (l.line, l.column))
     });
-    Err(ConfigErrors { errors })
+}
+
+/// Like [`load_file`], but the configuration comes back with its errors (see [`check_str`]);
+/// `None` when the file could not be read or is not text.
+pub fn check_file(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
+    let origin = path.display().to_string();
+    let failed = |location, message| ConfigError {
+        origin: origin.clone(),
+        path: String::new(),
+        location,
+        message,
+    };
+    let bytes = match read_capped(path) {
+        Ok(bytes) => bytes,
+        Err((location, message)) => return (None, vec![failed(location, message)]),
+    };
+    let text = match encoding::decode(&bytes) {
+        Ok(text) => text,
+        Err(error) => return (None, vec![encoding_error(&origin, error)]),
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    let (config, errors) = check_str(text, &origin, &base_dir_of(path), &env);
+    (Some(config), errors)
 }
 
 /// The whole configuration file.
