@@ -227,6 +227,18 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     let mut http_paths = BTreeMap::new();
     for entry in d.entries(&top, "sources") {
         let path = child(&top.path_of("sources"), entry.key);
+        // Source names label metrics and key checkpoints in the state store, like function
+        // names do, so they follow the same rule.
+        if !is_function_name(entry.key) {
+            d.error_at(
+                &path,
+                Some(entry.key_location),
+                format!(
+                    "invalid source name `{}`: use 1 to {FUNCTION_NAME_MAX} letters, digits, `-` or `_`",
+                    entry.key
+                ),
+            );
+        }
         let context = SourceContext {
             name: entry.key,
             destinations: &destinations,
@@ -826,8 +838,24 @@ fn decode_environment(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<Stri
         };
         environment.insert(name.to_owned(), value);
     }
+    let size: usize = environment
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if size > ENVIRONMENT_MAX_BYTES {
+        d.error(
+            &path,
+            format!(
+                "the environment variables take {size} bytes (names and values), over Lambda's limit of {ENVIRONMENT_MAX_BYTES} bytes (4 KB)"
+            ),
+        );
+    }
     environment
 }
+
+/// Lambda's limit on a function's environment variables: 4 KB for all names and values
+/// together, counted in bytes.
+const ENVIRONMENT_MAX_BYTES: usize = 4096;
 
 fn decode_tags(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<String, String> {
     let path = fields.path_of("tags");
