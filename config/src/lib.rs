@@ -17,6 +17,7 @@ mod encoding;
 mod endpoints;
 mod error;
 pub mod filter;
+mod host;
 mod interpolate;
 mod mapping;
 mod schema;
@@ -26,6 +27,7 @@ mod yaml;
 
 pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
+pub use host::{FUNCTION_PATH, check_host};
 pub use units::{parse_duration, parse_size};
 
 /// Every default in one place.
@@ -649,7 +651,28 @@ pub enum Schedule {
     },
 }
 
+/// Why an API on `listen` is dangerous, or `None` on a loopback address. The API has no
+/// authentication yet, so whoever reaches it controls every function.
+pub fn exposed_api_warning(listen: SocketAddr) -> Option<String> {
+    if listen.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "the API listens on {listen}, which is not a loopback address, and it has no authentication: anyone who can reach {listen} may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+    ))
+}
+
 impl Config {
+    /// What is allowed but dangerous in this configuration, one line each, placed like errors
+    /// (`sluice.yaml:2:11: api.listen: …`). `sluice validate` and `sluice run` print them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(message) = exposed_api_warning(self.api.listen) {
+            warnings.push(self.error_at("api.listen", message).to_string());
+        }
+        warnings
+    }
+
     /// Where the node at `path` (`functions.resize.package`) stood in the file.
     pub fn location(&self, path: &str) -> Option<Location> {
         self.locations.get(path).copied()
@@ -833,5 +856,26 @@ mod tests {
             errors.to_string(),
             "test.yaml:1:12: functions: expected a mapping, found a string"
         );
+    }
+
+    #[test]
+    fn an_api_off_loopback_is_warned_about_where_it_is_set() {
+        let config = parse("api:\n  listen: 0.0.0.0:9000\n").unwrap();
+        assert_eq!(
+            config.warnings(),
+            [
+                "test.yaml:2:11: api.listen: the API listens on 0.0.0.0:9000, which is not a loopback address, and it has no authentication: anyone who can reach 0.0.0.0:9000 may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+            ]
+        );
+        for quiet in [
+            "",
+            "api:\n  listen: 127.0.0.1:9000\n",
+            "api:\n  listen: '[::1]:9000'\n",
+        ] {
+            assert!(parse(quiet).unwrap().warnings().is_empty(), "{quiet:?}");
+        }
+        assert!(exposed_api_warning("[::ffff:127.0.0.1]:9000".parse().unwrap()).is_none());
+        assert!(exposed_api_warning("192.168.1.5:9000".parse().unwrap()).is_some());
+        assert!(exposed_api_warning("[::]:9000".parse().unwrap()).is_some());
     }
 }
