@@ -229,12 +229,19 @@ impl<'a> Decoder<'a> {
             Kind::Scalar { .. } => {}
             Kind::Sequence(items) => {
                 for (i, item) in items.iter().enumerate() {
+                    // Checked before the child's path is built: each one repeats this path.
+                    if self.over_budget {
+                        return;
+                    }
                     self.record_locations(item, &index(path, i), None);
                 }
             }
             Kind::Mapping(entries) => {
                 let mut first_seen: HashMap<&str, Location> = HashMap::new();
                 for (key, value) in entries {
+                    if self.over_budget {
+                        return;
+                    }
                     let Kind::Scalar { text, .. } = &key.kind else {
                         self.error_at(
                             path,
