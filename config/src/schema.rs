@@ -451,9 +451,13 @@ fn decode_function(
     let aliases = decode_aliases(d, &fields);
 
     let runtime = runtime?;
-    let command = command
-        .ok()
-        .or_else(|| (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()]));
+    // A command given wrong stays unset rather than defaulting: the partial configuration
+    // `check_str` returns must not have `validate` look for a `./bootstrap` nobody asked for.
+    let command = match command {
+        Field::Value(command) => Some(command),
+        Field::Absent => (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()]),
+        Field::Invalid => None,
+    };
     let handler = handler.or_else(|| (runtime == Runtime::Native).then(|| name.to_owned()));
     Some(FunctionConfig {
         runtime,
