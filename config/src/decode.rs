@@ -135,12 +135,18 @@ pub(crate) struct Decoder<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     pub(crate) errors: Vec<ConfigError>,
     pub(crate) locations: BTreeMap<String, Location>,
+    /// Every error found, also those past [`MAX_ERRORS`] that are counted but not kept.
+    pub(crate) found: usize,
     /// What [`Decoder::locations`] takes so far, against [`MAX_LOCATION_BYTES`].
     location_bytes: usize,
     /// Set once the index of locations went over its budget: decoding would then build as
     /// many paths again, so the file is refused with that one error.
     pub(crate) over_budget: bool,
 }
+
+/// The most errors kept: a file of a million wrong keys gets a readable report (and a count of
+/// the rest) instead of a million lines held in memory.
+pub(crate) const MAX_ERRORS: usize = 1000;
 
 /// The most the index of node positions may take, counted as the paths' bytes plus
 /// [`LOCATION_OVERHEAD`] each. A path repeats every key above its node, so a long key over a
@@ -157,6 +163,7 @@ impl<'a> Decoder<'a> {
             env,
             errors: Vec::new(),
             locations: BTreeMap::new(),
+            found: 0,
             location_bytes: 0,
             over_budget: false,
         }
@@ -168,6 +175,10 @@ impl<'a> Decoder<'a> {
         location: Option<Location>,
         message: impl Into<String>,
     ) {
+        self.found += 1;
+        if self.errors.len() >= MAX_ERRORS {
+            return;
+        }
         self.errors.push(ConfigError {
             origin: self.origin.to_owned(),
             path: path.to_owned(),

@@ -203,6 +203,18 @@ pub fn check_str(
     let mut errors = decoder.errors;
     // Decoding goes field by field; readers want the file's order. Unplaced errors go last.
     sort_errors(&mut errors);
+    if decoder.found > errors.len() {
+        errors.push(ConfigError {
+            origin: origin.to_owned(),
+            path: String::new(),
+            location: None,
+            message: format!(
+                "{} more errors not listed: only the first {} found are",
+                decoder.found - errors.len(),
+                errors.len()
+            ),
+        });
+    }
     (config, errors)
 }
 

@@ -372,7 +372,7 @@ fn decode_security(
     base_dir: &Path,
 ) -> Option<KafkaSecurity> {
     let security = d.section(fields, "security", SECURITY_KEYS)?;
-    let errors_before = d.errors.len();
+    let errors_before = d.found;
     let protocol = d.parse(&security, "protocol", "a protocol", |text| {
         one_of(text, "protocol", KAFKA_PROTOCOLS, str::to_ascii_lowercase)
     });
@@ -463,7 +463,7 @@ fn decode_security(
         ),
         _ => {}
     }
-    if d.errors.len() > errors_before {
+    if d.found > errors_before {
         return None;
     }
     Some(KafkaSecurity {

@@ -105,3 +105,22 @@ fn a_long_key_over_a_long_list_is_refused_before_its_paths_fill_memory() {
         "{errors:.300}"
     );
 }
+
+#[test]
+fn thousands_of_wrong_keys_give_a_thousand_errors_and_a_count() {
+    let mut text = String::from("functions:\n  f:\n    package: ./fn\n");
+    for i in 0..5_000 {
+        writeln!(text, "    wrong{i}: 1").unwrap();
+    }
+    let errors = parse_str(&text, "wrong.yaml", Path::new("/srv"), &no_env).unwrap_err();
+    assert_eq!(errors.errors.len(), 1001);
+    assert_eq!(
+        errors.errors[1000].to_string(),
+        "wrong.yaml: 4000 more errors not listed: only the first 1000 found are"
+    );
+    assert!(
+        errors.errors[0]
+            .to_string()
+            .starts_with("wrong.yaml:4:5: functions.f.wrong0: unknown field")
+    );
+}
