@@ -162,3 +162,32 @@ fn validate_and_run_warn_about_an_api_off_loopback() {
     );
     assert!(!stderr(&out).contains("warning"), "{}", stderr(&out));
 }
+
+#[test]
+fn validate_reports_only_the_file_when_it_is_not_yaml_text() {
+    let dir = tempfile::tempdir().expect("dir");
+    // The default state directory cannot be made here: not a thing to report about a file
+    // that could not be read.
+    std::fs::write(dir.path().join("data"), "a file").expect("file");
+    write(
+        dir.path(),
+        "broken.yaml",
+        "functions:\n  f:\n   package: ./fn\n  g: [\n",
+    );
+    let out = sluice(&["validate", "broken.yaml"], dir.path());
+    assert!(!out.status.success());
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+    assert!(stderr(&out).starts_with("broken.yaml:"), "{}", stderr(&out));
+
+    let utf16: Vec<u8> = [0xFF, 0xFE]
+        .into_iter()
+        .chain("functions: {}\n".encode_utf16().flat_map(u16::to_le_bytes))
+        .collect();
+    std::fs::write(dir.path().join("utf16.yaml"), utf16).expect("file");
+    let out = sluice(&["validate", "-c", "utf16.yaml"], dir.path());
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        "utf16.yaml:1:1: the file is UTF-16 (little-endian): it starts with that encoding's byte-order mark at byte offset 0 (line 1); save it as UTF-8\n"
+    );
+}

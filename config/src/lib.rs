@@ -152,31 +152,25 @@ pub fn parse_str(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let (config, errors) = check_str(text, origin, base_dir, env);
-    if errors.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigErrors { errors })
+    match check_str(text, origin, base_dir, env) {
+        (Some(config), errors) if errors.is_empty() => Ok(config),
+        (_, errors) => Err(ConfigErrors { errors }),
     }
 }
 
 /// Like [`parse_str`], but the configuration comes back with its errors: what could be
 /// decoded, with defaults where a value was wrong. `sluice validate` checks packages and
-/// commands of this partial configuration, so that one run reports every problem.
+/// commands of this partial configuration, so that one run reports every problem. `None`
+/// when the text could not be read as YAML at all: then there is nothing to check further.
 pub fn check_str(
     text: &str,
     origin: &str,
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
-) -> (Config, Vec<ConfigError>) {
-    let mut config = Config {
-        origin: origin.to_owned(),
-        base_dir: base_dir.to_path_buf(),
-        ..Config::default()
-    };
+) -> (Option<Config>, Vec<ConfigError>) {
     let root = match encoding::check_size(text).and_then(|()| encoding::check_nul(text)) {
         Ok(()) => yaml::parse(text),
-        Err(error) => return (config, vec![encoding_error(origin, error)]),
+        Err(error) => return (None, vec![encoding_error(origin, error)]),
     };
     let root = match root {
         Ok(root) => root,
@@ -187,7 +181,7 @@ pub fn check_str(
                 location: Some(e.location),
                 message: format!("invalid YAML: {}", e.message),
             };
-            return (config, vec![error]);
+            return (None, vec![error]);
         }
     };
     let mut decoder = decode::Decoder::new(origin, env);
@@ -195,9 +189,9 @@ pub fn check_str(
         decoder.record_locations(root, "", None);
     }
     if decoder.over_budget {
-        return (config, decoder.errors);
+        return (None, decoder.errors);
     }
-    config = schema::decode(&mut decoder, root.as_ref(), base_dir);
+    let mut config = schema::decode(&mut decoder, root.as_ref(), base_dir);
     config.origin = origin.to_owned();
     config.locations = std::mem::take(&mut decoder.locations);
     let mut errors = decoder.errors;
@@ -215,7 +209,7 @@ pub fn check_str(
             ),
         });
     }
-    (config, errors)
+    (Some(config), errors)
 }
 
 /// Puts errors in file order (the order a reader goes through the file); errors with no
@@ -228,7 +222,7 @@ pub fn sort_errors(errors: &mut [ConfigError]) {
 }
 
 /// Like [`load_file`], but the configuration comes back with its errors (see [`check_str`]);
-/// `None` when the file could not be read or is not text.
+/// `None` when the file could not be read, is not text or is not YAML.
 pub fn check_file(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
     let origin = path.display().to_string();
     let failed = |location, message| ConfigError {
@@ -246,8 +240,7 @@ pub fn check_file(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
         Err(error) => return (None, vec![encoding_error(&origin, error)]),
     };
     let env = |name: &str| std::env::var(name).ok();
-    let (config, errors) = check_str(text, &origin, &base_dir_of(path), &env);
-    (Some(config), errors)
+    check_str(text, &origin, &base_dir_of(path), &env)
 }
 
 /// The whole configuration file.
