@@ -45,10 +45,15 @@ enum Command {
         #[command(subcommand)]
         action: StateAction,
     },
-    /// Check a configuration file without starting anything; every error is reported.
+    /// Check a configuration file without starting anything: the YAML, the packages, the
+    /// commands and the state directory, every problem in one report.
     Validate {
-        /// The configuration file.
-        file: PathBuf,
+        /// The configuration file (default `sluice.yaml`).
+        #[arg(conflicts_with = "config")]
+        file: Option<PathBuf>,
+        /// The configuration file, given as `run` takes it.
+        #[arg(short, long)]
+        config: Option<PathBuf>,
     },
     /// Invoke a function of a running Sluice through its Invoke API.
     Invoke {
@@ -243,7 +248,12 @@ fn main() -> ExitCode {
                 no_migrate,
             } => run(&config, listen, grace, no_migrate).await,
             Command::State { action } => state(action).await,
-            Command::Validate { file } => validate(&file).await,
+            Command::Validate { file, config } => {
+                let path = file
+                    .or(config)
+                    .unwrap_or_else(|| PathBuf::from("sluice.yaml"));
+                validate(&path).await
+            }
             Command::Invoke {
                 name,
                 payload,
@@ -284,6 +294,14 @@ async fn run(
         Ok(c) => c,
         Err(code) => return Ok(code),
     };
+    match listen {
+        Some(listen) => {
+            if let Some(warning) = sluice_config::exposed_api_warning(listen) {
+                eprintln!("warning: --listen: {warning}");
+            }
+        }
+        None => print_warnings(&config),
+    }
     let options = sluice::StartOptions {
         listen,
         no_migrate,
@@ -308,20 +326,37 @@ async fn run(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Dangerous but allowed settings, loudly, before anything starts.
+fn print_warnings(config: &sluice_config::Config) {
+    for warning in config.warnings() {
+        eprintln!("warning: {warning}");
+    }
+}
+
 async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return Ok(code),
-    };
-    // Building checks what loading cannot: packages exist and fit their limits. Anything it
-    // unpacks goes to a directory removed on return.
-    let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
-    if let Err(errors) =
-        sluice::Functions::build(&config, &sluice::NativeRegistry::new(), scratch.path())
-    {
-        eprintln!("{errors}");
+    // One pass: the YAML's errors, then what building the functions and this machine say
+    // about the part of the configuration that could be read, all in file order.
+    let (config, mut errors) = sluice_config::check_file(path);
+    if let Some(config) = &config {
+        // Building checks packages as `run` will: they exist and fit their limits. Anything
+        // it unpacks goes to a directory removed on return.
+        let scratch = tempfile::tempdir().context("cannot create a scratch directory")?;
+        if let Err(build) =
+            sluice::Functions::build(config, &sluice::NativeRegistry::new(), scratch.path())
+        {
+            errors.extend(build.errors);
+        }
+        errors.extend(sluice_config::check_host(config));
+        print_warnings(config);
+    }
+    if !errors.is_empty() {
+        sluice_config::sort_errors(&mut errors);
+        eprintln!("{}", sluice_config::ConfigErrors { errors });
         return Ok(ExitCode::FAILURE);
     }
+    let Some(config) = config else {
+        return Ok(ExitCode::FAILURE);
+    };
     println!(
         "{}: ok ({} functions, {} sources)",
         path.display(),

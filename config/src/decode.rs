@@ -1,7 +1,7 @@
 //! Field-by-field decoding of the node tree, collecting every error instead of stopping at the
 //! first (which is all serde can do).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ops::RangeInclusive;
 
 use crate::interpolate::interpolate;
@@ -76,6 +76,28 @@ impl<'n> Fields<'n> {
     }
 }
 
+/// Declared names (functions, dead letters) in file order, for suggestions, with a set for
+/// lookups: every reference is checked against them, and a file may declare thousands.
+pub(crate) struct Names<'a> {
+    order: Vec<&'a str>,
+    set: HashSet<&'a str>,
+}
+
+impl<'a> Names<'a> {
+    pub(crate) fn new(order: Vec<&'a str>) -> Self {
+        let set = order.iter().copied().collect();
+        Names { order, set }
+    }
+
+    pub(crate) fn contains(&self, name: &str) -> bool {
+        self.set.contains(name)
+    }
+
+    pub(crate) fn as_slice(&self) -> &[&'a str] {
+        &self.order
+    }
+}
+
 pub(crate) fn child(path: &str, key: &str) -> String {
     if path.is_empty() {
         key.to_owned()
@@ -89,15 +111,15 @@ pub(crate) fn index(path: &str, i: usize) -> String {
 }
 
 /// Scalar keys in file order, the first of duplicated keys only: the rest are reported once by
-/// [`Decoder::record_locations`] and otherwise ignored.
+/// [`Decoder::record_locations`] and otherwise ignored. A set, since a file may hold hundreds
+/// of thousands of keys in one mapping.
 fn unique_entries(entries: &[(Node, Node)]) -> Vec<Entry<'_>> {
-    let mut seen = Vec::new();
+    let mut seen = HashSet::with_capacity(entries.len());
     let mut unique = Vec::new();
     for (key, value) in entries {
         if let Kind::Scalar { text, .. } = &key.kind
-            && !seen.contains(&text.as_str())
+            && seen.insert(text.as_str())
         {
-            seen.push(text.as_str());
             unique.push(Entry {
                 key: text,
                 key_location: key.location,
@@ -113,7 +135,26 @@ pub(crate) struct Decoder<'a> {
     env: &'a dyn Fn(&str) -> Option<String>,
     pub(crate) errors: Vec<ConfigError>,
     pub(crate) locations: BTreeMap<String, Location>,
+    /// Every error found, also those past [`MAX_ERRORS`] that are counted but not kept.
+    pub(crate) found: usize,
+    /// What [`Decoder::locations`] takes so far, against [`MAX_LOCATION_BYTES`].
+    location_bytes: usize,
+    /// Set once the index of locations went over its budget: decoding would then build as
+    /// many paths again, so the file is refused with that one error.
+    pub(crate) over_budget: bool,
 }
+
+/// The most errors kept: a file of a million wrong keys gets a readable report (and a count of
+/// the rest) instead of a million lines held in memory.
+pub(crate) const MAX_ERRORS: usize = 1000;
+
+/// The most the index of node positions may take, counted as the paths' bytes plus
+/// [`LOCATION_OVERHEAD`] each. A path repeats every key above its node, so a long key over a
+/// long list costs the key's length once per item: a few megabytes of file could otherwise
+/// make terabytes of paths.
+pub(crate) const MAX_LOCATION_BYTES: usize = 256 * 1024 * 1024;
+/// The map entry and `Location` beside each path.
+const LOCATION_OVERHEAD: usize = 64;
 
 impl<'a> Decoder<'a> {
     pub(crate) fn new(origin: &'a str, env: &'a dyn Fn(&str) -> Option<String>) -> Self {
@@ -122,6 +163,9 @@ impl<'a> Decoder<'a> {
             env,
             errors: Vec::new(),
             locations: BTreeMap::new(),
+            found: 0,
+            location_bytes: 0,
+            over_budget: false,
         }
     }
 
@@ -131,6 +175,10 @@ impl<'a> Decoder<'a> {
         location: Option<Location>,
         message: impl Into<String>,
     ) {
+        self.found += 1;
+        if self.errors.len() >= MAX_ERRORS {
+            return;
+        }
         self.errors.push(ConfigError {
             origin: self.origin.to_owned(),
             path: path.to_owned(),
@@ -165,6 +213,24 @@ impl<'a> Decoder<'a> {
     /// A collection or an empty value is placed at its key: `functions.resize` points at the
     /// line that says `resize:`, not at its first field.
     pub(crate) fn record_locations(&mut self, node: &Node, path: &str, key: Option<Location>) {
+        if self.over_budget {
+            return;
+        }
+        self.location_bytes = self
+            .location_bytes
+            .saturating_add(path.len() + LOCATION_OVERHEAD);
+        if self.location_bytes > MAX_LOCATION_BYTES {
+            self.over_budget = true;
+            self.error_at(
+                path,
+                Some(node.location),
+                format!(
+                    "the file has too many nodes, or nodes nested too deep under long keys: their paths take more than {} MiB",
+                    MAX_LOCATION_BYTES / (1024 * 1024)
+                ),
+            );
+            return;
+        }
         let own = match &node.kind {
             Kind::Scalar { text, .. } if !text.is_empty() => node.location,
             _ => key.unwrap_or(node.location),
@@ -174,12 +240,19 @@ impl<'a> Decoder<'a> {
             Kind::Scalar { .. } => {}
             Kind::Sequence(items) => {
                 for (i, item) in items.iter().enumerate() {
+                    // Checked before the child's path is built: each one repeats this path.
+                    if self.over_budget {
+                        return;
+                    }
                     self.record_locations(item, &index(path, i), None);
                 }
             }
             Kind::Mapping(entries) => {
                 let mut first_seen: HashMap<&str, Location> = HashMap::new();
                 for (key, value) in entries {
+                    if self.over_budget {
+                        return;
+                    }
                     let Kind::Scalar { text, .. } = &key.kind else {
                         self.error_at(
                             path,
@@ -459,8 +532,17 @@ impl<'a> Decoder<'a> {
 /// The candidate nearest to `word` by edit distance, when it is close enough (at most 2 edits)
 /// to be a likely typo rather than a different word.
 pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str> {
+    // A suggestion among thousands of names helps nobody, and would cost a distance per name
+    // for every unknown reference.
+    if candidates.len() > MAX_SUGGESTION_CANDIDATES {
+        return None;
+    }
+    let length = word.chars().count();
     candidates
         .iter()
+        // Two edits cannot bridge a larger difference in length; skipping those keeps a
+        // megabyte-long key from costing a megabyte-sized table per candidate.
+        .filter(|candidate| candidate.chars().count().abs_diff(length) <= 2)
         .map(|candidate| (edit_distance(word, candidate), *candidate))
         .filter(|(distance, candidate)| {
             *distance <= 2 && *distance < word.chars().count().max(candidate.chars().count())
@@ -468,6 +550,8 @@ pub(crate) fn closest<'c>(word: &str, candidates: &[&'c str]) -> Option<&'c str>
         .min_by_key(|(distance, _)| *distance)
         .map(|(_, candidate)| candidate)
 }
+
+const MAX_SUGGESTION_CANDIDATES: usize = 1000;
 
 /// Levenshtein distance, counting an adjacent swap (`memroy`) as one edit like a typist would.
 fn edit_distance(a: &str, b: &str) -> usize {

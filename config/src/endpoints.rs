@@ -1,7 +1,7 @@
 //! How sources and dead letters reach their systems: AWS connections, AMQP URIs, Kafka brokers,
 //! topics and client properties. Checking them is pure: nothing here touches the network.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use crate::AwsConnection;
 use crate::decode::{Decoder, Field, Fields, child, index};
@@ -275,14 +275,19 @@ fn decode_names(
         }
     }
     let mut names: Vec<String> = Vec::with_capacity(given.len());
+    // A set beside the list: a list of a hundred thousand names must not cost a scan per name.
+    let mut seen: HashSet<String> = HashSet::with_capacity(given.len());
     for (name, name_path) in given {
-        if names.contains(&name) {
+        if seen.contains(&name) {
             d.error(&name_path, format!("duplicate {noun} `{name}`"));
             ok = false;
             continue;
         }
         match check(&name) {
-            Ok(name) => names.push(name),
+            Ok(name) => {
+                seen.insert(name.clone());
+                names.push(name);
+            }
             Err(message) => {
                 d.error(&name_path, message);
                 ok = false;

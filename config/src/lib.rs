@@ -13,9 +13,11 @@ use std::time::Duration;
 mod cron_expr;
 mod dead_letter;
 mod decode;
+mod encoding;
 mod endpoints;
 mod error;
 pub mod filter;
+mod host;
 mod interpolate;
 mod mapping;
 mod schema;
@@ -23,7 +25,9 @@ mod shell;
 mod units;
 mod yaml;
 
+pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
+pub use host::{FUNCTION_PATH, check_host};
 pub use units::{parse_duration, parse_size};
 
 /// Every default in one place.
@@ -80,19 +84,70 @@ pub mod defaults {
 /// environment. Relative paths in the file are resolved against the file's directory.
 pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
     let origin = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+    let bytes = read_capped(path).map_err(|(location, message)| ConfigError {
         origin: origin.clone(),
         path: String::new(),
-        location: None,
-        message: format!("cannot read the file: {e}"),
+        location,
+        message,
     })?;
+    parse_bytes(&bytes, &origin, &base_dir_of(path), &|name| {
+        std::env::var(name).ok()
+    })
+}
+
+/// The directory relative paths in the file at `path` are resolved against: the file's own,
+/// made absolute so that package paths stay right if the process changes directory later.
+pub fn base_dir_of(path: &Path) -> PathBuf {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    // Absolute, so that package paths stay right if the process changes directory later.
-    let base_dir = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
-    parse_str(&text, &origin, &base_dir, &|name| std::env::var(name).ok())
+    std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf())
+}
+
+/// The file's bytes, never more than [`MAX_FILE_SIZE`] of them: the size is checked before
+/// reading and the read is bounded too (a pipe or `/dev/zero` has no size to check).
+fn read_capped(path: &Path) -> Result<Vec<u8>, (Option<Location>, String)> {
+    use std::io::Read as _;
+    let unreadable = |e: std::io::Error| (None, format!("cannot read the file: {e}"));
+    let file = std::fs::File::open(path).map_err(unreadable)?;
+    let size = file.metadata().map_err(unreadable)?.len();
+    if size > MAX_FILE_SIZE {
+        let error = encoding::too_large(size);
+        return Err((error.location, error.message));
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_SIZE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(unreadable)?;
+    if bytes.len() as u64 > MAX_FILE_SIZE {
+        let error = encoding::too_large(bytes.len() as u64);
+        return Err((error.location, error.message));
+    }
+    Ok(bytes)
+}
+
+/// Like [`parse_str`] for the raw bytes of a file: text that is too large, not UTF-8, or
+/// UTF-16/UTF-32 is reported as such, with where.
+pub fn parse_bytes(
+    bytes: &[u8],
+    origin: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, ConfigErrors> {
+    match encoding::decode(bytes) {
+        Ok(text) => parse_str(text, origin, base_dir, env),
+        Err(error) => Err(encoding_error(origin, error).into()),
+    }
+}
+
+fn encoding_error(origin: &str, error: encoding::EncodingError) -> ConfigError {
+    ConfigError {
+        origin: origin.to_owned(),
+        path: String::new(),
+        location: error.location,
+        message: error.message,
+    }
 }
 
 /// Parses and checks configuration text. `origin` names it in errors; `env` looks up
@@ -103,29 +158,95 @@ pub fn parse_str(
     base_dir: &Path,
     env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigErrors> {
-    let root = yaml::parse(text).map_err(|e| ConfigError {
-        origin: origin.to_owned(),
-        path: String::new(),
-        location: Some(e.location),
-        message: format!("invalid YAML: {}", e.message),
-    })?;
+    match check_str(text, origin, base_dir, env) {
+        (Some(config), errors) if errors.is_empty() => Ok(config),
+        (_, errors) => Err(ConfigErrors { errors }),
+    }
+}
+
+/// Like [`parse_str`], but the configuration comes back with its errors: what could be
+/// decoded, with defaults where a value was wrong. `sluice validate` checks packages and
+/// commands of this partial configuration, so that one run reports every problem. `None`
+/// when the text could not be read as YAML at all: then there is nothing to check further.
+pub fn check_str(
+    text: &str,
+    origin: &str,
+    base_dir: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> (Option<Config>, Vec<ConfigError>) {
+    let root = match encoding::check_size(text).and_then(|()| encoding::check_nul(text)) {
+        Ok(()) => yaml::parse(text),
+        Err(error) => return (None, vec![encoding_error(origin, error)]),
+    };
+    let root = match root {
+        Ok(root) => root,
+        Err(e) => {
+            let error = ConfigError {
+                origin: origin.to_owned(),
+                path: String::new(),
+                location: Some(e.location),
+                message: format!("invalid YAML: {}", e.message),
+            };
+            return (None, vec![error]);
+        }
+    };
     let mut decoder = decode::Decoder::new(origin, env);
     if let Some(root) = &root {
         decoder.record_locations(root, "", None);
+    }
+    if decoder.over_budget {
+        return (None, decoder.errors);
     }
     let mut config = schema::decode(&mut decoder, root.as_ref(), base_dir);
     config.origin = origin.to_owned();
     config.locations = std::mem::take(&mut decoder.locations);
     let mut errors = decoder.errors;
-    if errors.is_empty() {
-        return Ok(config);
-    }
     // Decoding goes field by field; readers want the file's order. Unplaced errors go last.
+    sort_errors(&mut errors);
+    if decoder.found > errors.len() {
+        errors.push(ConfigError {
+            origin: origin.to_owned(),
+            path: String::new(),
+            location: None,
+            message: format!(
+                "{} more errors not listed: only the first {} found are",
+                decoder.found - errors.len(),
+                errors.len()
+            ),
+        });
+    }
+    (Some(config), errors)
+}
+
+/// Puts errors in file order (the order a reader goes through the file); errors with no
+/// position go last, in the order they came.
+pub fn sort_errors(errors: &mut [ConfigError]) {
     errors.sort_by_key(|e| {
         e.location
             .map_or((usize::MAX, usize::MAX), |l| (l.line, l.column))
     });
-    Err(ConfigErrors { errors })
+}
+
+/// Like [`load_file`], but the configuration comes back with its errors (see [`check_str`]);
+/// `None` when the file could not be read, is not text or is not YAML.
+pub fn check_file(path: &Path) -> (Option<Config>, Vec<ConfigError>) {
+    let origin = path.display().to_string();
+    let failed = |location, message| ConfigError {
+        origin: origin.clone(),
+        path: String::new(),
+        location,
+        message,
+    };
+    let bytes = match read_capped(path) {
+        Ok(bytes) => bytes,
+        Err((location, message)) => return (None, vec![failed(location, message)]),
+    };
+    let text = match encoding::decode(&bytes) {
+        Ok(text) => text,
+        Err(error) => return (None, vec![encoding_error(&origin, error)]),
+    };
+    let env = |name: &str| std::env::var(name).ok();
+    check_str(text, &origin, &base_dir_of(path), &env)
 }
 
 /// The whole configuration file.
@@ -551,7 +672,28 @@ pub enum Schedule {
     },
 }
 
+/// Why an API on `listen` is dangerous, or `None` on a loopback address. The API has no
+/// authentication yet, so whoever reaches it controls every function.
+pub fn exposed_api_warning(listen: SocketAddr) -> Option<String> {
+    if listen.ip().to_canonical().is_loopback() {
+        return None;
+    }
+    Some(format!(
+        "the API listens on {listen}, which is not a loopback address, and it has no authentication: anyone who can reach {listen} may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+    ))
+}
+
 impl Config {
+    /// What is allowed but dangerous in this configuration, one line each, placed like errors
+    /// (`sluice.yaml:2:11: api.listen: …`). `sluice validate` and `sluice run` print them.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if let Some(message) = exposed_api_warning(self.api.listen) {
+            warnings.push(self.error_at("api.listen", message).to_string());
+        }
+        warnings
+    }
+
     /// Where the node at `path` (`functions.resize.package`) stood in the file.
     pub fn location(&self, path: &str) -> Option<Location> {
         self.locations.get(path).copied()
@@ -738,5 +880,26 @@ mod tests {
             errors.to_string(),
             "test.yaml:1:12: functions: expected a mapping, found a string"
         );
+    }
+
+    #[test]
+    fn an_api_off_loopback_is_warned_about_where_it_is_set() {
+        let config = parse("api:\n  listen: 0.0.0.0:9000\n").unwrap();
+        assert_eq!(
+            config.warnings(),
+            [
+                "test.yaml:2:11: api.listen: the API listens on 0.0.0.0:9000, which is not a loopback address, and it has no authentication: anyone who can reach 0.0.0.0:9000 may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+            ]
+        );
+        for quiet in [
+            "",
+            "api:\n  listen: 127.0.0.1:9000\n",
+            "api:\n  listen: '[::1]:9000'\n",
+        ] {
+            assert!(parse(quiet).unwrap().warnings().is_empty(), "{quiet:?}");
+        }
+        assert!(exposed_api_warning("[::ffff:127.0.0.1]:9000".parse().unwrap()).is_none());
+        assert!(exposed_api_warning("192.168.1.5:9000".parse().unwrap()).is_some());
+        assert!(exposed_api_warning("[::]:9000".parse().unwrap()).is_some());
     }
 }

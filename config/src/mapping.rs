@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::decode::{Decoder, Field, Fields, child, index};
+use crate::decode::{Decoder, Field, Fields, Names, child, index};
 use crate::endpoints::{
     check_amqp_name, check_amqp_uri, check_dynamodb_stream_arn, check_dynamodb_table,
     check_kinesis_stream, check_queue_url, decode_aws, decode_brokers, decode_properties,
@@ -156,8 +156,8 @@ impl PollType {
 /// What a mapping's settings are checked against.
 pub(crate) struct MappingContext<'a> {
     pub(crate) enabled: bool,
-    pub(crate) functions: &'a [&'a str],
-    pub(crate) dead_letters: &'a [&'a str],
+    pub(crate) functions: &'a Names<'a>,
+    pub(crate) dead_letters: &'a Names<'a>,
     pub(crate) base_dir: &'a Path,
 }
 
@@ -372,7 +372,7 @@ fn decode_security(
     base_dir: &Path,
 ) -> Option<KafkaSecurity> {
     let security = d.section(fields, "security", SECURITY_KEYS)?;
-    let errors_before = d.errors.len();
+    let errors_before = d.found;
     let protocol = d.parse(&security, "protocol", "a protocol", |text| {
         one_of(text, "protocol", KAFKA_PROTOCOLS, str::to_ascii_lowercase)
     });
@@ -463,7 +463,7 @@ fn decode_security(
         ),
         _ => {}
     }
-    if d.errors.len() > errors_before {
+    if d.found > errors_before {
         return None;
     }
     Some(KafkaSecurity {
@@ -794,10 +794,10 @@ fn decode_on_failure(
     context: &MappingContext<'_>,
 ) -> Option<String> {
     let target = d.string(fields, "on_failure").ok()?;
-    if context.dead_letters.contains(&target.as_str()) {
+    if context.dead_letters.contains(&target) {
         return Some(target);
     }
-    let message = if context.functions.contains(&target.as_str()) {
+    let message = if context.functions.contains(&target) {
         format!(
             "`{target}` is a function: a source's `on_failure` must name a dead letter under `dead_letters`"
         )
@@ -805,7 +805,7 @@ fn decode_on_failure(
         with_suggestion(
             format!("unknown dead letter `{target}`: it is not declared under `dead_letters`"),
             &target,
-            context.dead_letters,
+            context.dead_letters.as_slice(),
         )
     };
     d.error(&fields.path_of("on_failure"), message);

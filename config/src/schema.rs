@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::cron_expr::parse_cron;
 use crate::dead_letter::decode_dead_letter;
-use crate::decode::{Decoder, Field, Fields, child, closest, index};
+use crate::decode::{Decoder, Field, Fields, Names, child, closest, index};
 use crate::interpolate::is_variable_name;
 use crate::mapping::{MappingContext, PollType, decode_poll_source};
 use crate::shell::split_words;
@@ -117,8 +117,8 @@ const SHUTDOWN_GRACE: std::ops::RangeInclusive<Duration> =
 
 /// The names a destination (`on_success`, `on_failure`) can point at.
 struct Destinations<'a> {
-    functions: &'a [&'a str],
-    dead_letters: &'a [&'a str],
+    functions: &'a Names<'a>,
+    dead_letters: &'a Names<'a>,
 }
 
 pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) -> Config {
@@ -197,7 +197,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     }
 
     let dead_letters = d.entries(&top, "dead_letters");
-    let dead_letter_names: Vec<&str> = dead_letters.iter().map(|entry| entry.key).collect();
+    let dead_letter_names = Names::new(dead_letters.iter().map(|entry| entry.key).collect());
     for entry in &dead_letters {
         let path = child(&top.path_of("dead_letters"), entry.key);
         if !is_function_name(entry.key) {
@@ -218,7 +218,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     }
 
     let functions = d.entries(&top, "functions");
-    let declared: Vec<&str> = functions.iter().map(|entry| entry.key).collect();
+    let declared = Names::new(functions.iter().map(|entry| entry.key).collect());
     let destinations = Destinations {
         functions: &declared,
         dead_letters: &dead_letter_names,
@@ -246,6 +246,18 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
     let mut http_paths = BTreeMap::new();
     for entry in d.entries(&top, "sources") {
         let path = child(&top.path_of("sources"), entry.key);
+        // Source names label metrics and key checkpoints in the state store, like function
+        // names do, so they follow the same rule.
+        if !is_function_name(entry.key) {
+            d.error_at(
+                &path,
+                Some(entry.key_location),
+                format!(
+                    "invalid source name `{}`: use 1 to {FUNCTION_NAME_MAX} letters, digits, `-` or `_`",
+                    entry.key
+                ),
+            );
+        }
         let context = SourceContext {
             name: entry.key,
             destinations: &destinations,
@@ -458,9 +470,13 @@ fn decode_function(
     let aliases = decode_aliases(d, &fields);
 
     let runtime = runtime?;
-    let command = command
-        .ok()
-        .or_else(|| (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()]));
+    // A command given wrong stays unset rather than defaulting: the partial configuration
+    // `check_str` returns must not have `validate` look for a `./bootstrap` nobody asked for.
+    let command = match command {
+        Field::Value(command) => Some(command),
+        Field::Absent => (runtime == Runtime::Process).then(|| vec![defaults::COMMAND.to_owned()]),
+        Field::Invalid => None,
+    };
     let handler = handler.or_else(|| (runtime == Runtime::Native).then(|| name.to_owned()));
     Some(FunctionConfig {
         runtime,
@@ -506,8 +522,8 @@ fn decode_destination(
     destinations: &Destinations<'_>,
 ) -> Option<String> {
     let target = d.string(fields, key).ok()?;
-    let is_function = destinations.functions.contains(&target.as_str());
-    let is_dead_letter = destinations.dead_letters.contains(&target.as_str());
+    let is_function = destinations.functions.contains(&target);
+    let is_dead_letter = destinations.dead_letters.contains(&target);
     let problem = if is_function && is_dead_letter {
         format!(
             "`{target}` names both a function and a dead letter: rename one of them so that the destination is clear"
@@ -523,8 +539,9 @@ fn decode_destination(
     } else {
         let candidates: Vec<&str> = destinations
             .functions
+            .as_slice()
             .iter()
-            .chain(destinations.dead_letters)
+            .chain(destinations.dead_letters.as_slice())
             .copied()
             .filter(|candidate| *candidate != function)
             .collect();
@@ -844,8 +861,24 @@ fn decode_environment(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<Stri
         };
         environment.insert(name.to_owned(), value);
     }
+    let size: usize = environment
+        .iter()
+        .map(|(name, value)| name.len() + value.len())
+        .sum();
+    if size > ENVIRONMENT_MAX_BYTES {
+        d.error(
+            &path,
+            format!(
+                "the environment variables take {size} bytes (names and values), over Lambda's limit of {ENVIRONMENT_MAX_BYTES} bytes (4 KB)"
+            ),
+        );
+    }
     environment
 }
+
+/// Lambda's limit on a function's environment variables: 4 KB for all names and values
+/// together, counted in bytes.
+const ENVIRONMENT_MAX_BYTES: usize = 4096;
 
 fn decode_tags(d: &mut Decoder<'_>, fields: &Fields<'_>) -> BTreeMap<String, String> {
     let path = fields.path_of("tags");
@@ -1190,7 +1223,7 @@ fn check_function_ref(
     d: &mut Decoder<'_>,
     path: &str,
     reference: String,
-    declared: &[&str],
+    declared: &Names<'_>,
 ) -> Option<String> {
     let (name, qualifier) = match reference.split_once(':') {
         Some((name, qualifier)) => (name, Some(qualifier)),
@@ -1218,11 +1251,11 @@ fn check_function_ref(
             return None;
         }
     }
-    if !declared.contains(&name) {
+    if !declared.contains(name) {
         let message = with_suggestion(
             format!("unknown function `{name}`: it is not declared under `functions`"),
             name,
-            declared,
+            declared.as_slice(),
         );
         d.error(path, message);
         return None;

@@ -12,6 +12,11 @@ use crate::Location;
 /// Deeper than any sane config; a runaway file gets an error instead of overflowing the stack.
 const MAX_DEPTH: usize = 128;
 
+/// How much aliases may copy in all, counted as [`cost`]: roughly the memory the copies take.
+/// Each alias copies its anchored node, so nested aliases grow exponentially ("billion laughs":
+/// a 547-byte file that expands to gigabytes); a real config repeats a few small blocks.
+pub(crate) const MAX_ALIAS_EXPANSION: usize = 16 * 1024 * 1024;
+
 #[derive(Debug, Clone)]
 pub(crate) struct Node {
     pub(crate) kind: Kind,
@@ -139,13 +144,30 @@ pub(crate) fn parse(text: &str) -> Result<Option<Node>, SyntaxError> {
     let mut builder = Builder {
         parser: Parser::new_from_str(text),
         anchors: HashMap::new(),
+        expanded: 0,
     };
     builder.document()
 }
 
+/// A node with what it costs to copy it and how many levels deep it goes (a scalar is 1).
+struct Built {
+    node: Node,
+    cost: usize,
+    height: usize,
+}
+
+/// What a node counts against [`MAX_ALIAS_EXPANSION`] for itself (its children count apart).
+fn cost(text_len: usize) -> usize {
+    std::mem::size_of::<Node>().saturating_add(text_len)
+}
+
 struct Builder<'input> {
     parser: Parser<'input, saphyr_parser::StrInput<'input>>,
-    anchors: HashMap<usize, Node>,
+    /// Anchored nodes by saphyr's anchor id, with their cost and height, so that an alias is
+    /// charged and depth-checked without walking the copy.
+    anchors: HashMap<usize, Built>,
+    /// What aliases have copied so far, against [`MAX_ALIAS_EXPANSION`].
+    expanded: usize,
 }
 
 impl<'input> Builder<'input> {
@@ -175,7 +197,7 @@ impl<'input> Builder<'input> {
                         });
                     }
                     let (event, span) = self.next()?;
-                    root = Some(self.node(event, span, 0)?);
+                    root = Some(self.node(event, span, 0)?.node);
                 }
                 other => {
                     return Err(SyntaxError {
@@ -192,44 +214,54 @@ impl<'input> Builder<'input> {
         event: Event<'input>,
         span: Span,
         depth: usize,
-    ) -> Result<Node, SyntaxError> {
+    ) -> Result<Built, SyntaxError> {
         let at = location(span.start);
         if depth > MAX_DEPTH {
-            return Err(SyntaxError {
-                location: at,
-                message: format!("nested more than {MAX_DEPTH} levels deep"),
-            });
+            return Err(too_deep(at));
         }
-        let (node, anchor) = match event {
+        let (built, anchor) = match event {
             Event::Scalar(text, style, anchor, tag) => {
                 let forced_string = tag.is_some_and(|tag| tag.suffix == "str");
                 let plain = style == ScalarStyle::Plain && !forced_string;
-                let node = Node {
-                    kind: Kind::Scalar {
-                        text: text.into_owned(),
-                        plain,
+                let built = Built {
+                    cost: cost(text.len()),
+                    height: 1,
+                    node: Node {
+                        kind: Kind::Scalar {
+                            text: text.into_owned(),
+                            plain,
+                        },
+                        location: at,
                     },
-                    location: at,
                 };
-                (node, anchor)
+                (built, anchor)
             }
             Event::SequenceStart(anchor, _) => {
                 let mut items = Vec::new();
+                let (mut total, mut height) = (cost(0), 1);
                 loop {
                     let (event, span) = self.next()?;
                     if event == Event::SequenceEnd {
                         break;
                     }
-                    items.push(self.node(event, span, depth + 1)?);
+                    let item = self.node(event, span, depth + 1)?;
+                    total = total.saturating_add(item.cost);
+                    height = height.max(item.height + 1);
+                    items.push(item.node);
                 }
-                let node = Node {
-                    kind: Kind::Sequence(items),
-                    location: at,
+                let built = Built {
+                    node: Node {
+                        kind: Kind::Sequence(items),
+                        location: at,
+                    },
+                    cost: total,
+                    height,
                 };
-                (node, anchor)
+                (built, anchor)
             }
             Event::MappingStart(anchor, _) => {
                 let mut entries = Vec::new();
+                let (mut total, mut height) = (cost(0), 1);
                 loop {
                     let (event, span) = self.next()?;
                     if event == Event::MappingEnd {
@@ -238,26 +270,21 @@ impl<'input> Builder<'input> {
                     let key = self.node(event, span, depth + 1)?;
                     let (event, span) = self.next()?;
                     let value = self.node(event, span, depth + 1)?;
-                    entries.push((key, value));
+                    total = total.saturating_add(key.cost).saturating_add(value.cost);
+                    height = height.max(key.height.max(value.height) + 1);
+                    entries.push((key.node, value.node));
                 }
-                let node = Node {
-                    kind: Kind::Mapping(entries),
-                    location: at,
-                };
-                (node, anchor)
-            }
-            Event::Alias(anchor) => {
-                return match self.anchors.get(&anchor) {
-                    Some(node) => Ok(Node {
+                let built = Built {
+                    node: Node {
+                        kind: Kind::Mapping(entries),
                         location: at,
-                        ..node.clone()
-                    }),
-                    None => Err(SyntaxError {
-                        location: at,
-                        message: "alias to an unknown anchor".to_owned(),
-                    }),
+                    },
+                    cost: total,
+                    height,
                 };
+                (built, anchor)
             }
+            Event::Alias(anchor) => return self.alias(anchor, at, depth),
             other => {
                 return Err(SyntaxError {
                     location: at,
@@ -266,9 +293,52 @@ impl<'input> Builder<'input> {
             }
         };
         if anchor != 0 {
-            self.anchors.insert(anchor, node.clone());
+            let copy = Built {
+                node: built.node.clone(),
+                ..built
+            };
+            self.anchors.insert(anchor, copy);
         }
-        Ok(node)
+        Ok(built)
+    }
+
+    /// A copy of the anchored node, charged against the expansion budget before it is made
+    /// and refused if it would nest the document too deep.
+    fn alias(&mut self, anchor: usize, at: Location, depth: usize) -> Result<Built, SyntaxError> {
+        let Some(anchored) = self.anchors.get(&anchor) else {
+            return Err(SyntaxError {
+                location: at,
+                message: "alias to an unknown anchor".to_owned(),
+            });
+        };
+        if depth + anchored.height - 1 > MAX_DEPTH {
+            return Err(too_deep(at));
+        }
+        self.expanded = self.expanded.saturating_add(anchored.cost);
+        if self.expanded > MAX_ALIAS_EXPANSION {
+            return Err(SyntaxError {
+                location: at,
+                message: format!(
+                    "aliases copy more than {} MiB of the document here; refused, as nested aliases grow a file exponentially (a \"billion laughs\")",
+                    MAX_ALIAS_EXPANSION / (1024 * 1024)
+                ),
+            });
+        }
+        Ok(Built {
+            node: Node {
+                location: at,
+                ..anchored.node.clone()
+            },
+            cost: anchored.cost,
+            height: anchored.height,
+        })
+    }
+}
+
+fn too_deep(at: Location) -> SyntaxError {
+    SyntaxError {
+        location: at,
+        message: format!("nested more than {MAX_DEPTH} levels deep"),
     }
 }
 
