@@ -270,9 +270,11 @@ fn start_sources(
                     invocation::REGION,
                     invocation::ACCOUNT_ID,
                 );
-                tasks.push(tokio::spawn(
-                    source.run(dispatch.clone(), stop.child_token()),
-                ));
+                tasks.push(tokio::spawn(source.run(
+                    dispatch.clone(),
+                    Arc::new(state::ScheduleTicks(store.clone())),
+                    stop.child_token(),
+                )));
             }
             // Webhooks are routes on the API listener, mounted when it starts.
             sluice_config::SourceKind::Http(_) => {}

@@ -1,8 +1,12 @@
 //! `type: schedule`: invoke a function at a fixed rate with EventBridge's scheduled-event
 //! payload, or with the configured `input`.
+//!
+//! A rate schedule remembers its last tick in a [`TickStore`] (the broker's state store), so
+//! that a restart continues its rhythm: `rate: 1 day` fires once a day, not at every start.
 
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use aws_lambda_events::event::cloudwatch_events::CloudWatchEvent;
 use bytes::Bytes;
@@ -14,6 +18,15 @@ use crate::Dispatch;
 
 pub const SCHEDULE_EVENTS: &str = "sluice_schedule_events_total";
 pub const SCHEDULE_FAILURES: &str = "sluice_schedule_failures_total";
+
+/// Where a rate schedule remembers when it last fired (ms since the Unix epoch).
+#[async_trait::async_trait]
+pub trait TickStore: Send + Sync + 'static {
+    async fn last_tick(&self, source: &str) -> Result<Option<i64>, TickStoreError>;
+    async fn record_tick(&self, source: &str, tick_ms: i64) -> Result<(), TickStoreError>;
+}
+
+pub type TickStoreError = Box<dyn std::error::Error + Send + Sync>;
 
 pub struct ScheduleSource {
     name: String,
@@ -76,17 +89,44 @@ impl ScheduleSource {
         Bytes::from(body.unwrap_or_default())
     }
 
-    /// Ticks until `stop` is cancelled. A rate schedule fires at once and then every period; a
-    /// cron schedule at its times (UTC, as EventBridge). Each tick queues one asynchronous
-    /// invocation; ticks missed while Sluice was busy are skipped, not made up.
-    pub async fn run(self, dispatch: Arc<dyn Dispatch>, stop: CancellationToken) {
+    /// How long after start a rate schedule first fires: at once the first time, otherwise one
+    /// period after the last recorded tick (at once if that time has passed while Sluice was
+    /// stopped: the missed ticks collapse into one).
+    async fn first_delay(&self, period: Duration, ticks: &dyn TickStore) -> Duration {
+        let last = match ticks.last_tick(&self.name).await {
+            Ok(last) => last,
+            Err(e) => {
+                tracing::warn!(source = %self.name, error = %e,
+                    "cannot read the schedule's last tick; firing as on a first start");
+                None
+            }
+        };
+        let Some(last) = last else {
+            return Duration::ZERO;
+        };
+        let since = chrono::Utc::now().timestamp_millis().saturating_sub(last);
+        let since = Duration::from_millis(u64::try_from(since).unwrap_or(0));
+        period.saturating_sub(since)
+    }
+
+    /// Ticks until `stop` is cancelled. A rate schedule fires every period, continuing from its
+    /// last recorded tick; a cron schedule at its times (UTC, as EventBridge). Each tick queues
+    /// one asynchronous invocation; ticks missed while Sluice was busy are skipped, not made
+    /// up.
+    pub async fn run(
+        self,
+        dispatch: Arc<dyn Dispatch>,
+        ticks: Arc<dyn TickStore>,
+        stop: CancellationToken,
+    ) {
         let labels = [
             ("source", self.name.clone()),
             ("function", self.function.clone()),
         ];
         let mut ticker = match &self.config.schedule {
             Schedule::Rate(period) => {
-                let mut t = tokio::time::interval(*period);
+                let first = self.first_delay(*period, ticks.as_ref()).await;
+                let mut t = tokio::time::interval_at(tokio::time::Instant::now() + first, *period);
                 t.set_missed_tick_behavior(MissedTickBehavior::Skip);
                 Some(t)
             }
@@ -117,7 +157,8 @@ impl ScheduleSource {
                 },
             }
             metrics::counter!(SCHEDULE_EVENTS, &labels).increment(1);
-            let event = self.event(chrono::Utc::now());
+            let now = chrono::Utc::now();
+            let event = self.event(now);
             // EventBridge invokes asynchronously: the event is queued durably and gets the
             // function's retries and on_failure destination.
             let outcome = tokio::select! {
@@ -128,6 +169,15 @@ impl ScheduleSource {
                 metrics::counter!(SCHEDULE_FAILURES, &labels).increment(1);
                 tracing::warn!(source = %self.name, function = %self.function, error = %e,
                     "cannot queue the scheduled event");
+                continue;
+            }
+            // Recorded once the event is queued: a crash in between fires the tick again at the
+            // next start rather than losing it.
+            if ticker.is_some()
+                && let Err(e) = ticks.record_tick(&self.name, now.timestamp_millis()).await
+            {
+                tracing::warn!(source = %self.name, error = %e,
+                    "cannot record the schedule's tick; a restart may fire it again");
             }
         }
     }
@@ -230,18 +280,70 @@ mod tests {
         }
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn ticks_at_the_rate_until_stopped() {
+    /// Ticks in memory, for the rhythm; the state store's own table is tested with the store.
+    #[derive(Default)]
+    struct Ticks(Mutex<Option<i64>>);
+
+    #[async_trait::async_trait]
+    impl TickStore for Ticks {
+        async fn last_tick(&self, _: &str) -> Result<Option<i64>, TickStoreError> {
+            Ok(*self.0.lock().expect("lock"))
+        }
+
+        async fn record_tick(&self, _: &str, tick_ms: i64) -> Result<(), TickStoreError> {
+            *self.0.lock().expect("lock") = Some(tick_ms);
+            Ok(())
+        }
+    }
+
+    /// Runs a 10 s rate schedule for `run_for` of paused, auto-advanced time; returns the
+    /// number of ticks.
+    async fn ticks_within(ticks: Arc<Ticks>, run_for: Duration) -> usize {
         let recorder = Arc::new(Recorder(Mutex::new(Vec::new())));
         let stop = CancellationToken::new();
-        let task =
-            tokio::spawn(source(None, Duration::from_secs(10)).run(recorder.clone(), stop.clone()));
-        // The first tick fires at once, then one every 10 s of (paused, auto-advanced) time.
-        tokio::time::sleep(Duration::from_secs(35)).await;
+        let task = tokio::spawn(source(None, Duration::from_secs(10)).run(
+            recorder.clone(),
+            ticks,
+            stop.clone(),
+        ));
+        tokio::time::sleep(run_for).await;
         stop.cancel();
         task.await.expect("joined");
         let calls = recorder.0.lock().expect("lock");
-        assert_eq!(calls.len(), 4, "ticks at 0, 10, 20 and 30 s");
         assert!(calls.iter().all(|(f, _)| f == "f"));
+        calls.len()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_at_the_rate_from_the_first_start_and_records_each_tick() {
+        let ticks = Arc::new(Ticks::default());
+        let before = chrono::Utc::now().timestamp_millis();
+        assert_eq!(
+            ticks_within(ticks.clone(), Duration::from_secs(35)).await,
+            4,
+            "ticks at 0, 10, 20 and 30 s"
+        );
+        assert!(ticks.0.lock().expect("lock").is_some_and(|t| t >= before));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restart_continues_from_the_last_tick_instead_of_firing_at_once() {
+        // The last tick was 4 s ago (wall clock): the next is due 6 s after the start.
+        let ticks = Arc::new(Ticks(Mutex::new(Some(
+            chrono::Utc::now().timestamp_millis() - 4_000,
+        ))));
+        assert_eq!(ticks_within(ticks.clone(), Duration::from_secs(5)).await, 0);
+        let ticks = Arc::new(Ticks(Mutex::new(Some(
+            chrono::Utc::now().timestamp_millis() - 4_000,
+        ))));
+        assert_eq!(ticks_within(ticks, Duration::from_secs(7)).await, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ticks_missed_while_stopped_collapse_into_one_at_start() {
+        let ticks = Arc::new(Ticks(Mutex::new(Some(
+            chrono::Utc::now().timestamp_millis() - 3_600_000,
+        ))));
+        assert_eq!(ticks_within(ticks, Duration::from_secs(1)).await, 1);
     }
 }

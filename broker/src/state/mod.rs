@@ -193,6 +193,27 @@ pub trait StateStore: Send + Sync + 'static {
     async fn put_schedule_tick(&self, source: &str, tick_ms: i64) -> Result<(), StateError>;
 }
 
+/// Schedule ticks kept in the state store, for `type: schedule` sources.
+pub struct ScheduleTicks(pub std::sync::Arc<dyn StateStore>);
+
+#[async_trait]
+impl sluice_connectors::schedule::TickStore for ScheduleTicks {
+    async fn last_tick(
+        &self,
+        source: &str,
+    ) -> Result<Option<i64>, sluice_connectors::schedule::TickStoreError> {
+        Ok(self.0.schedule_tick(source).await?)
+    }
+
+    async fn record_tick(
+        &self,
+        source: &str,
+        tick_ms: i64,
+    ) -> Result<(), sluice_connectors::schedule::TickStoreError> {
+        Ok(self.0.put_schedule_tick(source, tick_ms).await?)
+    }
+}
+
 /// How a store is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenOptions {
