@@ -16,7 +16,7 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value, json};
 
 use crate::kinesis::polling::sdk_config;
-use crate::queue::{Delivery, QueueSource, Redelivery};
+use crate::queue::{Delivery, NotKept, QueueSource, Redelivery};
 use crate::record::Record;
 use crate::stream::ReadError;
 
@@ -227,7 +227,10 @@ impl QueueSource for SqsSource {
         Ok(())
     }
 
-    async fn keep_alive(&self, deliveries: &[&Delivery]) -> Result<(), ReadError> {
+    /// Entries the batch call refused (a receipt handle gone stale because the message was
+    /// received again elsewhere, say) come back as [`NotKept`] rather than vanishing.
+    async fn keep_alive(&self, deliveries: &[&Delivery]) -> Result<Vec<NotKept>, ReadError> {
+        let mut not_kept = Vec::new();
         for chunk in deliveries.chunks(10) {
             let entries = chunk
                 .iter()
@@ -241,15 +244,28 @@ impl QueueSource for SqsSource {
                         .map_err(|e| ReadError::Other(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            self.client
+            let out = self
+                .client
                 .change_message_visibility_batch()
                 .queue_url(&self.queue_url)
                 .set_entries(Some(entries))
                 .send()
                 .await
                 .map_err(sdk_error)?;
+            not_kept.extend(out.failed().iter().map(|f| {
+                NotKept {
+                    id: f
+                        .id()
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| chunk.get(i))
+                        .map_or_else(|| f.id().to_string(), |d| d.record.id.clone()),
+                    code: f.code().to_string(),
+                    message: f.message().unwrap_or_default().to_string(),
+                }
+            }));
         }
-        Ok(())
+        Ok(not_kept)
     }
 
     fn visibility_timeout(&self) -> Option<Duration> {
