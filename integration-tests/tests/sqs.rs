@@ -25,7 +25,7 @@ use aws_sdk_sqs::types::{
     Message, MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
-use common::{Function, Sluice, json_lines, quoted, wait_for_lines};
+use common::{Function, Logs, Sluice, json_lines, quoted, wait_for_lines};
 use serde_json::{Value, json};
 use sluice::{FunctionError, NativeRegistry};
 use sluice_integration_tests::unique_name;
@@ -854,18 +854,6 @@ async fn fifo_never_deletes_a_message_behind_a_failed_one_in_its_group() {
     sluice.shutdown().await;
 }
 
-/// The value of the first sample of `metric` whose labels include all of `labels`, or 0.
-async fn metric(sluice: &Sluice, metric: &str, labels: &[&str]) -> f64 {
-    let (status, text) = sluice.get("/metrics").await;
-    assert_eq!(status, 200, "GET /metrics: {text}");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{metric}{{")))
-        .find(|l| labels.iter().all(|label| l.contains(label)))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_batch_on_a_short_visibility_queue_read_by_two_mappings_runs_each_message_once() {
     // The batch window and the function together outlast the 2 s visibility timeout; the
@@ -934,15 +922,14 @@ async fn visibility_extensions_the_queue_refuses_are_counted() {
         .send()
         .await
         .expect("purge the queue");
-    let labels = [format!("source=\"{source}\"")];
-    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    let label = format!("source=\"{source}\"");
     let started = Instant::now();
-    while metric(
-        &sluice,
-        "sluice_mapping_visibility_extension_failures_total",
-        &labels,
-    )
-    .await
+    while sluice
+        .metric(
+            "sluice_mapping_visibility_extension_failures_total",
+            &[&label],
+        )
+        .await
         < 1.0
     {
         assert!(
@@ -954,38 +941,10 @@ async fn visibility_extensions_the_queue_refuses_are_counted() {
     sluice.shutdown().await;
 }
 
-/// Everything Sluice logs while `f` runs on this thread (a current-thread runtime runs every
-/// task of the Sluice it starts here).
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl std::io::Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().expect("logs").extend_from_slice(buf);
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().expect("logs")).into_owned()
-    }
-}
-
 #[tokio::test(flavor = "current_thread")]
 async fn a_queue_whose_visibility_timeout_is_shorter_than_the_function_timeout_is_refused() {
-    use tracing_subscriber::util::SubscriberInitExt;
     let logs = Logs::default();
-    let writer = logs.clone();
-    let _logging = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish()
-        .set_default();
+    let _logging = logs.capture();
     let short = Queue::create(
         "sluice-sqs-refused",
         &[(QueueAttributeName::VisibilityTimeout, "1".into())],
@@ -1014,31 +973,17 @@ async fn a_queue_whose_visibility_timeout_is_shorter_than_the_function_timeout_i
     // The other mapping runs.
     recorder.wait_for_all(&all).await;
     let message = "Queue visibility timeout: 1 seconds is less than Function timeout: 3 seconds";
-    let started = Instant::now();
-    while !logs.text().contains(message) {
-        assert!(
-            started.elapsed() < PATIENCE,
-            "no refusal was logged:\n{}",
-            logs.text()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let line = logs
-        .text()
-        .lines()
-        .find(|l| l.contains(message))
-        .map(str::to_string)
-        .unwrap_or_default();
+    let line = logs.wait_for_line(message, PATIENCE).await;
     assert!(line.contains("ERROR"), "{line}");
     assert!(line.contains(&refused), "the log names the source: {line}");
     let label = format!("source=\"{refused}\"");
     assert_eq!(
-        metric(
-            &sluice,
-            "sluice_mapping_refused_total",
-            &[&label, "reason=\"visibility_timeout\""]
-        )
-        .await,
+        sluice
+            .metric(
+                "sluice_mapping_refused_total",
+                &[&label, "reason=\"visibility_timeout\""]
+            )
+            .await,
         1.0
     );
     // Nothing read it: the message is still there, visible.
