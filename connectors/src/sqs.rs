@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
@@ -19,6 +20,11 @@ use crate::kinesis::polling::sdk_config;
 use crate::queue::{Delivery, NotKept, QueueSource, Redelivery};
 use crate::record::Record;
 use crate::stream::ReadError;
+
+/// As the shared AWS client configuration has it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much longer than its long-poll wait a ReceiveMessage call may take before it is lost.
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct SqsSource {
     client: Client,
@@ -177,6 +183,19 @@ impl QueueSource for SqsSource {
             .wait_time_seconds(wait_secs)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
+            // The client's attempt timeout (10 s) is shorter than a long poll may wait.
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .operation_attempt_timeout(
+                            Duration::from_secs(u64::try_from(wait_secs).unwrap_or(20))
+                                + LONG_POLL_MARGIN,
+                        )
+                        .build(),
+                ),
+            )
             .send()
             .await
             .map_err(sdk_error)?;

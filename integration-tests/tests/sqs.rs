@@ -891,6 +891,33 @@ async fn a_slow_batch_on_a_short_visibility_queue_read_by_two_mappings_runs_each
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_queue_is_long_polled_without_read_errors() {
+    let queue = Queue::create("sluice-sqs-idle", &[]).await;
+    let recorder = Recorder::default();
+    // Its own name in the process-wide metrics.
+    let source = unique_name("idle");
+    let sluice = start(
+        recorder.registry(Duration::ZERO, succeed()),
+        &[],
+        &format!("sources:\n{}", queue.named_source_yaml(&source, "")),
+    )
+    .await;
+    // Longer than the AWS client's 10 s attempt timeout, shorter than one 20 s long poll.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let label = format!("source=\"{source}\"");
+    assert_eq!(
+        sluice
+            .metric("sluice_mapping_read_errors_total", &[&label])
+            .await,
+        0.0,
+        "a long poll on an idle queue failed"
+    );
+    queue.send("late").await;
+    recorder.wait_for_all(&["late".to_string()]).await;
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn visibility_extensions_the_queue_refuses_are_counted() {
     let queue = Queue::create(
         "sluice-sqs-lost-lease",
