@@ -507,3 +507,35 @@ async fn by_source(
     });
     futures::future::join_all(runs).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_writes_whole_seconds_as_lambda_does_and_a_fraction_only_when_there_is_one() {
+        assert_eq!(seconds(Duration::from_secs(30)), "30");
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.5");
+    }
+
+    #[test]
+    fn the_first_extension_is_due_a_third_of_the_visibility_after_the_receive_was_sent() {
+        let mut lease = Lease {
+            every: Duration::from_secs(10),
+            next: None,
+        };
+        assert_eq!(
+            lease.due_in(),
+            None,
+            "nothing to keep before a message came"
+        );
+        // A long poll sent 8 s ago that returned just now leaves 2 s, not 10.
+        let sent = Instant::now() - Duration::from_secs(8);
+        lease.start(sent);
+        let due = lease.due_in().expect("due");
+        assert!(due <= Duration::from_secs(2), "{due:?}");
+        // A later receive of the same batch does not push the first deadline back.
+        lease.start(Instant::now());
+        assert!(lease.due_in().expect("due") <= Duration::from_secs(2));
+    }
+}
