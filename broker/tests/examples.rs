@@ -1,5 +1,6 @@
 //! The example configurations under `examples/` stay valid: `sluice validate` accepts every
-//! `examples/*/sluice.yaml`, and there is one for each source type, so that a change to the
+//! `examples/*/sluice.yaml`, and there is one for each source type the schema knows
+//! (`examples/<type>/sluice.yaml`, with a dead letter), so that a change to the
 //! schema that breaks an example fails here rather than in a reader's hands.
 
 mod common;
@@ -8,17 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::SLUICE;
-
-/// Every source `type:`; each has `examples/<type>/sluice.yaml`.
-const SOURCE_TYPES: &[&str] = &[
-    "kafka",
-    "rabbitmq",
-    "sqs",
-    "kinesis",
-    "dynamodb_streams",
-    "http",
-    "schedule",
-];
+use sluice_config::SOURCE_TYPES;
 
 fn examples_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")

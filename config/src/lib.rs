@@ -24,6 +24,7 @@ mod units;
 mod yaml;
 
 pub use error::{ConfigError, ConfigErrors};
+pub use schema::SOURCE_TYPES;
 pub use units::{parse_duration, parse_size};
 
 /// Every default in one place.

@@ -61,7 +61,8 @@ const HTTP_KEYS: &[&str] = &[
     "invocation",
     "methods",
 ];
-const SOURCE_TYPES: &[&str] = &[
+/// Every source `type:` the schema knows.
+pub const SOURCE_TYPES: &[&str] = &[
     "kafka",
     "rabbitmq",
     "sqs",
