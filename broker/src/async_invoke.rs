@@ -2,7 +2,8 @@
 //! before the caller hears 202, and leaves the queue only when its outcome is final: the
 //! function succeeded, or the failure was delivered to the function's `on_failure`
 //! destination (or dropped and counted when it has none). A crash at any instant loses
-//! nothing: on restart every queued event is tried again.
+//! nothing: on restart every queued event is tried again. Events of a function the
+//! configuration no longer declares are kept, named in a warning and counted in a gauge.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -106,12 +107,36 @@ impl AsyncQueue {
             wakers,
         });
         let writer = tokio::spawn(queue.clone().write_batches(rx));
-        let workers = queue
+        let mut workers: Vec<JoinHandle<()>> = queue
             .functions
             .all()
             .map(|f| tokio::spawn(queue.clone().work(f.clone(), stop.clone())))
             .collect();
+        workers.push(tokio::spawn(queue.clone().report_orphans()));
         (queue, writer, workers)
+    }
+
+    /// Events queued for a function the configuration no longer declares have no worker.
+    /// They are kept, not dropped: removing a function from the file is often a mistake or a
+    /// rename, and declaring it again delivers them (its `on_failure`, the only place they
+    /// could be dead-lettered to, went with it). So that they do not wait unseen, each such
+    /// function is named in a warning and counted in a gauge.
+    async fn report_orphans(self: Arc<Self>) {
+        let counts = match self.store.queued_by_function().await {
+            Ok(counts) => counts,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot count the asynchronous queue's events");
+                return;
+            }
+        };
+        for (function, events) in counts {
+            if self.functions.get(&function).is_some() {
+                continue;
+            }
+            metrics::gauge!(m::ASYNC_ORPHANED_EVENTS, "function" => function.clone())
+                .set(events as f64);
+            tracing::warn!(%function, events, "asynchronous events are queued for a function the configuration does not declare; they are kept and delivered once it is declared again");
+        }
     }
 
     pub fn functions(&self) -> &Arc<Functions> {

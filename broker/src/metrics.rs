@@ -151,3 +151,14 @@ fn describe() {
         "Synchronous invocations whose caller went away before the result (the invocation still finishes)"
     );
 }
+
+/// Mappings that did not start because their configuration cannot work (an SQS queue whose
+/// visibility timeout is shorter than the function's timeout), labelled with a `reason`.
+pub const MAPPING_REFUSED: &str = "sluice_mapping_refused_total";
+/// Messages whose visibility a running batch could not extend (refused entries of a
+/// ChangeMessageVisibilityBatch, or a failed call): another consumer may receive them.
+pub const MAPPING_VISIBILITY_EXTENSION_FAILURES: &str =
+    "sluice_mapping_visibility_extension_failures_total";
+/// Asynchronous events queued for a function the configuration no longer declares; they
+/// are kept and delivered once the function is declared again.
+pub const ASYNC_ORPHANED_EVENTS: &str = "sluice_async_orphaned_events";

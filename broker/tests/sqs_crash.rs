@@ -168,7 +168,7 @@ async fn sigkill_mid_stream_loses_no_sqs_message() {
 functions:
   recorder:
     package: ./fn
-    timeout: 10s
+    timeout: 3s
     environment: {{SEEN: {seen}}}
 sources:
   queue:

@@ -65,7 +65,8 @@ const HTTP_KEYS: &[&str] = &[
     "methods",
     "max_body",
 ];
-const SOURCE_TYPES: &[&str] = &[
+/// Every source `type:` the schema knows.
+pub const SOURCE_TYPES: &[&str] = &[
     "kafka",
     "rabbitmq",
     "sqs",

@@ -34,6 +34,17 @@ pub enum Redelivery {
     InPlace,
 }
 
+/// A message whose keep-alive the source refused: it may reach another consumer when its
+/// current visibility ends.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotKept {
+    /// The record id (SQS message id).
+    pub id: String,
+    /// The source's error code (`ReceiptHandleIsInvalid`, `MessageNotInflight`, …).
+    pub code: String,
+    pub message: String,
+}
+
 #[async_trait]
 pub trait QueueSource: Send + Sync + 'static {
     /// The source's ARN (or URI-derived name), as events and on-failure records name it.
@@ -51,9 +62,11 @@ pub trait QueueSource: Send + Sync + 'static {
     /// exchange; SQS: release, and the queue's redrive policy takes it).
     async fn reject(&self, deliveries: &[&Delivery]) -> Result<(), ReadError>;
     /// Called periodically while a batch runs, so the source does not hand its messages to
-    /// another consumer meanwhile (SQS ChangeMessageVisibility). Default: nothing to do.
-    async fn keep_alive(&self, _deliveries: &[&Delivery]) -> Result<(), ReadError> {
-        Ok(())
+    /// another consumer meanwhile (SQS ChangeMessageVisibility). Returns the messages the
+    /// source refused to keep (a batch call can fail for some entries only); an error means
+    /// none was kept. Default: nothing to do.
+    async fn keep_alive(&self, _deliveries: &[&Delivery]) -> Result<Vec<NotKept>, ReadError> {
+        Ok(Vec::new())
     }
     /// How long a received message stays hidden from other consumers unless kept alive (SQS
     /// visibility timeout); `None` when the source has no such timeout.

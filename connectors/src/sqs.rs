@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use aws_sdk_sqs::Client;
+use aws_sdk_sqs::config::timeout::TimeoutConfig;
 use aws_sdk_sqs::error::{DisplayErrorContext, ProvideErrorMetadata};
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry, Message,
@@ -16,9 +17,14 @@ use base64::engine::general_purpose::STANDARD as B64;
 use serde_json::{Map, Value, json};
 
 use crate::kinesis::polling::sdk_config;
-use crate::queue::{Delivery, QueueSource, Redelivery};
+use crate::queue::{Delivery, NotKept, QueueSource, Redelivery};
 use crate::record::Record;
 use crate::stream::ReadError;
+
+/// As the shared AWS client configuration has it.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How much longer than its long-poll wait a ReceiveMessage call may take before it is lost.
+const LONG_POLL_MARGIN: Duration = Duration::from_secs(10);
 
 pub struct SqsSource {
     client: Client,
@@ -177,6 +183,19 @@ impl QueueSource for SqsSource {
             .wait_time_seconds(wait_secs)
             .message_system_attribute_names(MessageSystemAttributeName::All)
             .message_attribute_names("All")
+            // The client's attempt timeout (10 s) is shorter than a long poll may wait.
+            .customize()
+            .config_override(
+                aws_sdk_sqs::config::Builder::default().timeout_config(
+                    TimeoutConfig::builder()
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .operation_attempt_timeout(
+                            Duration::from_secs(u64::try_from(wait_secs).unwrap_or(20))
+                                + LONG_POLL_MARGIN,
+                        )
+                        .build(),
+                ),
+            )
             .send()
             .await
             .map_err(sdk_error)?;
@@ -227,7 +246,10 @@ impl QueueSource for SqsSource {
         Ok(())
     }
 
-    async fn keep_alive(&self, deliveries: &[&Delivery]) -> Result<(), ReadError> {
+    /// Entries the batch call refused (a receipt handle gone stale because the message was
+    /// received again elsewhere, say) come back as [`NotKept`] rather than vanishing.
+    async fn keep_alive(&self, deliveries: &[&Delivery]) -> Result<Vec<NotKept>, ReadError> {
+        let mut not_kept = Vec::new();
         for chunk in deliveries.chunks(10) {
             let entries = chunk
                 .iter()
@@ -241,15 +263,28 @@ impl QueueSource for SqsSource {
                         .map_err(|e| ReadError::Other(e.to_string()))
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            self.client
+            let out = self
+                .client
                 .change_message_visibility_batch()
                 .queue_url(&self.queue_url)
                 .set_entries(Some(entries))
                 .send()
                 .await
                 .map_err(sdk_error)?;
+            not_kept.extend(out.failed().iter().map(|f| {
+                NotKept {
+                    id: f
+                        .id()
+                        .parse::<usize>()
+                        .ok()
+                        .and_then(|i| chunk.get(i))
+                        .map_or_else(|| f.id().to_string(), |d| d.record.id.clone()),
+                    code: f.code().to_string(),
+                    message: f.message().unwrap_or_default().to_string(),
+                }
+            }));
         }
-        Ok(())
+        Ok(not_kept)
     }
 
     fn visibility_timeout(&self) -> Option<Duration> {

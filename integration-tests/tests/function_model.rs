@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use common::{
-    Function, Sluice, aws_client_env, client_script, env_var, json_lines, quoted, recorder,
+    Function, Logs, Sluice, aws_client_env, client_script, env_var, json_lines, quoted, recorder,
     run_program, wait_for_lines,
 };
 use serde_json::{Value, json};
@@ -949,6 +949,70 @@ async fn throttled_event_waits_for_capacity_and_spends_no_retries() {
         Vec::<Value>::new(),
         "never dead-lettered"
     );
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn events_of_a_function_removed_from_the_config_are_reported_kept_and_delivered_once_it_returns()
+ {
+    let logs = Logs::default();
+    let _logging = logs.capture();
+    let name = unique_name("async-orphan");
+    let bystander = unique_name("async-bystander");
+    // Reserved 0: the events wait in the queue, neither run nor given up.
+    let held = Function::rust(&name).set("reserved_concurrency", "0");
+    let sluice = Sluice::start_with(&[held, Function::rust(&bystander)], DEAD_LETTERS).await;
+    let mut ids = Vec::new();
+    for i in 0..3 {
+        let accepted = sluice
+            .invoke_with(
+                &name,
+                &json!({"action": "echo", "n": i}),
+                &[("X-Amz-Invocation-Type", "Event")],
+            )
+            .await;
+        assert_eq!(accepted.status, 202, "{}", accepted.text());
+        ids.push(accepted.header("x-amzn-requestid").expect("a request id"));
+    }
+
+    // The function is gone from the file; its events are not.
+    let sluice = sluice
+        .restart(&[Function::rust(&bystander)], DEAD_LETTERS)
+        .await;
+    let line = logs
+        .wait_for_line(&format!("function={name}"), ASYNC_LIMIT)
+        .await;
+    assert!(line.contains("WARN"), "{line}");
+    assert!(line.contains("events=3"), "{line}");
+    let label = format!("function=\"{name}\"");
+    assert_eq!(
+        sluice
+            .metric("sluice_async_orphaned_events", &[&label])
+            .await,
+        3.0
+    );
+    // Longer than a worker would take to run or drop them.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let store = SqliteStore::open(&Sluice::state_file(sluice.dir()))
+        .await
+        .expect("state");
+    let kept = store.due(&name, i64::MAX, 10).await.expect("queued events");
+    assert_eq!(kept.len(), 3, "{kept:?}");
+    drop(store);
+
+    // Declared again, it gets them.
+    let back = Function::rust(&name).set("on_success", "ok");
+    let sluice = sluice
+        .restart(&[back, Function::rust(&bystander)], DEAD_LETTERS)
+        .await;
+    let ok = wait_for_lines(&sluice.dir().join("ok.jsonl"), 3, ASYNC_LIMIT).await;
+    let mut delivered: Vec<&str> = ok
+        .iter()
+        .filter_map(|r| r["requestContext"]["requestId"].as_str())
+        .collect();
+    delivered.sort_unstable();
+    ids.sort();
+    assert_eq!(delivered, ids, "{ok:?}");
     sluice.shutdown().await;
 }
 

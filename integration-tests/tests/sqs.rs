@@ -25,7 +25,7 @@ use aws_sdk_sqs::types::{
     Message, MessageAttributeValue, MessageSystemAttributeName, QueueAttributeName,
     SendMessageBatchRequestEntry,
 };
-use common::{Function, Sluice, json_lines, quoted, wait_for_lines};
+use common::{Function, Logs, Sluice, json_lines, quoted, wait_for_lines};
 use serde_json::{Value, json};
 use sluice::{FunctionError, NativeRegistry};
 use sluice_integration_tests::unique_name;
@@ -272,6 +272,16 @@ impl Queue {
         )
     }
 
+    /// One more `type: sqs` source named `name` (a second mapping, say), without the
+    /// `sources:` line.
+    fn named_source_yaml(&self, name: &str, settings: &str) -> String {
+        format!(
+            "  {name}:\n    type: sqs\n    function: {FUNCTION}\n    queue_url: {}\n    endpoint_url: {}\n    region: {REGION}\n{settings}",
+            quoted(&self.url),
+            quoted(&moto()),
+        )
+    }
+
     /// A `type: sqs` dead letter named `name` sending to this queue.
     fn dead_letter_yaml(&self, name: &str) -> String {
         format!(
@@ -421,7 +431,9 @@ fn decode(event: &Value, invocation: usize) -> Vec<Seen> {
 /// Starts Sluice with the native [`FUNCTION`] (`function_settings`: more `key: value` pairs)
 /// and `yaml` (sources, dead letters).
 async fn start(registry: NativeRegistry, function_settings: &[(&str, &str)], yaml: &str) -> Sluice {
-    let mut function = Function::native(FUNCTION).set("timeout", "30s");
+    // No longer than the shortest visibility timeout of a test queue (1 s): a longer one is
+    // refused, as Lambda refuses it.
+    let mut function = Function::native(FUNCTION).set("timeout", "1s");
     for (key, value) in function_settings {
         function = function.set(key, value);
     }
@@ -843,38 +855,167 @@ async fn fifo_never_deletes_a_message_behind_a_failed_one_in_its_group() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_function_slower_than_the_visibility_timeout_is_not_delivered_twice() {
+async fn a_slow_batch_on_a_short_visibility_queue_read_by_two_mappings_runs_each_message_once() {
+    // The batch window and the function together outlast the 2 s visibility timeout; the
+    // messages must stay hidden from the other mapping's pollers all along, which takes an
+    // extension before the first second is out, counted from when the receive was sent.
     let queue = Queue::create(
         "sluice-sqs-slow",
         &[(QueueAttributeName::VisibilityTimeout, "2".into())],
     )
     .await;
-    queue.send("slow").await;
+    let all = bodies("slow", 6);
+    queue.send_all(&all).await;
     let recorder = Recorder::default();
+    let settings = "    batch: {size: 10, window: 1500ms}\n";
     let sluice = start(
-        recorder.registry(Duration::from_secs(6), succeed()),
+        recorder.registry(Duration::from_millis(1500), succeed()),
+        &[("timeout", "2s")],
+        &format!(
+            "{}{}",
+            queue.source_yaml(settings),
+            queue.named_source_yaml("again", settings)
+        ),
+    )
+    .await;
+    recorder.wait_for_all(&all).await;
+    queue.wait_empty().await;
+    // Time for a message that reappeared to be run a second time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let by_body = recorder.by_body();
+    for body in &all {
+        let tries: Vec<u32> = by_body[body].iter().map(|s| s.receive_count).collect();
+        assert_eq!(tries, [1], "{body} ran more than once: {by_body:?}");
+    }
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_queue_is_long_polled_without_read_errors() {
+    let queue = Queue::create("sluice-sqs-idle", &[]).await;
+    let recorder = Recorder::default();
+    // Its own name in the process-wide metrics.
+    let source = unique_name("idle");
+    let sluice = start(
+        recorder.registry(Duration::ZERO, succeed()),
         &[],
-        &queue.source_yaml("    batch: {size: 1}\n"),
+        &format!("sources:\n{}", queue.named_source_yaml(&source, "")),
+    )
+    .await;
+    // Longer than the AWS client's 10 s attempt timeout, shorter than one 20 s long poll.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let label = format!("source=\"{source}\"");
+    assert_eq!(
+        sluice
+            .metric("sluice_mapping_read_errors_total", &[&label])
+            .await,
+        0.0,
+        "a long poll on an idle queue failed"
+    );
+    queue.send("late").await;
+    recorder.wait_for_all(&["late".to_string()]).await;
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn visibility_extensions_the_queue_refuses_are_counted() {
+    let queue = Queue::create(
+        "sluice-sqs-lost-lease",
+        &[(QueueAttributeName::VisibilityTimeout, "2".into())],
+    )
+    .await;
+    queue.send("purged").await;
+    let recorder = Recorder::default();
+    // Its own name in the process-wide metrics.
+    let source = unique_name("lease");
+    let sluice = start(
+        recorder.registry(Duration::from_millis(1800), succeed()),
+        &[("timeout", "2s")],
+        &format!(
+            "sources:\n{}",
+            queue.named_source_yaml(&source, "    batch: {size: 1}\n")
+        ),
     )
     .await;
     recorder
-        .wait_until("the slow message is delivered", |seen| !seen.is_empty())
+        .wait_until("the message is delivered", |seen| !seen.is_empty())
         .await;
-    // Another consumer of the queue while the function runs three visibility timeouts long:
-    // the message must stay hidden from it.
+    // Gone from the queue while the function runs: its receipt handle is no longer valid, and
+    // the next extension is refused for it.
+    queue
+        .client
+        .purge_queue()
+        .queue_url(&queue.url)
+        .send()
+        .await
+        .expect("purge the queue");
+    let label = format!("source=\"{source}\"");
     let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(5) {
-        let stolen = queue.receive(1).await;
+    while sluice
+        .metric(
+            "sluice_mapping_visibility_extension_failures_total",
+            &[&label],
+        )
+        .await
+        < 1.0
+    {
         assert!(
-            stolen.is_empty(),
-            "the message reappeared while the function still ran ({:?} in): {stolen:?}",
-            started.elapsed()
+            started.elapsed() < Duration::from_secs(10),
+            "no refused visibility extension was counted"
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    queue.wait_empty().await;
-    let seen = recorder.seen();
-    assert_eq!(seen.len(), 1, "delivered once: {seen:?}");
-    assert_eq!(seen[0].receive_count, 1);
+    sluice.shutdown().await;
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_queue_whose_visibility_timeout_is_shorter_than_the_function_timeout_is_refused() {
+    let logs = Logs::default();
+    let _logging = logs.capture();
+    let short = Queue::create(
+        "sluice-sqs-refused",
+        &[(QueueAttributeName::VisibilityTimeout, "1".into())],
+    )
+    .await;
+    let fine = Queue::create(
+        "sluice-sqs-beside-refused",
+        &[(QueueAttributeName::VisibilityTimeout, "3".into())],
+    )
+    .await;
+    short.send("never").await;
+    let all = bodies("beside", 3);
+    fine.send_all(&all).await;
+    let recorder = Recorder::default();
+    let refused = unique_name("refused");
+    let sluice = start(
+        recorder.registry(Duration::ZERO, succeed()),
+        &[("timeout", "3s")],
+        &format!(
+            "sources:\n{}{}",
+            short.named_source_yaml(&refused, ""),
+            fine.named_source_yaml("beside", "")
+        ),
+    )
+    .await;
+    // The other mapping runs.
+    recorder.wait_for_all(&all).await;
+    let message = "Queue visibility timeout: 1 seconds is less than Function timeout: 3 seconds";
+    let line = logs.wait_for_line(message, PATIENCE).await;
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&refused), "the log names the source: {line}");
+    let label = format!("source=\"{refused}\"");
+    assert_eq!(
+        sluice
+            .metric(
+                "sluice_mapping_refused_total",
+                &[&label, "reason=\"visibility_timeout\""]
+            )
+            .await,
+        1.0
+    );
+    // Nothing read it: the message is still there, visible.
+    assert_eq!(short.counts().await, (1, 0));
+    assert!(!recorder.by_body().contains_key("never"));
     sluice.shutdown().await;
 }
 

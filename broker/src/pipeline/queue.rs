@@ -17,13 +17,115 @@ const LONG_POLL: Duration = Duration::from_secs(20);
 /// How often a running batch's messages are kept from other consumers when the source has no
 /// visibility timeout to go by.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// The shortest interval between two keep-alives of one batch, so that a zero visibility
+/// timeout does not turn the keep-alive into a busy loop.
+const KEEP_ALIVE_MIN: Duration = Duration::from_millis(100);
 
-/// How often a running batch's messages are kept from other consumers: a third of the
-/// source's visibility timeout, at least 1 s, so that a short timeout never lapses mid-batch.
-fn keep_alive_every(source: &dyn QueueSource) -> Duration {
-    source.visibility_timeout().map_or(KEEP_ALIVE, |timeout| {
-        (timeout / 3).max(Duration::from_secs(1))
+/// When a batch's messages must next be kept from other consumers. A received message stays
+/// hidden for the visibility timeout counted from some instant after its receive was sent
+/// (the server's clock, unknown here), so every deadline is counted from when the receive
+/// (or the last extension) was *sent*: that is never later than the server's own start, and
+/// a long poll that waited most of the timeout cannot make an extension come too late. An
+/// extension is due after a third of the visibility timeout, well before half of it passed,
+/// which leaves the call time to arrive.
+struct Lease {
+    every: Duration,
+    next: Option<Instant>,
+}
+
+impl Lease {
+    fn new(source: &dyn QueueSource) -> Self {
+        let every = source
+            .visibility_timeout()
+            .map_or(KEEP_ALIVE, |timeout| (timeout / 3).max(KEEP_ALIVE_MIN));
+        Self { every, next: None }
+    }
+
+    /// The first messages of a batch came from a receive sent at `sent`.
+    fn start(&mut self, sent: Instant) {
+        self.next.get_or_insert(sent + self.every);
+    }
+
+    /// How long until the next extension is due (zero when overdue); `None` before the
+    /// batch has messages.
+    fn due_in(&self) -> Option<Duration> {
+        self.next
+            .map(|next| next.saturating_duration_since(Instant::now()))
+    }
+
+    /// Extends the visibility of `deliveries` now and schedules the next extension.
+    async fn extend(
+        &mut self,
+        mapping: &Mapping,
+        source: &dyn QueueSource,
+        deliveries: &[&Delivery],
+    ) {
+        let sent = Instant::now();
+        self.next = Some(sent + self.every);
+        let (not_kept, error) = match source.keep_alive(deliveries).await {
+            Ok(not_kept) if not_kept.is_empty() => return,
+            Ok(not_kept) => {
+                let first = not_kept
+                    .first()
+                    .map(|n| format!("{}: {}: {}", n.id, n.code, n.message));
+                (not_kept.len(), first.unwrap_or_default())
+            }
+            Err(e) => (deliveries.len(), e.to_string()),
+        };
+        let [s, f] = [
+            ("source", mapping.name.clone()),
+            ("function", mapping.function.clone()),
+        ];
+        metrics::counter!(m::MAPPING_VISIBILITY_EXTENSION_FAILURES, &[s, f])
+            .increment(not_kept as u64);
+        tracing::warn!(source = %mapping.name, messages = not_kept, of = deliveries.len(), error = %error, "cannot extend the messages' visibility; another consumer may receive them");
+    }
+}
+
+/// Why a mapping cannot start, in Lambda's words: a queue that would hand a message to
+/// another consumer before the function's timeout ends is refused, as Lambda refuses to
+/// create such a mapping (CreateEventSourceMapping's InvalidParameterValueException).
+fn refusal(mapping: &Mapping, source: &dyn QueueSource) -> Option<String> {
+    let visibility = source.visibility_timeout()?;
+    let timeout = function_timeout(mapping)?;
+    (visibility < timeout).then(|| {
+        format!(
+            "Queue visibility timeout: {} seconds is less than Function timeout: {} seconds",
+            seconds(visibility),
+            seconds(timeout)
+        )
     })
+}
+
+/// Whole seconds as Lambda writes them; a fraction only when there is one.
+fn seconds(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        d.as_secs().to_string()
+    } else {
+        format!("{}", d.as_secs_f64())
+    }
+}
+
+/// The longest timeout among the versions the mapping's function name may run: the
+/// qualified version, or for an alias its version and its weighted one. `None` when the
+/// function is not declared (invocations then fail on their own, with its name).
+fn function_timeout(mapping: &Mapping) -> Option<Duration> {
+    let (name, qualifier) = match mapping.function.split_once(':') {
+        Some((n, q)) => (n, Some(q)),
+        None => (mapping.function.as_str(), None),
+    };
+    let function = mapping.functions.get(name)?;
+    let versions: Vec<String> = match qualifier.and_then(|q| function.alias(q)) {
+        Some(alias) => std::iter::once(alias.version.clone())
+            .chain(alias.weights.iter().map(|(v, _)| v.clone()))
+            .collect(),
+        None => vec![qualifier.unwrap_or(crate::function::LATEST).to_string()],
+    };
+    versions
+        .iter()
+        .filter_map(|v| function.resolve(Some(v)))
+        .map(|instance| instance.config.timeout())
+        .max()
 }
 
 /// Pollers a mapping keeps even when its queue is idle.
@@ -78,6 +180,19 @@ impl Pollers {
 /// start while a backlog exists (a poll that fills a whole batch), up to `max_pollers`, and
 /// surplus ones stop when the queue runs dry, as Lambda scales its SQS pollers.
 pub async fn run(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, max_pollers: usize) {
+    if let Some(reason) = refusal(&mapping, source.as_ref()) {
+        let [s, f] = [
+            ("source", mapping.name.clone()),
+            ("function", mapping.function.clone()),
+        ];
+        metrics::counter!(
+            m::MAPPING_REFUSED,
+            &[s, f, ("reason", "visibility_timeout".to_string())]
+        )
+        .increment(1);
+        tracing::error!(source = %mapping.name, function = %mapping.function, "the mapping does not start: {reason}; raise the queue's VisibilityTimeout (Lambda advises six times the function's timeout) and restart");
+        return;
+    }
     let max = max_pollers.max(MIN_POLLERS);
     let pollers = Arc::new(Pollers {
         running: AtomicUsize::new(MIN_POLLERS),
@@ -121,11 +236,15 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
     while !mapping.stop.is_cancelled() {
         let mut batch: Vec<Delivery> = Vec::new();
         let mut gather_until: Option<Instant> = None;
+        let mut lease = Lease::new(source.as_ref());
         loop {
             let wait = match gather_until {
                 None => LONG_POLL,
                 Some(until) => until.saturating_duration_since(Instant::now()),
             };
+            // A long batch window must not outlast what was already received.
+            let wait = lease.due_in().map_or(wait, |due| wait.min(due));
+            let sent = Instant::now();
             let received = tokio::select! {
                 _ = mapping.stop.cancelled() => {
                     release(&mapping, source.as_ref(), &batch.iter().collect::<Vec<_>>()).await;
@@ -134,7 +253,12 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
                 r = source.receive(size - batch.len(), wait) => r,
             };
             match received {
-                Ok(d) => batch.extend(d),
+                Ok(d) => {
+                    if !d.is_empty() {
+                        lease.start(sent);
+                    }
+                    batch.extend(d);
+                }
                 Err(e) => {
                     metrics::counter!(m::MAPPING_READ_ERRORS, "source" => mapping.name.clone())
                         .increment(1);
@@ -166,6 +290,11 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
             if batch.len() >= size || Instant::now() >= until {
                 break;
             }
+            if lease.due_in() == Some(Duration::ZERO) {
+                lease
+                    .extend(&mapping, source.as_ref(), &batch.iter().collect::<Vec<_>>())
+                    .await;
+            }
         }
         if batch.len() >= size {
             pollers.backlog.store(true, Ordering::Relaxed);
@@ -174,6 +303,7 @@ async fn poll(mapping: Arc<Mapping>, source: Arc<dyn QueueSource>, pollers: Arc<
             &mapping,
             source.as_ref(),
             batch,
+            lease,
             &batch_source,
             &envelope,
             &pollers,
@@ -215,6 +345,7 @@ async fn settle(
     mapping: &Mapping,
     source: &dyn QueueSource,
     batch: Vec<Delivery>,
+    mut lease: Lease,
     batch_source: &BatchSource,
     envelope: &Envelope,
     pollers: &Pollers,
@@ -234,14 +365,11 @@ async fn settle(
     if pass.is_empty() {
         return;
     }
-    // Keep the messages ours while the batch runs.
-    let every = keep_alive_every(source);
+    // Keep the messages ours while the batch runs, on the schedule their receive started.
     let keep = async {
         loop {
-            tokio::time::sleep(every).await;
-            if let Err(e) = source.keep_alive(&pass).await {
-                tracing::warn!(source = %mapping.name, error = %e, "cannot extend the messages' visibility");
-            }
+            tokio::time::sleep(lease.due_in().unwrap_or(lease.every)).await;
+            lease.extend(mapping, source, &pass).await;
         }
     };
     let work = async {
@@ -378,4 +506,36 @@ async fn by_source(
         }
     });
     futures::future::join_all(runs).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_refusal_writes_whole_seconds_as_lambda_does_and_a_fraction_only_when_there_is_one() {
+        assert_eq!(seconds(Duration::from_secs(30)), "30");
+        assert_eq!(seconds(Duration::from_millis(1500)), "1.5");
+    }
+
+    #[test]
+    fn the_first_extension_is_due_a_third_of_the_visibility_after_the_receive_was_sent() {
+        let mut lease = Lease {
+            every: Duration::from_secs(10),
+            next: None,
+        };
+        assert_eq!(
+            lease.due_in(),
+            None,
+            "nothing to keep before a message came"
+        );
+        // A long poll sent 8 s ago that returned just now leaves 2 s, not 10.
+        let sent = Instant::now() - Duration::from_secs(8);
+        lease.start(sent);
+        let due = lease.due_in().expect("due");
+        assert!(due <= Duration::from_secs(2), "{due:?}");
+        // A later receive of the same batch does not push the first deadline back.
+        lease.start(Instant::now());
+        assert!(lease.due_in().expect("due") <= Duration::from_secs(2));
+    }
 }

@@ -166,6 +166,8 @@ pub trait StateStore: Send + Sync + 'static {
         next_attempt_ms: i64,
     ) -> Result<(), StateError>;
     async fn queued(&self) -> Result<u64, StateError>;
+    /// Queued events per function name, for the functions that have any.
+    async fn queued_by_function(&self) -> Result<Vec<(String, u64)>, StateError>;
 
     /// Records a new version with the next number and returns it.
     async fn publish_version(
@@ -583,6 +585,15 @@ impl StateStore for $store {
     async fn queued(&self) -> Result<u64, StateError> {
         let row = sqlx::query("SELECT COUNT(*) AS n FROM async_events").fetch_one(&self.pool).await?;
         Ok(u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))
+    }
+
+    async fn queued_by_function(&self) -> Result<Vec<(String, u64)>, StateError> {
+        let rows = sqlx::query("SELECT function, COUNT(*) AS n FROM async_events GROUP BY function ORDER BY function")
+            .fetch_all(&self.pool)
+            .await?;
+        rows.iter()
+            .map(|row| Ok((row.try_get("function")?, u64::try_from(row.try_get::<i64, _>("n")?).unwrap_or(0))))
+            .collect()
     }
 
     async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError> {

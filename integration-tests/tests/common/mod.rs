@@ -743,3 +743,72 @@ impl StatefulSluice {
             .expect("the metrics")
     }
 }
+
+impl Sluice {
+    /// The value of the first sample of `metric` whose labels include every one of `labels`
+    /// (`source="orders"`), or 0 when there is none.
+    pub async fn metric(&self, metric: &str, labels: &[&str]) -> f64 {
+        let (status, text) = self.get("/metrics").await;
+        assert_eq!(status, 200, "GET /metrics: {text}");
+        text.lines()
+            .filter(|l| l.starts_with(&format!("{metric}{{")))
+            .find(|l| labels.iter().all(|label| l.contains(label)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+}
+
+/// What Sluice logs, captured for a test to read. The capture holds on the thread that
+/// called [`Logs::capture`], so a test using it runs on a current-thread runtime, where every
+/// task of the Sluice it starts runs too.
+#[derive(Clone, Default)]
+pub struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    /// Captures this thread's logs until the returned guard is dropped.
+    pub fn capture(&self) -> Box<dyn std::any::Any> {
+        use tracing_subscriber::util::SubscriberInitExt;
+        let writer = self.clone();
+        let guard = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .set_default();
+        Box::new(guard)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(|p| p.into_inner())).into_owned()
+    }
+
+    /// Waits until a logged line contains `text` and returns that line; fails after `limit`.
+    pub async fn wait_for_line(&self, text: &str, limit: Duration) -> String {
+        let started = Instant::now();
+        loop {
+            if let Some(line) = self.text().lines().find(|l| l.contains(text)) {
+                return line.to_string();
+            }
+            assert!(
+                started.elapsed() < limit,
+                "nothing logged {text:?} within {limit:?}:\n{}",
+                self.text()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
