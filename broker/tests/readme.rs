@@ -62,6 +62,10 @@ fn run_as_reader(script: &str, dir: &Path) -> std::process::Output {
 
 #[test]
 fn the_readmes_aws_cli_invoke_works_with_cli_v1_and_nothing_configured() {
+    assert!(
+        include_str!("../../README.md").contains(README_AWS_CLI),
+        "the README no longer shows these commands word for word: update README_AWS_CLI"
+    );
     let dir = tempfile::tempdir().expect("dir");
     let quickstart = dir.path().join("quickstart");
     copy_tree(
