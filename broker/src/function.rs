@@ -373,6 +373,7 @@ pub struct Functions {
     concurrency: Arc<Concurrency>,
     factory: RunnerFactory,
     data_dir: PathBuf,
+    limits: SizeLimits,
     store: OnceLock<Arc<dyn StateStore>>,
 }
 
@@ -450,9 +451,7 @@ impl Functions {
             let code_sha256 = snapshot
                 .task_root
                 .as_deref()
-                .map(tree_sha256)
-                .transpose()
-                .unwrap_or_default()
+                .and_then(|root| package::tree_sha256(root, limits.unpacked).ok())
                 .unwrap_or_default();
             let latest = match factory.instance(name, LATEST, snapshot, code_sha256, now_text()) {
                 Ok(i) => i,
@@ -487,6 +486,7 @@ impl Functions {
                 concurrency,
                 factory,
                 data_dir: data_dir.to_path_buf(),
+                limits,
                 store: OnceLock::new(),
             })
         } else {
@@ -633,10 +633,13 @@ impl Functions {
         let latest = f.latest.clone();
         // The package of $LATEST may have changed on disk since start: hash it as it is now.
         let code_sha256 = match latest.config.task_root.clone() {
-            Some(root) => tokio::task::spawn_blocking(move || tree_sha256(&root))
-                .await
-                .map_err(|e| ManageError::Io(e.to_string()))?
-                .map_err(|e| ManageError::Io(format!("cannot read the package of {name}: {e}")))?,
+            Some(root) => {
+                let limit = self.limits.unpacked;
+                tokio::task::spawn_blocking(move || package::tree_sha256(&root, limit))
+                    .await
+                    .map_err(|e| ManageError::Io(e.to_string()))?
+                    .map_err(|e| package_error(name, e))?
+            }
             None => String::new(),
         };
         if let Some(expected) = expected_sha256.filter(|e| *e != code_sha256) {
@@ -664,11 +667,18 @@ impl Functions {
                 .join("versions")
                 .join(name)
                 .join(uuid::Uuid::new_v4().simple().to_string());
-            let (src, dst) = (root.clone(), target.clone());
-            tokio::task::spawn_blocking(move || copy_tree(&src, &dst))
-                .await
-                .map_err(|e| ManageError::Io(e.to_string()))?
-                .map_err(|e| ManageError::Io(format!("cannot copy the package of {name}: {e}")))?;
+            let (src, dst, limit) = (root.clone(), target.clone(), self.limits.unpacked);
+            tokio::task::spawn_blocking(move || {
+                let copied = package::copy_tree(&src, &dst, limit);
+                if copied.is_err() {
+                    // A half-made copy is of no use to anyone.
+                    let _ = std::fs::remove_dir_all(&dst);
+                }
+                copied
+            })
+            .await
+            .map_err(|e| ManageError::Io(e.to_string()))?
+            .map_err(|e| package_error(name, e))?;
             frozen.task_root = Some(target);
         }
         if let Some(d) = description {
@@ -813,60 +823,23 @@ impl Functions {
     }
 }
 
+/// A package that cannot be published: its own fault (a link leaving it, a FIFO, too large)
+/// is the caller's to fix; a failing disk is Sluice's.
+fn package_error(name: &str, e: package::PackageError) -> ManageError {
+    match e {
+        package::PackageError::Io { .. } => {
+            ManageError::Io(format!("cannot read the package of {name}: {e}"))
+        }
+        other => ManageError::InvalidParameter(other.to_string()),
+    }
+}
+
 fn valid_alias_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         && !name.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// Lambda's CodeSha256: base64 of a SHA-256. Sluice hashes the package tree (paths, modes and
-/// contents, in path order), so the same code gives the same hash wherever it was unpacked.
-fn tree_sha256(root: &Path) -> std::io::Result<String> {
-    use base64::Engine;
-    use sha2::{Digest, Sha256};
-    use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                files.push((entry.path(), meta.permissions().mode()));
-            }
-        }
-    }
-    files.sort();
-    let mut hasher = Sha256::new();
-    for (path, mode) in files {
-        let rel = path.strip_prefix(root).unwrap_or(&path);
-        hasher.update(rel.as_os_str().as_encoded_bytes());
-        hasher.update(mode.to_le_bytes());
-        hasher.update(std::fs::read(&path)?);
-    }
-    Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
-}
-
-fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for entry in std::fs::read_dir(src)? {
-        let entry = entry?;
-        let target = dst.join(entry.file_name());
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-        } else {
-            // std::fs::copy keeps the permission bits, so bootstrap stays executable.
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 impl Functions {
@@ -943,8 +916,8 @@ mod tests {
                 .expect("chmod");
         }
         assert_eq!(
-            tree_sha256(a.path()).expect("a"),
-            tree_sha256(b.path()).expect("b")
+            package::tree_sha256(a.path(), u64::MAX).expect("a"),
+            package::tree_sha256(b.path(), u64::MAX).expect("b")
         );
         std::fs::set_permissions(
             b.path().join("bootstrap"),
@@ -952,8 +925,8 @@ mod tests {
         )
         .expect("chmod");
         assert_ne!(
-            tree_sha256(a.path()).expect("a"),
-            tree_sha256(b.path()).expect("b")
+            package::tree_sha256(a.path(), u64::MAX).expect("a"),
+            package::tree_sha256(b.path(), u64::MAX).expect("b")
         );
     }
 }
