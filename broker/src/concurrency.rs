@@ -16,6 +16,10 @@ pub enum Throttle {
     Reserved,
     #[error("Rate Exceeded.")]
     Account,
+    /// No execution environment was free, and none could start, within the function's
+    /// timeout (a burst beyond the environment start limits).
+    #[error("Rate Exceeded.")]
+    Scaling,
 }
 
 impl Throttle {
@@ -24,6 +28,7 @@ impl Throttle {
         match self {
             Self::Reserved => "ReservedFunctionConcurrentInvocationLimitExceeded",
             Self::Account => "ConcurrentInvocationLimitExceeded",
+            Self::Scaling => "FunctionInvocationRateLimitExceeded",
         }
     }
 }

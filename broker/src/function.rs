@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Histogram};
 use serde::{Deserialize, Serialize};
 use sluice_config::{Config, ConfigError, FunctionConfig, Runtime};
 use thiserror::Error;
+use tokio::sync::Semaphore;
 
 use crate::concurrency::Concurrency;
 pub use crate::concurrency::Throttle;
@@ -20,7 +21,7 @@ use crate::metrics as m;
 use crate::runtime::memory::MemoryCap;
 use crate::runtime::native::{NativeRegistry, NativeRunner};
 use crate::runtime::package::{self, SizeLimits};
-use crate::runtime::process::{ProcessRunner, ProcessSpec};
+use crate::runtime::process::{Lifecycle, ProcessRunner, ProcessSpec};
 use crate::runtime::{Runner, http::HttpRunner};
 use crate::state::{AliasRecord, StateError, StateStore, VersionRecord};
 
@@ -52,6 +53,14 @@ pub struct VersionConfig {
     pub environment: BTreeMap<String, String>,
     pub url: Option<String>,
     pub description: Option<String>,
+    /// The size of the function's `/tmp`; versions published before it existed get the
+    /// default.
+    #[serde(default = "default_ephemeral_storage")]
+    pub ephemeral_storage: u64,
+}
+
+fn default_ephemeral_storage() -> u64 {
+    sluice_config::defaults::EPHEMERAL_STORAGE
 }
 
 impl VersionConfig {
@@ -97,6 +106,9 @@ pub struct Instance {
 struct RunnerFactory {
     memory: MemoryCap,
     native: NativeRegistry,
+    lifecycle: Arc<Lifecycle>,
+    /// Each function's start slots, shared by all its versions.
+    function_starts: HashMap<String, Arc<Semaphore>>,
 }
 
 impl RunnerFactory {
@@ -120,10 +132,18 @@ impl RunnerFactory {
                     handler: vc.handler.clone().unwrap_or_default(),
                     environment: vc.environment.clone(),
                     region: REGION.to_string(),
+                    ephemeral_storage: vc.ephemeral_storage,
                 };
+                let starts = self
+                    .function_starts
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Semaphore::new(1)));
                 Ok(Runner::Process(ProcessRunner::new(
                     spec,
                     self.memory.clone(),
+                    self.lifecycle.clone(),
+                    starts,
                 )))
             }
             "http" => {
@@ -268,6 +288,7 @@ impl Function {
         let executed = instance.runner.invoke(&inv, &instance.version).await;
         let elapsed = started.elapsed();
         metrics.concurrent.decrement(1.0);
+        let executed = executed.inspect_err(|_| self.throttles.increment(1))?;
         let duration = elapsed.saturating_sub(executed.init_duration.unwrap_or_default());
         metrics.invocations.increment(1);
         metrics.duration.record(duration.as_secs_f64());
@@ -393,6 +414,7 @@ fn snapshot_of(fc: &FunctionConfig, task_root: Option<PathBuf>) -> VersionConfig
         environment: fc.environment.clone(),
         url: fc.url.clone(),
         description: fc.description.clone(),
+        ephemeral_storage: fc.ephemeral_storage,
     }
 }
 
@@ -413,6 +435,19 @@ impl Functions {
         let factory = RunnerFactory {
             memory: MemoryCap::detect(),
             native: native.clone(),
+            lifecycle: Arc::new(Lifecycle {
+                starts: Arc::new(Semaphore::new(config.limits.environment_starts as usize)),
+                idle_timeout: config.limits.idle_timeout,
+                scratch: data_dir.join("tmp"),
+            }),
+            function_starts: config
+                .functions
+                .iter()
+                .map(|(name, fc)| {
+                    let starts = fc.environment_starts.min(config.limits.environment_starts);
+                    (name.clone(), Arc::new(Semaphore::new(starts as usize)))
+                })
+                .collect(),
         };
         tracing::debug!(memory = %factory.memory.describe(), "memory caps");
         let concurrency = Concurrency::new(config.concurrency.limit);

@@ -5,7 +5,9 @@ pub(crate) mod memory;
 pub mod native;
 pub mod package;
 pub(crate) mod process;
+pub(crate) mod sandbox;
 
+use crate::concurrency::Throttle;
 use crate::invocation::{Executed, Invocation};
 
 pub(crate) enum Runner {
@@ -15,11 +17,17 @@ pub(crate) enum Runner {
 }
 
 impl Runner {
-    pub(crate) async fn invoke(&self, inv: &Invocation, version: &str) -> Executed {
+    /// Runs one invocation; only a process runtime throttles here, when it cannot get an
+    /// execution environment in time.
+    pub(crate) async fn invoke(
+        &self,
+        inv: &Invocation,
+        version: &str,
+    ) -> Result<Executed, Throttle> {
         match self {
             Self::Process(r) => r.invoke(inv).await,
-            Self::Http(r) => r.invoke(inv).await,
-            Self::Native(r) => r.invoke(inv, version).await,
+            Self::Http(r) => Ok(r.invoke(inv).await),
+            Self::Native(r) => Ok(r.invoke(inv, version).await),
         }
     }
 

@@ -1,0 +1,275 @@
+//! What an execution environment may touch of the file system: as in Lambda, the task root
+//! (`$LAMBDA_TASK_ROOT`) is read-only and `/tmp` is the environment's own.
+//!
+//! Sluice often runs as root, and root ignores file modes. So where Sluice may make mount
+//! namespaces (as root, probed once), each environment gets its own: mounts are made private,
+//! a tmpfs of `ephemeral_storage` bytes covers `/tmp`, the task root is bound read-only over
+//! itself, and CAP_SYS_ADMIN is dropped from the bounding set so the function cannot undo the
+//! mounts. A root function still has the rest of the host's file system as any root process
+//! does; the task root and `/tmp` are what this isolates.
+//!
+//! Where namespaces are not available, the environment gets a private directory exported as
+//! `TMPDIR`, removed when the environment ends, and the task root relies on its file modes.
+
+use std::ffi::CString;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+/// Whether this process can give environments their own mount namespace, probed once.
+pub(crate) fn namespaces_available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return false;
+        }
+        let works = probe_namespace();
+        if !works {
+            tracing::warn!(
+                "running as root but cannot make mount namespaces: task roots are not read-only \
+                 and /tmp is shared; functions get a private TMPDIR instead"
+            );
+        }
+        works
+    })
+}
+
+/// Forks a child that makes a mount namespace and a private tmpfs, and reports whether both
+/// worked. The child only makes system calls before `_exit`, as after any fork of a threaded
+/// process.
+fn probe_namespace() -> bool {
+    let tmpfs = c"tmpfs";
+    let root = c"/";
+    let tmp = c"/tmp";
+    let opts = c"size=1m";
+    // SAFETY: the child runs only async-signal-safe system calls and exits with _exit; the
+    // parent waits for exactly that child.
+    unsafe {
+        let pid = libc::fork();
+        if pid < 0 {
+            return false;
+        }
+        if pid == 0 {
+            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                && libc::mount(
+                    std::ptr::null(),
+                    root.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_REC | libc::MS_PRIVATE,
+                    std::ptr::null(),
+                ) == 0
+                && libc::mount(
+                    tmpfs.as_ptr(),
+                    tmp.as_ptr(),
+                    tmpfs.as_ptr(),
+                    0,
+                    opts.as_ptr().cast(),
+                ) == 0;
+            libc::_exit(if ok { 0 } else { 1 });
+        }
+        let mut status = 0;
+        loop {
+            let r = libc::waitpid(pid, &mut status, 0);
+            if r == pid {
+                break;
+            }
+            if r < 0 && *libc::__errno_location() != libc::EINTR {
+                return false;
+            }
+        }
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+/// How one environment is confined, prepared before its process is forked.
+#[derive(Debug)]
+pub(crate) enum Sandbox {
+    Namespace { hook: NamespaceHook },
+    Private { tmpdir: PathBuf },
+}
+
+impl Sandbox {
+    /// Prepares the sandbox of one environment. `scratch` is where a private `TMPDIR` goes
+    /// when namespaces are not available.
+    pub(crate) fn prepare(
+        task_root: &Path,
+        ephemeral_storage: u64,
+        scratch: &Path,
+        id: &str,
+    ) -> io::Result<Self> {
+        if namespaces_available() {
+            let cstr = |p: &Path| {
+                CString::new(p.as_os_str().as_encoded_bytes())
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+            };
+            // Directories leading to a task root under /tmp must exist again in the new tmpfs
+            // before the task root can be bound there.
+            let mut mkdirs = Vec::new();
+            if let Ok(rel) = task_root.strip_prefix("/tmp") {
+                let mut at = PathBuf::from("/tmp");
+                for component in rel.components() {
+                    at.push(component);
+                    mkdirs.push(cstr(&at)?);
+                }
+            }
+            let hook = NamespaceHook {
+                task_root: cstr(task_root)?,
+                tmpfs_options: CString::new(format!("size={ephemeral_storage},mode=1777"))
+                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                mkdirs,
+            };
+            Ok(Self::Namespace { hook })
+        } else {
+            let tmpdir = scratch.join(id);
+            std::fs::create_dir_all(scratch)?;
+            std::fs::create_dir(&tmpdir)?;
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&tmpdir, std::fs::Permissions::from_mode(0o700))?;
+            Ok(Self::Private { tmpdir })
+        }
+    }
+
+    /// The environment variables the sandbox adds (the private `TMPDIR`).
+    pub(crate) fn environment(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Self::Namespace { .. } => Vec::new(),
+            Self::Private { tmpdir } => vec![("TMPDIR", tmpdir.display().to_string())],
+        }
+    }
+
+    /// What the child must do between fork and exec.
+    pub(crate) fn child_hook(&self) -> Option<NamespaceHook> {
+        match self {
+            Self::Namespace { hook, .. } => Some(hook.clone()),
+            Self::Private { .. } => None,
+        }
+    }
+
+    /// Removes what the environment left in its private `TMPDIR` (a tmpfs in its own
+    /// namespace goes away with the namespace).
+    pub(crate) fn clean_up(&self) {
+        if let Self::Private { tmpdir } = self {
+            let _ = std::fs::remove_dir_all(tmpdir);
+        }
+    }
+}
+
+/// Everything the child needs to confine itself, made before the fork so the child only
+/// makes system calls.
+#[derive(Debug, Clone)]
+pub(crate) struct NamespaceHook {
+    task_root: CString,
+    tmpfs_options: CString,
+    mkdirs: Vec<CString>,
+}
+
+const CAP_SYS_ADMIN: libc::c_ulong = 21;
+
+impl NamespaceHook {
+    /// Runs in the child between fork and exec: only async-signal-safe system calls.
+    pub(crate) fn enter(&self) -> io::Result<()> {
+        let check = |r: libc::c_int| {
+            if r == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        };
+        let null = std::ptr::null::<libc::c_char>();
+        // SAFETY: every pointer is a NUL-terminated string made before the fork, or null
+        // where mount(2) allows it.
+        unsafe {
+            check(libc::unshare(libc::CLONE_NEWNS))?;
+            // Nothing mounted here may propagate back to the host, and nothing after.
+            check(libc::mount(
+                null,
+                c"/".as_ptr(),
+                null,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))?;
+            // Held across the tmpfs mount: the task root stays reachable through it once the
+            // tmpfs covers `/tmp` (where packages often live). Opened inside the new namespace,
+            // since a bind mount's source must belong to it.
+            let fd = libc::open(
+                self.task_root.as_ptr(),
+                libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            );
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let mut fd_path = [0u8; 32];
+            fd_path_of(fd, &mut fd_path);
+            check(libc::mount(
+                c"tmpfs".as_ptr(),
+                c"/tmp".as_ptr(),
+                c"tmpfs".as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV,
+                self.tmpfs_options.as_ptr().cast(),
+            ))?;
+            for dir in &self.mkdirs {
+                if libc::mkdir(dir.as_ptr(), 0o755) != 0
+                    && *libc::__errno_location() != libc::EEXIST
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            check(libc::mount(
+                fd_path.as_ptr().cast(),
+                self.task_root.as_ptr(),
+                null,
+                libc::MS_BIND | libc::MS_REC,
+                std::ptr::null(),
+            ))?;
+            libc::close(fd);
+            check(libc::mount(
+                null,
+                self.task_root.as_ptr(),
+                null,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID,
+                std::ptr::null(),
+            ))?;
+            // Without CAP_SYS_ADMIN the function cannot remount the task root writable or
+            // unmount it; after exec a root process only has the capabilities left here.
+            check(libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0))?;
+        }
+        Ok(())
+    }
+}
+
+/// Writes `/proc/self/fd/<fd>` and a NUL into `buf` without allocating (it runs between fork
+/// and exec).
+fn fd_path_of(fd: libc::c_int, buf: &mut [u8; 32]) {
+    const PREFIX: &[u8] = b"/proc/self/fd/";
+    buf[..PREFIX.len()].copy_from_slice(PREFIX);
+    let mut digits = [0u8; 12];
+    let mut n = fd.unsigned_abs();
+    let mut len = 0;
+    loop {
+        digits[len] = b'0' + (n % 10) as u8;
+        len += 1;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    for i in 0..len {
+        buf[PREFIX.len() + i] = digits[len - 1 - i];
+    }
+    buf[PREFIX.len() + len] = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn writes_the_fd_path_without_allocating() {
+        let mut buf = [0u8; 32];
+        fd_path_of(1234, &mut buf);
+        assert_eq!(&buf[..19], b"/proc/self/fd/1234\0");
+        fd_path_of(0, &mut buf);
+        assert_eq!(&buf[..16], b"/proc/self/fd/0\0");
+    }
+}
