@@ -516,6 +516,11 @@ impl Functions {
             );
         }
         if errors.is_empty() {
+            let in_use: Vec<&Path> = by_name
+                .values()
+                .filter_map(|f: &Arc<Function>| f.latest.config.task_root.as_deref())
+                .collect();
+            package::remove_unused(&data_dir.join("packages"), &in_use);
             Ok(Self {
                 by_name,
                 concurrency,

@@ -272,6 +272,26 @@ pub fn prepare(
     }
 }
 
+/// Removes the zips unpacked under `unpack_root` by earlier starts that no function of this
+/// configuration runs any more (published versions have copies of their own elsewhere).
+pub fn remove_unused(unpack_root: &Path, in_use: &[&Path]) {
+    let Ok(entries) = std::fs::read_dir(unpack_root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let is_copy = entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
+        if is_copy && !in_use.contains(&path.as_path()) {
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused unpacked package");
+            }
+        }
+    }
+}
+
 /// The hex SHA-256 of a zip, read once and no further than `limit` bytes.
 fn sha256_hex(file: &mut File, limit: u64) -> io::Result<String> {
     use sha2::{Digest, Sha256};
@@ -881,6 +901,28 @@ mod tests {
         let second = prepare(zip.path(), ROOMY, root.path()).expect("second");
         assert_eq!(first, second);
         assert_eq!(entries_of(root.path()).len(), 1);
+    }
+
+    #[test]
+    fn removes_copies_no_function_uses_any_more() {
+        let root = tempfile::tempdir().expect("root");
+        let old = prepare(
+            zip_with(&[("bootstrap", b"old", 0o755)]).path(),
+            ROOMY,
+            root.path(),
+        )
+        .expect("old");
+        let new = prepare(
+            zip_with(&[("bootstrap", b"new", 0o755)]).path(),
+            ROOMY,
+            root.path(),
+        )
+        .expect("new");
+        std::fs::create_dir(root.path().join("not-a-copy")).expect("mkdir");
+        remove_unused(root.path(), &[new.as_path()]);
+        assert!(!old.exists());
+        assert!(new.exists());
+        assert!(root.path().join("not-a-copy").exists());
     }
 
     #[test]
