@@ -246,6 +246,9 @@ async fn a_burst_starts_environments_within_the_caps_answers_everyone_and_idle_o
         most = most.max(numbers.next().expect("all"));
         most_one = most_one.max(numbers.next().expect("one"));
     }
+    eprintln!(
+        "{ok} answered, {throttled} throttled; at most {most} environments starting at once, {most_one} of one function"
+    );
     assert!(
         most <= 4,
         "at most limits.environment_starts (4) start at once, saw {most}"
