@@ -284,10 +284,11 @@ pub fn remove_unused(unpack_root: &Path, in_use: &[&Path]) {
             .file_name()
             .to_str()
             .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
-        if is_copy && !in_use.contains(&path.as_path()) {
-            if let Err(e) = std::fs::remove_dir_all(&path) {
-                tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused unpacked package");
-            }
+        if is_copy
+            && !in_use.contains(&path.as_path())
+            && let Err(e) = std::fs::remove_dir_all(&path)
+        {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused unpacked package");
         }
     }
 }
