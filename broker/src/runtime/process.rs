@@ -4,7 +4,13 @@
 //! Each execution environment is one process with its own Runtime API listener on loopback.
 //! An invocation is handed to the environment's `next` long-poll and its reply comes back
 //! through a one-shot channel, as in a warm Lambda sandbox. Environments are reused while
-//! they stay healthy; a crash, a timeout or an init failure retires them.
+//! they stay healthy; a crash, a timeout or an init failure retires them, and one idle for
+//! `limits.idle_timeout` is stopped.
+//!
+//! A burst does not start one environment per request: at most `environment_starts` of a
+//! function and `limits.environment_starts` in all start at once. A caller waits for whichever
+//! comes first, a warm environment or a start slot, until the function's timeout, and is then
+//! throttled (429 `TooManyRequestsException` on the Invoke API).
 
 use std::collections::BTreeMap;
 use std::io;
