@@ -450,6 +450,7 @@ impl Functions {
                 .collect(),
         };
         tracing::debug!(memory = %factory.memory.describe(), "memory caps");
+        crate::runtime::sandbox::remove_stale(&factory.lifecycle.scratch);
         let concurrency = Concurrency::new(config.concurrency.limit);
         let mut errors = Vec::new();
         let limits = SizeLimits {
