@@ -127,21 +127,10 @@ impl MemoryCap {
 /// Removes the empty cgroups of Sluice processes that are gone (a crash or `kill -9` leaves
 /// them behind, since only the kernel could have removed them at exit).
 fn remove_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("sluice-")) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            // Fails harmlessly while processes remain inside.
-            let _ = std::fs::remove_dir(entry.path());
-        }
-    }
+    super::remove_orphans(dir, "sluice-", |path| {
+        // Fails harmlessly while processes remain inside.
+        let _ = std::fs::remove_dir(path);
+    });
 }
 
 fn limit_file(version: Version) -> &'static str {

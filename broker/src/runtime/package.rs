@@ -307,20 +307,9 @@ fn sha256_hex(file: &mut File, limit: u64) -> io::Result<String> {
 
 /// Removes extraction directories left by a Sluice that crashed while unpacking.
 fn remove_stale_partials(unpack_root: &Path) {
-    let Ok(entries) = std::fs::read_dir(unpack_root) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(PARTIAL_PREFIX)) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    super::remove_orphans(unpack_root, PARTIAL_PREFIX, |path| {
+        let _ = std::fs::remove_dir_all(path);
+    });
 }
 
 /// Unpacks `file` into the empty directory `dir`, counting the bytes actually written against

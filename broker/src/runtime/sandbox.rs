@@ -85,20 +85,9 @@ fn probe_namespace() -> bool {
 /// Removes the private `TMPDIR`s that environments of a Sluice no longer running left under
 /// `scratch` (named `<pid>-<environment>`; a crash leaves them behind).
 pub(crate) fn remove_stale(scratch: &Path) {
-    let Ok(entries) = std::fs::read_dir(scratch) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let owner = name
-            .to_str()
-            .and_then(|n| n.split('-').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if owner.is_some() && !alive {
-            let _ = std::fs::remove_dir_all(entry.path());
-        }
-    }
+    super::remove_orphans(scratch, "", |path| {
+        let _ = std::fs::remove_dir_all(path);
+    });
 }
 
 /// How one environment is confined, prepared before its process is forked.
