@@ -713,7 +713,7 @@ impl Functions {
                 let copied = package::copy_tree(&src, &dst, limit);
                 if copied.is_err() {
                     // A half-made copy is of no use to anyone.
-                    let _ = std::fs::remove_dir_all(&dst);
+                    package::remove_tree(&dst);
                 }
                 copied
             })

@@ -260,15 +260,73 @@ pub fn prepare(
         .map_err(io_err)?;
     let dir = std::fs::canonicalize(partial.path()).map_err(io_err)?;
     unzip(file, package, &dir, limits.unpacked)?;
+    seal(&dir).map_err(io_err)?;
+    // From here the guard cannot remove the sealed tree itself: remove_tree does.
+    let _ = partial.keep();
     match std::fs::rename(&dir, &target) {
-        Ok(()) => {
-            // Renamed away: nothing left for the guard to remove.
-            let _ = partial.keep();
+        Ok(()) => Ok(target),
+        // Another start unpacked the same bytes first.
+        Err(_) if target.is_dir() => {
+            remove_tree(&dir);
             Ok(target)
         }
-        // Another start unpacked the same bytes first; ours is removed with the guard.
-        Err(_) if target.is_dir() => Ok(target),
-        Err(e) => Err(io_err(e)),
+        Err(e) => {
+            remove_tree(&dir);
+            Err(io_err(e))
+        }
+    }
+}
+
+/// Takes the write bits off every file and directory of a tree Sluice made (an unpacked zip,
+/// a published version's copy), children before their directory. Where functions run without
+/// a mount namespace (Sluice not root), these modes are what keeps the task root read-only.
+fn seal(root: &Path) -> io::Result<()> {
+    let mut dirs = vec![root.to_path_buf()];
+    let mut i = 0;
+    while i < dirs.len() {
+        for entry in std::fs::read_dir(&dirs[i])? {
+            let entry = entry?;
+            let meta = entry.metadata()?;
+            if meta.is_dir() {
+                dirs.push(entry.path());
+            } else if meta.is_file() {
+                let mode = meta.permissions().mode() & 0o7555;
+                std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(mode))?;
+            }
+        }
+        i += 1;
+    }
+    // Deepest first, so no directory is sealed before what it holds.
+    for dir in dirs.iter().rev() {
+        let mode = std::fs::symlink_metadata(dir)?.permissions().mode() & 0o7555;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    }
+    Ok(())
+}
+
+/// Removes a tree, sealed or not: its directories get their owner's write bit back first
+/// (without it, a process that is not root cannot empty them).
+pub fn remove_tree(root: &Path) {
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&dir) else {
+            continue;
+        };
+        if !meta.is_dir() {
+            continue;
+        }
+        let _ = std::fs::set_permissions(
+            &dir,
+            std::fs::Permissions::from_mode(meta.permissions().mode() | 0o700),
+        );
+        if let Ok(entries) = std::fs::read_dir(&dir) {
+            stack.extend(entries.flatten().map(|e| e.path()));
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(root)
+        && e.kind() != io::ErrorKind::NotFound
+    {
+        tracing::warn!(path = %root.display(), error = %e, "cannot remove a package copy");
     }
 }
 
@@ -284,11 +342,8 @@ pub fn remove_unused(unpack_root: &Path, in_use: &[&Path]) {
             .file_name()
             .to_str()
             .is_some_and(|n| n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()));
-        if is_copy
-            && !in_use.contains(&path.as_path())
-            && let Err(e) = std::fs::remove_dir_all(&path)
-        {
-            tracing::warn!(path = %path.display(), error = %e, "cannot remove an unused unpacked package");
+        if is_copy && !in_use.contains(&path.as_path()) {
+            remove_tree(&path);
         }
     }
 }
@@ -307,9 +362,7 @@ fn sha256_hex(file: &mut File, limit: u64) -> io::Result<String> {
 
 /// Removes extraction directories left by a Sluice that crashed while unpacking.
 fn remove_stale_partials(unpack_root: &Path) {
-    super::remove_orphans(unpack_root, PARTIAL_PREFIX, |path| {
-        let _ = std::fs::remove_dir_all(path);
-    });
+    super::remove_orphans(unpack_root, PARTIAL_PREFIX, remove_tree);
 }
 
 /// Unpacks `file` into the empty directory `dir`, counting the bytes actually written against
@@ -431,7 +484,8 @@ fn make_dirs_without_links(root: &Path, rel: &Path) -> io::Result<()> {
 
 /// Lambda's CodeSha256: base64 of a SHA-256 of the package tree (paths, modes and contents in
 /// path order; a link's target text instead of contents), so the same code gives the same
-/// hash wherever it was unpacked. Links are never followed and every file is read through a
+/// hash wherever it was unpacked. Write bits are left out: Sluice's own copies have none
+/// (see `seal`), and they say nothing about the code. Links are never followed and every file is read through a
 /// descriptor that refuses to follow one or to block.
 pub fn tree_sha256(root: &Path, limit: u64) -> Result<String, PackageError> {
     use base64::Engine;
@@ -451,7 +505,7 @@ pub fn tree_sha256(root: &Path, limit: u64) -> Result<String, PackageError> {
         hasher.update(entry.rel.as_os_str().as_encoded_bytes());
         match entry.kind {
             EntryKind::File { mode, len } => {
-                hasher.update(mode.to_le_bytes());
+                hasher.update((mode & !0o222).to_le_bytes());
                 let file = open_regular(&root.join(&entry.rel)).map_err(io_err)?;
                 // Read no more than was counted against the limit, even if the file grew.
                 let copied = io::copy(&mut file.take(len), &mut hasher).map_err(io_err)?;
@@ -463,7 +517,7 @@ pub fn tree_sha256(root: &Path, limit: u64) -> Result<String, PackageError> {
                 }
             }
             EntryKind::Link { mode, target } => {
-                hasher.update(mode.to_le_bytes());
+                hasher.update((mode & !0o222).to_le_bytes());
                 hasher.update(target.as_os_str().as_encoded_bytes());
             }
             EntryKind::Dir => {}
@@ -504,7 +558,7 @@ pub fn copy_tree(src: &Path, dst: &Path, limit: u64) -> Result<(), PackageError>
             }
         }
     }
-    Ok(())
+    seal(dst).map_err(io_err)
 }
 
 /// Opens a file for reading only if it is still a regular file and not a link.
@@ -913,6 +967,51 @@ mod tests {
         assert!(!old.exists());
         assert!(new.exists());
         assert!(root.path().join("not-a-copy").exists());
+    }
+
+    fn assert_sealed(root: &Path) {
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(path) = stack.pop() {
+            let meta = std::fs::symlink_metadata(&path).expect("meta");
+            if meta.is_symlink() {
+                continue;
+            }
+            assert_eq!(
+                meta.permissions().mode() & 0o222,
+                0,
+                "{} is writable",
+                path.display()
+            );
+            if meta.is_dir() {
+                stack.extend(
+                    std::fs::read_dir(&path)
+                        .expect("dir")
+                        .map(|e| e.expect("entry").path()),
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn unpacked_and_copied_packages_are_read_only() {
+        let zip = zip_with(&[
+            ("bootstrap", b"#!/bin/sh\n", 0o755),
+            ("lib/data.txt", b"x", 0o666),
+        ]);
+        let root = tempfile::tempdir().expect("root");
+        let dir = prepare(zip.path(), ROOMY, root.path()).expect("prepared");
+        assert_sealed(&dir);
+        let mode = std::fs::metadata(dir.join("bootstrap"))
+            .expect("bootstrap")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o555, "still executable, no longer writable");
+        let copy = root.path().join("copy");
+        copy_tree(&dir, &copy, ROOMY.unpacked).expect("copy");
+        assert_sealed(&copy);
+        remove_tree(&copy);
+        remove_unused(root.path(), &[]);
+        assert_eq!(entries_of(root.path()), Vec::<String>::new());
     }
 
     #[test]
