@@ -71,7 +71,20 @@ impl Server {
 
 /// Starts `sluice run -c CONFIG` on `port` and waits until it listens.
 pub fn start(config: &Path, port: u16) -> Server {
-    let child = Command::new(SLUICE)
+    start_as(config, port, &[])
+}
+
+/// [`start`] through a wrapper command (`setpriv --reuid=…`, to run Sluice as another user).
+pub fn start_as(config: &Path, port: u16, wrapper: &[&str]) -> Server {
+    let mut command = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut command = Command::new(program);
+            command.args(args).arg(SLUICE);
+            command
+        }
+        None => Command::new(SLUICE),
+    };
+    let child = command
         .args(["run", "-c"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--grace", "10s"])
