@@ -1,7 +1,8 @@
 //! Hostile packages as an operator meets them through the `sluice` binary: `sluice validate`
 //! refuses a zip bomb and a package holding a FIFO with an error naming the package and the
 //! limit, and a Sluice that does not run as root still keeps a function from writing into its
-//! unpacked task root and gives it a `/tmp` of its own.
+//! unpacked task root and gives it a `/tmp` of its own (in a user namespace where the kernel
+//! allows one, a private `TMPDIR` otherwise).
 
 mod common;
 
@@ -101,15 +102,16 @@ while true; do
   rm -f "$headers"
   if echo planted > "$LAMBDA_TASK_ROOT/planted" 2>/dev/null; then root=writable; else root=refused; fi
   tmp="${TMPDIR:-/tmp}"
-  if echo mine > "$tmp/mine"; then wrote=yes; else wrote=no; fi
+  if echo mine > "$tmp/$MARK"; then wrote=yes; else wrote=no; fi
   curl -sS -o /dev/null --data-binary "{\"root\": \"$root\", \"tmp\": \"$wrote\", \"tmpdir\": \"$tmp\"}" \
     "$api/invocation/${request_id}/response"
 done
 "#;
 
 #[test]
-fn without_root_a_function_cannot_write_its_unpacked_task_root_and_has_a_private_tmpdir() {
+fn without_root_a_function_cannot_write_its_unpacked_task_root_and_has_its_own_tmp() {
     let dir = tempfile::tempdir().expect("dir");
+    let mark = format!("sluice-mark-{}", std::process::id());
     // Sluice runs as nobody: it must reach and write its own directory.
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).expect("chmod");
     let zip_path = dir.path().join("writer.zip");
@@ -132,7 +134,7 @@ fn without_root_a_function_cannot_write_its_unpacked_task_root_and_has_a_private
         dir.path(),
         "sluice.yaml",
         &format!(
-            "state: sqlite://{}/sluice.db\nfunctions:\n  writer:\n    runtime: process\n    package: ./writer.zip\n    timeout: 10s\n",
+            "state: sqlite://{}/sluice.db\nfunctions:\n  writer:\n    runtime: process\n    package: ./writer.zip\n    timeout: 10s\n    environment: {{MARK: {mark}}}\n",
             data.display()
         ),
     );
@@ -167,10 +169,16 @@ fn without_root_a_function_cannot_write_its_unpacked_task_root_and_has_a_private
     .expect("JSON result");
     assert_eq!(reply["root"], "refused", "{reply}");
     assert_eq!(reply["tmp"], "yes", "{reply}");
+    eprintln!("the function saw {reply}");
+    // In a user namespace the function has a /tmp of its own; without one, a private TMPDIR.
     let tmpdir = reply["tmpdir"].as_str().expect("tmpdir");
     assert!(
-        tmpdir.starts_with(&data.join("tmp").display().to_string()),
-        "a private TMPDIR under the data directory, not {tmpdir}"
+        tmpdir == "/tmp" || tmpdir.starts_with(&data.join("tmp").display().to_string()),
+        "a /tmp of its own or a private TMPDIR under the data directory, not {tmpdir}"
+    );
+    assert!(
+        !Path::new("/tmp").join(&mark).exists(),
+        "what the function wrote to its /tmp is not in the host's"
     );
     drop(server);
 }

@@ -2,47 +2,68 @@
 //! (`$LAMBDA_TASK_ROOT`) is read-only and `/tmp` is the environment's own.
 //!
 //! Sluice often runs as root, and root ignores file modes. So where Sluice may make mount
-//! namespaces (as root, probed once), each environment gets its own: mounts are made private,
-//! a tmpfs of `ephemeral_storage` bytes covers `/tmp`, the task root is bound read-only over
-//! itself, and CAP_SYS_ADMIN is dropped from the bounding set so the function cannot undo the
-//! mounts. A root function still has the rest of the host's file system as any root process
-//! does; the task root and `/tmp` are what this isolates.
+//! namespaces (probed once; as root, or without root inside a user namespace of its own),
+//! each environment gets its own: mounts are made private, a tmpfs of `ephemeral_storage`
+//! bytes covers `/tmp`, the task root is bound read-only over itself, and the function is left
+//! without the capability to undo that (CAP_SYS_ADMIN dropped from the bounding set as root;
+//! none at all after exec in a user namespace). A root function still has the rest of the
+//! host's file system as any root process does; the task root and `/tmp` are what this
+//! isolates. The tmpfs's pages count against the environment's memory cgroup.
 //!
 //! Where namespaces are not available, the environment gets a private directory exported as
-//! `TMPDIR`, removed when the environment ends, and the task root relies on its file modes.
+//! `TMPDIR`, removed when the environment ends, and the task root relies on its file modes
+//! (Sluice's own copies of packages have no write bits).
 
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-/// Whether this process can give environments their own mount namespace, probed once.
-pub(crate) fn namespaces_available() -> bool {
-    static AVAILABLE: OnceLock<bool> = OnceLock::new();
-    *AVAILABLE.get_or_init(|| {
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
-            return false;
-        }
-        let works = probe_namespace();
-        if !works {
+/// How Sluice makes an environment's mount namespace: as root directly; otherwise inside a
+/// user namespace of its own where the environment keeps Sluice's user and group ids.
+#[derive(Debug, Clone)]
+pub(crate) struct NamespaceMode {
+    user: Option<UserMaps>,
+}
+
+/// The one-line id maps an unprivileged process may write for itself.
+#[derive(Debug, Clone)]
+struct UserMaps {
+    uid_map: CString,
+    gid_map: CString,
+}
+
+/// Whether (and how) this process can give environments their own mount namespace, probed
+/// once.
+pub(crate) fn namespace_mode() -> Option<&'static NamespaceMode> {
+    static MODE: OnceLock<Option<NamespaceMode>> = OnceLock::new();
+    MODE.get_or_init(|| {
+        // SAFETY: these getters have no preconditions.
+        let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+        let mode = NamespaceMode {
+            user: (euid != 0).then(|| UserMaps {
+                uid_map: CString::new(format!("{euid} {euid} 1")).unwrap_or_default(),
+                gid_map: CString::new(format!("{egid} {egid} 1")).unwrap_or_default(),
+            }),
+        };
+        if probe_namespace(&mode) {
+            Some(mode)
+        } else {
             tracing::warn!(
-                "running as root but cannot make mount namespaces: task roots are not read-only \
-                 and /tmp is shared; functions get a private TMPDIR instead"
+                "cannot make mount namespaces (as root, or in a user namespace): task roots are \
+                 read-only only by their file modes and functions get a private TMPDIR instead \
+                 of their own /tmp"
             );
+            None
         }
-        works
     })
+    .as_ref()
 }
 
 /// Forks a child that makes a mount namespace and a private tmpfs, and reports whether both
 /// worked. The child only makes system calls before `_exit`, as after any fork of a threaded
 /// process.
-fn probe_namespace() -> bool {
-    let tmpfs = c"tmpfs";
-    let root = c"/";
-    let tmp = c"/tmp";
-    let opts = c"size=1m";
+fn probe_namespace(mode: &NamespaceMode) -> bool {
     // SAFETY: the child runs only async-signal-safe system calls and exits with _exit; the
     // parent waits for exactly that child.
     unsafe {
@@ -51,20 +72,13 @@ fn probe_namespace() -> bool {
             return false;
         }
         if pid == 0 {
-            let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+            let ok = mode.enter().is_ok()
                 && libc::mount(
-                    std::ptr::null(),
-                    root.as_ptr(),
-                    std::ptr::null(),
-                    libc::MS_REC | libc::MS_PRIVATE,
-                    std::ptr::null(),
-                ) == 0
-                && libc::mount(
-                    tmpfs.as_ptr(),
-                    tmp.as_ptr(),
-                    tmpfs.as_ptr(),
-                    0,
-                    opts.as_ptr().cast(),
+                    c"tmpfs".as_ptr(),
+                    c"/tmp".as_ptr(),
+                    c"tmpfs".as_ptr(),
+                    libc::MS_NOSUID | libc::MS_NODEV,
+                    c"size=1m".as_ptr().cast(),
                 ) == 0;
             libc::_exit(if ok { 0 } else { 1 });
         }
@@ -79,6 +93,63 @@ fn probe_namespace() -> bool {
             }
         }
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0
+    }
+}
+
+fn check(r: libc::c_int) -> io::Result<()> {
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Writes `data` to `path` with bare system calls (it runs between fork and exec).
+fn write_proc_file(path: &std::ffi::CStr, data: &std::ffi::CStr) -> io::Result<()> {
+    // SAFETY: both pointers are NUL-terminated strings that outlive the calls.
+    unsafe {
+        let fd = libc::open(path.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let len = data.to_bytes().len();
+        let written = libc::write(fd, data.as_ptr().cast(), len);
+        libc::close(fd);
+        if written != len as isize {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl NamespaceMode {
+    /// Moves the calling process (a child between fork and exec) into a new mount namespace
+    /// whose mounts do not propagate back to the host; without root, into a new user
+    /// namespace first, where it keeps its ids and, until exec, the capabilities to mount.
+    /// After exec a process that is not root there has none left, so it cannot undo the
+    /// mounts.
+    fn enter(&self) -> io::Result<()> {
+        // SAFETY: system calls on NUL-terminated strings made before the fork.
+        unsafe {
+            match &self.user {
+                None => check(libc::unshare(libc::CLONE_NEWNS))?,
+                Some(maps) => {
+                    check(libc::unshare(libc::CLONE_NEWUSER | libc::CLONE_NEWNS))?;
+                    // An unprivileged process may map only its own ids, and its gid only once
+                    // setgroups is denied.
+                    write_proc_file(c"/proc/self/setgroups", c"deny")?;
+                    write_proc_file(c"/proc/self/uid_map", &maps.uid_map)?;
+                    write_proc_file(c"/proc/self/gid_map", &maps.gid_map)?;
+                }
+            }
+            check(libc::mount(
+                std::ptr::null(),
+                c"/".as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ))
+        }
     }
 }
 
@@ -106,7 +177,7 @@ impl Sandbox {
         scratch: &Path,
         id: &str,
     ) -> io::Result<Self> {
-        if namespaces_available() {
+        if let Some(mode) = namespace_mode() {
             let cstr = |p: &Path| {
                 CString::new(p.as_os_str().as_encoded_bytes())
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
@@ -122,6 +193,12 @@ impl Sandbox {
                 }
             }
             let hook = NamespaceHook {
+                mode: mode.clone(),
+                remount_flags: libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | locked_flags(task_root)?,
                 task_root: cstr(task_root)?,
                 tmpfs_options: CString::new(format!("size={ephemeral_storage},mode=1777"))
                     .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
@@ -167,6 +244,10 @@ impl Sandbox {
 /// makes system calls.
 #[derive(Debug, Clone)]
 pub(crate) struct NamespaceHook {
+    mode: NamespaceMode,
+    /// Remounting the task root read-only must keep the flags its file system was mounted
+    /// with (a user namespace may not drop them).
+    remount_flags: libc::c_ulong,
     task_root: CString,
     tmpfs_options: CString,
     mkdirs: Vec<CString>,
@@ -177,26 +258,11 @@ const CAP_SYS_ADMIN: libc::c_ulong = 21;
 impl NamespaceHook {
     /// Runs in the child between fork and exec: only async-signal-safe system calls.
     pub(crate) fn enter(&self) -> io::Result<()> {
-        let check = |r: libc::c_int| {
-            if r == 0 {
-                Ok(())
-            } else {
-                Err(io::Error::last_os_error())
-            }
-        };
+        self.mode.enter()?;
         let null = std::ptr::null::<libc::c_char>();
         // SAFETY: every pointer is a NUL-terminated string made before the fork, or null
         // where mount(2) allows it.
         unsafe {
-            check(libc::unshare(libc::CLONE_NEWNS))?;
-            // Nothing mounted here may propagate back to the host, and nothing after.
-            check(libc::mount(
-                null,
-                c"/".as_ptr(),
-                null,
-                libc::MS_REC | libc::MS_PRIVATE,
-                std::ptr::null(),
-            ))?;
             // Held across the tmpfs mount: the task root stays reachable through it once the
             // tmpfs covers `/tmp` (where packages often live). Opened inside the new namespace,
             // since a bind mount's source must belong to it.
@@ -235,7 +301,7 @@ impl NamespaceHook {
                 null,
                 self.task_root.as_ptr(),
                 null,
-                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID,
+                self.remount_flags,
                 std::ptr::null(),
             ))?;
             // Without CAP_SYS_ADMIN the function cannot remount the task root writable or
@@ -244,6 +310,33 @@ impl NamespaceHook {
         }
         Ok(())
     }
+}
+
+/// The mount flags of the file system holding `path` that a read-only remount must repeat.
+fn locked_flags(path: &Path) -> io::Result<libc::c_ulong> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills the zeroed struct it is given; the path is NUL-terminated.
+    let flags = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st.f_flag
+    };
+    let mut out = 0;
+    for (st, ms) in [
+        (libc::ST_NODEV, libc::MS_NODEV),
+        (libc::ST_NOEXEC, libc::MS_NOEXEC),
+        (libc::ST_NOATIME, libc::MS_NOATIME),
+        (libc::ST_NODIRATIME, libc::MS_NODIRATIME),
+        (libc::ST_RELATIME, libc::MS_RELATIME),
+    ] {
+        if flags & st != 0 {
+            out |= ms;
+        }
+    }
+    Ok(out)
 }
 
 /// Writes `/proc/self/fd/<fd>` and a NUL into `buf` without allocating (it runs between fork
