@@ -139,7 +139,8 @@ impl ProcessRunner {
                 Ok(Ok(acquired)) => acquired,
                 Ok(Err(start_error)) => return Ok(start_error),
                 Err(throttle) => {
-                    tracing::warn!(function = %inner.spec.function_name,
+                    // Counted by the throttle metric; a burst would flood the log at warn.
+                    tracing::debug!(function = %inner.spec.function_name,
                         "no execution environment free or startable within the timeout: throttled");
                     return Err(throttle);
                 }
