@@ -18,6 +18,10 @@ pub enum Throttle {
     Reserved,
     #[error("Rate Exceeded.")]
     Account,
+    /// No execution environment was free, and none could start, within the function's
+    /// timeout (a burst beyond the environment start limits).
+    #[error("Rate Exceeded.")]
+    Scaling,
 }
 
 impl Throttle {
@@ -26,6 +30,7 @@ impl Throttle {
         match self {
             Self::Reserved => "ReservedFunctionConcurrentInvocationLimitExceeded",
             Self::Account => "ConcurrentInvocationLimitExceeded",
+            Self::Scaling => "FunctionInvocationRateLimitExceeded",
         }
     }
 }
@@ -78,19 +83,32 @@ impl Drop for Permit {
 pub struct RunningInvocation {
     gauge: Gauge,
     invocations: Counter,
+    ran: bool,
 }
 
 impl RunningInvocation {
     pub fn start(gauge: Gauge, invocations: Counter) -> Self {
         gauge.increment(1.0);
-        Self { gauge, invocations }
+        Self {
+            gauge,
+            invocations,
+            ran: true,
+        }
+    }
+
+    /// The invocation was throttled before it ran (no environment could be had in time): a
+    /// throttle, not an invocation, as Lambda counts them.
+    pub fn throttled(mut self) {
+        self.ran = false;
     }
 }
 
 impl Drop for RunningInvocation {
     fn drop(&mut self) {
         self.gauge.decrement(1.0);
-        self.invocations.increment(1);
+        if self.ran {
+            self.invocations.increment(1);
+        }
     }
 }
 

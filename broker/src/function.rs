@@ -12,6 +12,7 @@ use metrics::{Counter, Gauge, Histogram};
 use serde::{Deserialize, Serialize};
 use sluice_config::{Config, ConfigError, FunctionConfig, Runtime};
 use thiserror::Error;
+use tokio::sync::Semaphore;
 
 use crate::concurrency::Concurrency;
 pub use crate::concurrency::Throttle;
@@ -20,7 +21,7 @@ use crate::metrics as m;
 use crate::runtime::memory::MemoryCap;
 use crate::runtime::native::{NativeRegistry, NativeRunner};
 use crate::runtime::package::{self, SizeLimits};
-use crate::runtime::process::{ProcessRunner, ProcessSpec};
+use crate::runtime::process::{Lifecycle, ProcessRunner, ProcessSpec};
 use crate::runtime::{Runner, http::HttpRunner};
 use crate::state::{AliasRecord, StateError, StateStore, VersionRecord};
 
@@ -52,6 +53,14 @@ pub struct VersionConfig {
     pub environment: BTreeMap<String, String>,
     pub url: Option<String>,
     pub description: Option<String>,
+    /// The size of the function's `/tmp`; versions published before it existed get the
+    /// default.
+    #[serde(default = "default_ephemeral_storage")]
+    pub ephemeral_storage: u64,
+}
+
+fn default_ephemeral_storage() -> u64 {
+    sluice_config::defaults::EPHEMERAL_STORAGE
 }
 
 impl VersionConfig {
@@ -97,6 +106,9 @@ pub struct Instance {
 struct RunnerFactory {
     memory: MemoryCap,
     native: NativeRegistry,
+    lifecycle: Arc<Lifecycle>,
+    /// Each function's start slots, shared by all its versions.
+    function_starts: HashMap<String, Arc<Semaphore>>,
 }
 
 impl RunnerFactory {
@@ -120,10 +132,18 @@ impl RunnerFactory {
                     handler: vc.handler.clone().unwrap_or_default(),
                     environment: vc.environment.clone(),
                     region: REGION.to_string(),
+                    ephemeral_storage: vc.ephemeral_storage,
                 };
+                let starts = self
+                    .function_starts
+                    .get(name)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Semaphore::new(1)));
                 Ok(Runner::Process(ProcessRunner::new(
                     spec,
                     self.memory.clone(),
+                    self.lifecycle.clone(),
+                    starts,
                 )))
             }
             "http" => {
@@ -270,7 +290,17 @@ impl Function {
         let started = Instant::now();
         let executed = instance.runner.invoke(&inv, &instance.version).await;
         let elapsed = started.elapsed();
-        drop(running);
+        let executed = match executed {
+            Ok(executed) => {
+                drop(running);
+                executed
+            }
+            Err(throttle) => {
+                running.throttled();
+                self.throttles.increment(1);
+                return Err(throttle);
+            }
+        };
         let duration = elapsed.saturating_sub(executed.init_duration.unwrap_or_default());
         metrics.duration.record(duration.as_secs_f64());
         if let Err(e) = &executed.result {
@@ -375,6 +405,7 @@ pub struct Functions {
     concurrency: Arc<Concurrency>,
     factory: RunnerFactory,
     data_dir: PathBuf,
+    limits: SizeLimits,
     store: OnceLock<Arc<dyn StateStore>>,
 }
 
@@ -394,6 +425,7 @@ fn snapshot_of(fc: &FunctionConfig, task_root: Option<PathBuf>) -> VersionConfig
         environment: fc.environment.clone(),
         url: fc.url.clone(),
         description: fc.description.clone(),
+        ephemeral_storage: fc.ephemeral_storage,
     }
 }
 
@@ -414,8 +446,22 @@ impl Functions {
         let factory = RunnerFactory {
             memory: MemoryCap::detect(),
             native: native.clone(),
+            lifecycle: Arc::new(Lifecycle {
+                starts: Arc::new(Semaphore::new(config.limits.environment_starts as usize)),
+                idle_timeout: config.limits.idle_timeout,
+                scratch: data_dir.join("tmp"),
+            }),
+            function_starts: config
+                .functions
+                .iter()
+                .map(|(name, fc)| {
+                    let starts = fc.environment_starts.min(config.limits.environment_starts);
+                    (name.clone(), Arc::new(Semaphore::new(starts as usize)))
+                })
+                .collect(),
         };
         tracing::debug!(memory = %factory.memory.describe(), "memory caps");
+        crate::runtime::sandbox::remove_stale(&factory.lifecycle.scratch);
         let concurrency = Concurrency::new(config.concurrency.limit);
         let mut errors = Vec::new();
         let limits = SizeLimits {
@@ -452,9 +498,7 @@ impl Functions {
             let code_sha256 = snapshot
                 .task_root
                 .as_deref()
-                .map(tree_sha256)
-                .transpose()
-                .unwrap_or_default()
+                .and_then(|root| package::tree_sha256(root, limits.unpacked).ok())
                 .unwrap_or_default();
             let latest = match factory.instance(name, LATEST, snapshot, code_sha256, now_text()) {
                 Ok(i) => i,
@@ -484,11 +528,17 @@ impl Functions {
             );
         }
         if errors.is_empty() {
+            let in_use: Vec<&Path> = by_name
+                .values()
+                .filter_map(|f: &Arc<Function>| f.latest.config.task_root.as_deref())
+                .collect();
+            package::remove_unused(&data_dir.join("packages"), &in_use);
             Ok(Self {
                 by_name,
                 concurrency,
                 factory,
                 data_dir: data_dir.to_path_buf(),
+                limits,
                 store: OnceLock::new(),
             })
         } else {
@@ -635,10 +685,13 @@ impl Functions {
         let latest = f.latest.clone();
         // The package of $LATEST may have changed on disk since start: hash it as it is now.
         let code_sha256 = match latest.config.task_root.clone() {
-            Some(root) => tokio::task::spawn_blocking(move || tree_sha256(&root))
-                .await
-                .map_err(|e| ManageError::Io(e.to_string()))?
-                .map_err(|e| ManageError::Io(format!("cannot read the package of {name}: {e}")))?,
+            Some(root) => {
+                let limit = self.limits.unpacked;
+                tokio::task::spawn_blocking(move || package::tree_sha256(&root, limit))
+                    .await
+                    .map_err(|e| ManageError::Io(e.to_string()))?
+                    .map_err(|e| package_error(name, e))?
+            }
             None => String::new(),
         };
         if let Some(expected) = expected_sha256.filter(|e| *e != code_sha256) {
@@ -666,11 +719,18 @@ impl Functions {
                 .join("versions")
                 .join(name)
                 .join(uuid::Uuid::new_v4().simple().to_string());
-            let (src, dst) = (root.clone(), target.clone());
-            tokio::task::spawn_blocking(move || copy_tree(&src, &dst))
-                .await
-                .map_err(|e| ManageError::Io(e.to_string()))?
-                .map_err(|e| ManageError::Io(format!("cannot copy the package of {name}: {e}")))?;
+            let (src, dst, limit) = (root.clone(), target.clone(), self.limits.unpacked);
+            tokio::task::spawn_blocking(move || {
+                let copied = package::copy_tree(&src, &dst, limit);
+                if copied.is_err() {
+                    // A half-made copy is of no use to anyone.
+                    package::remove_tree(&dst);
+                }
+                copied
+            })
+            .await
+            .map_err(|e| ManageError::Io(e.to_string()))?
+            .map_err(|e| package_error(name, e))?;
             frozen.task_root = Some(target);
         }
         if let Some(d) = description {
@@ -815,60 +875,23 @@ impl Functions {
     }
 }
 
+/// A package that cannot be published: its own fault (a link leaving it, a FIFO, too large)
+/// is the caller's to fix; a failing disk is Sluice's.
+fn package_error(name: &str, e: package::PackageError) -> ManageError {
+    match e {
+        package::PackageError::Io { .. } => {
+            ManageError::Io(format!("cannot read the package of {name}: {e}"))
+        }
+        other => ManageError::InvalidParameter(other.to_string()),
+    }
+}
+
 fn valid_alias_name(name: &str) -> bool {
     (1..=128).contains(&name.len())
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
         && !name.bytes().all(|b| b.is_ascii_digit())
-}
-
-/// Lambda's CodeSha256: base64 of a SHA-256. Sluice hashes the package tree (paths, modes and
-/// contents, in path order), so the same code gives the same hash wherever it was unpacked.
-fn tree_sha256(root: &Path) -> std::io::Result<String> {
-    use base64::Engine;
-    use sha2::{Digest, Sha256};
-    use std::os::unix::fs::PermissionsExt;
-    let mut files = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir)? {
-            let entry = entry?;
-            let meta = entry.metadata()?;
-            if meta.is_dir() {
-                stack.push(entry.path());
-            } else {
-                files.push((entry.path(), meta.permissions().mode()));
-            }
-        }
-    }
-    files.sort();
-    let mut hasher = Sha256::new();
-    for (path, mode) in files {
-        let rel = path.strip_prefix(root).unwrap_or(&path);
-        hasher.update(rel.as_os_str().as_encoded_bytes());
-        hasher.update(mode.to_le_bytes());
-        hasher.update(std::fs::read(&path)?);
-    }
-    Ok(base64::engine::general_purpose::STANDARD.encode(hasher.finalize()))
-}
-
-fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dst)?;
-    for entry in std::fs::read_dir(src)? {
-        let entry = entry?;
-        let target = dst.join(entry.file_name());
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            copy_tree(&entry.path(), &target)?;
-        } else if kind.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(entry.path())?, &target)?;
-        } else {
-            // std::fs::copy keeps the permission bits, so bootstrap stays executable.
-            std::fs::copy(entry.path(), &target)?;
-        }
-    }
-    Ok(())
 }
 
 impl Functions {
@@ -945,8 +968,8 @@ mod tests {
                 .expect("chmod");
         }
         assert_eq!(
-            tree_sha256(a.path()).expect("a"),
-            tree_sha256(b.path()).expect("b")
+            package::tree_sha256(a.path(), u64::MAX).expect("a"),
+            package::tree_sha256(b.path(), u64::MAX).expect("b")
         );
         std::fs::set_permissions(
             b.path().join("bootstrap"),
@@ -954,8 +977,8 @@ mod tests {
         )
         .expect("chmod");
         assert_ne!(
-            tree_sha256(a.path()).expect("a"),
-            tree_sha256(b.path()).expect("b")
+            package::tree_sha256(a.path(), u64::MAX).expect("a"),
+            package::tree_sha256(b.path(), u64::MAX).expect("b")
         );
     }
 }

@@ -11,6 +11,7 @@ pub const FUNCTION_DURATION: &str = "sluice_function_duration_seconds";
 pub const FUNCTION_CONCURRENT_EXECUTIONS: &str = "sluice_function_concurrent_executions";
 pub const FUNCTION_COLD_STARTS: &str = "sluice_function_cold_starts_total";
 pub const FUNCTION_TIMEOUTS: &str = "sluice_function_timeouts_total";
+pub const FUNCTION_ENVIRONMENTS_REAPED: &str = "sluice_function_environments_reaped_total";
 pub const ASYNC_EVENTS_RECEIVED: &str = "sluice_async_events_received_total";
 pub const ASYNC_EVENTS_DROPPED: &str = "sluice_async_events_dropped_total";
 pub const ASYNC_EVENT_AGE: &str = "sluice_async_event_age_seconds";
@@ -82,6 +83,10 @@ fn describe() {
     describe_counter!(
         FUNCTION_TIMEOUTS,
         "Invocations stopped at the function's timeout"
+    );
+    describe_counter!(
+        FUNCTION_ENVIRONMENTS_REAPED,
+        "Execution environments stopped after limits.idle_timeout without an invocation"
     );
     describe_counter!(
         ASYNC_EVENTS_RECEIVED,

@@ -40,7 +40,10 @@ impl SmallDisk {
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = Command::new("umount").arg("-l").arg(self.dir.path()).status();
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
     }
 }
 
@@ -83,7 +86,10 @@ async fn no_acknowledged_write_is_lost_to_a_full_disk_and_the_store_recovers_by_
     let filler = {
         for _ in 0..20 {
             n += 1;
-            store.apply(&[event(&format!("e{n}"))], &[]).await.expect("room at first");
+            store
+                .apply(&[event(&format!("e{n}"))], &[])
+                .await
+                .expect("room at first");
             acked.push(format!("e{n}"));
         }
         fill(disk.path())
@@ -104,7 +110,10 @@ async fn no_acknowledged_write_is_lost_to_a_full_disk_and_the_store_recovers_by_
             checkpoint_acked = Some(n.to_string());
         }
     }
-    assert!(refused > 0, "the disk never filled: the test proves nothing");
+    assert!(
+        refused > 0,
+        "the disk never filled: the test proves nothing"
+    );
 
     // Space returns: the same store, without a restart, takes writes again.
     std::fs::remove_file(&filler).expect("free the space");
@@ -205,7 +214,10 @@ async fn versions_and_concurrency_acknowledged_on_a_full_disk_are_there_after_a_
         .map(|v| v.version)
         .collect();
     for v in &published {
-        assert!(versions.contains(v), "acknowledged version {v} is gone: {versions:?}");
+        assert!(
+            versions.contains(v),
+            "acknowledged version {v} is gone: {versions:?}"
+        );
     }
     if let Some(c) = concurrency {
         assert_eq!(reopened.concurrency("f").await.expect("c"), Some(Some(c)));

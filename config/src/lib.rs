@@ -42,6 +42,14 @@ pub mod defaults {
     pub const PACKAGE_ZIPPED: u64 = 50_000_000;
     /// Lambda's limit for an unpacked deployment package, 250 MB.
     pub const PACKAGE_UNPACKED: u64 = 250_000_000;
+    /// Execution environments starting at once, across all functions.
+    pub const ENVIRONMENT_STARTS: u32 = 16;
+    /// Execution environments of one function starting at once.
+    pub const FUNCTION_ENVIRONMENT_STARTS: u32 = 8;
+    /// How long an idle execution environment is kept warm.
+    pub const IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+    /// Lambda's default ephemeral storage (`/tmp`), 512 MiB.
+    pub const EPHEMERAL_STORAGE: u64 = 512 * 1024 * 1024;
     /// Lambda's default account-wide concurrency.
     pub const CONCURRENCY_LIMIT: u32 = 1000;
     pub const MEMORY_MB: u32 = 128;
@@ -298,6 +306,12 @@ pub struct Limits {
     pub package_zipped: u64,
     /// `limits.package_unpacked`, default 250 MB.
     pub package_unpacked: u64,
+    /// `limits.environment_starts`: execution environments starting at once across all
+    /// functions, default 16. A burst beyond it waits for a warm or new environment.
+    pub environment_starts: u32,
+    /// `limits.idle_timeout`: an execution environment idle this long is stopped, 1 s–12 h,
+    /// default 5 min.
+    pub idle_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -332,6 +346,12 @@ pub struct FunctionConfig {
     pub timeout: Duration,
     pub environment: BTreeMap<String, String>,
     pub reserved_concurrency: Option<u32>,
+    /// `environment_starts`: this function's execution environments starting at once, 1–1000,
+    /// default 8 (and never more than `limits.environment_starts`).
+    pub environment_starts: u32,
+    /// `ephemeral_storage`: the size of the function's own `/tmp`, 1 MB–10 GiB, default
+    /// 512 MiB as in Lambda.
+    pub ephemeral_storage: u64,
     pub description: Option<String>,
     pub tags: BTreeMap<String, String>,
     /// Required for `http`: where the event is POSTed.
@@ -746,6 +766,8 @@ impl Default for Limits {
         Limits {
             package_zipped: defaults::PACKAGE_ZIPPED,
             package_unpacked: defaults::PACKAGE_UNPACKED,
+            environment_starts: defaults::ENVIRONMENT_STARTS,
+            idle_timeout: defaults::IDLE_TIMEOUT,
         }
     }
 }

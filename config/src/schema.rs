@@ -32,7 +32,12 @@ const API_KEYS: &[&str] = &["listen", "max_connections", "header_read_timeout"];
 const MAX_CONNECTIONS: std::ops::RangeInclusive<i128> = 1..=1_000_000;
 const HEADER_READ_TIMEOUT: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3_600);
-const LIMITS_KEYS: &[&str] = &["package_zipped", "package_unpacked"];
+const LIMITS_KEYS: &[&str] = &[
+    "package_zipped",
+    "package_unpacked",
+    "environment_starts",
+    "idle_timeout",
+];
 const CONCURRENCY_KEYS: &[&str] = &["limit"];
 const SHUTDOWN_KEYS: &[&str] = &["grace"];
 const FUNCTION_KEYS: &[&str] = &[
@@ -44,6 +49,8 @@ const FUNCTION_KEYS: &[&str] = &[
     "timeout",
     "environment",
     "reserved_concurrency",
+    "environment_starts",
+    "ephemeral_storage",
     "description",
     "tags",
     "url",
@@ -105,6 +112,10 @@ const MEMORY_MB: std::ops::RangeInclusive<i128> = 128..=10_240;
 const TIMEOUT_MIN: Duration = Duration::from_secs(1);
 const TIMEOUT_MAX: Duration = Duration::from_secs(900);
 const CONCURRENCY_LIMIT: std::ops::RangeInclusive<i128> = 1..=100_000;
+const ENVIRONMENT_STARTS: std::ops::RangeInclusive<i128> = 1..=1_000;
+const IDLE_TIMEOUT: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(1)..=Duration::from_secs(12 * 3_600);
+const EPHEMERAL_STORAGE: std::ops::RangeInclusive<u64> = 1_000_000..=10_240 * 1024 * 1024;
 const DESCRIPTION_MAX_CHARS: usize = 256;
 const FUNCTION_NAME_MAX: usize = 64;
 const DEAD_LETTER_NAME_MAX: usize = 64;
@@ -177,6 +188,16 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
             package_unpacked: d
                 .parse(&limits, "package_unpacked", "a size", parse_positive_size)
                 .or(config.limits.package_unpacked),
+            environment_starts: d
+                .int(&limits, "environment_starts", ENVIRONMENT_STARTS, "")
+                .ok()
+                .and_then(|n| u32::try_from(n).ok())
+                .unwrap_or(config.limits.environment_starts),
+            idle_timeout: d
+                .parse(&limits, "idle_timeout", "a duration", |text| {
+                    bounded_duration(text, "idle_timeout", &IDLE_TIMEOUT, "between 1s and 12h")
+                })
+                .or(config.limits.idle_timeout),
         };
     }
     if let Some(concurrency) = d.section(&top, "concurrency", CONCURRENCY_KEYS) {
@@ -449,6 +470,23 @@ fn decode_function(
         )
         .ok()
         .and_then(|n| u32::try_from(n).ok());
+    let environment_starts = d
+        .int(&fields, "environment_starts", ENVIRONMENT_STARTS, "")
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(defaults::FUNCTION_ENVIRONMENT_STARTS);
+    let ephemeral_storage = d
+        .parse(&fields, "ephemeral_storage", "a size", |text| {
+            let size = parse_size(text)?;
+            if EPHEMERAL_STORAGE.contains(&size) {
+                Ok(size)
+            } else {
+                Err(format!(
+                    "ephemeral_storage `{text}` is out of range: must be between 1MB and 10GiB"
+                ))
+            }
+        })
+        .or(defaults::EPHEMERAL_STORAGE);
     let description = decode_description(d, &fields);
     let tags = decode_tags(d, &fields);
     let max_retry_attempts = d
@@ -488,6 +526,8 @@ fn decode_function(
         timeout,
         environment,
         reserved_concurrency,
+        environment_starts,
+        ephemeral_storage,
         description,
         tags,
         url: url.ok(),

@@ -146,9 +146,11 @@ async fn assert_upgraded_store_is_used(state: &str, data_dir: &Path) {
     let seen: Seen = Arc::default();
     let running = start_on_state(state, data_dir, &yaml(&stream), registry(&seen)).await;
 
-    common::wait_until("the events queued before the upgrade ran", PATIENCE, async || {
-        async_deliveries(&seen).len() >= 3
-    })
+    common::wait_until(
+        "the events queued before the upgrade ran",
+        PATIENCE,
+        async || async_deliveries(&seen).len() >= 3,
+    )
     .await;
     // Events 1 and 2 were queued for $LATEST, event 3 for the alias `live` (version 1).
     assert_eq!(
@@ -156,9 +158,11 @@ async fn assert_upgraded_store_is_used(state: &str, data_dir: &Path) {
         [("greet", 1), ("greet", 2), ("greet_v1", 3)]
     );
 
-    common::wait_until("the mapping resumed after the checkpoint", PATIENCE, async || {
-        kinesis_numbers(&seen).len() >= 3
-    })
+    common::wait_until(
+        "the mapping resumed after the checkpoint",
+        PATIENCE,
+        async || kinesis_numbers(&seen).len() >= 3,
+    )
     .await;
     assert_eq!(
         kinesis_numbers(&seen),

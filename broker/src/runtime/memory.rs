@@ -1,10 +1,13 @@
 //! Memory caps for execution environments: a cgroup per environment where the machine lets
-//! Sluice make one (v2 or v1), an rlimit on the data segment otherwise.
+//! Sluice make one (v2 or v1), an rlimit on the data segment otherwise. The cgroup is also
+//! how an environment is killed whole: every process in it goes, even one that left the
+//! environment's process group.
 
 use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Version {
@@ -124,21 +127,10 @@ impl MemoryCap {
 /// Removes the empty cgroups of Sluice processes that are gone (a crash or `kill -9` leaves
 /// them behind, since only the kernel could have removed them at exit).
 fn remove_stale(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("sluice-")) else {
-            continue;
-        };
-        let owner = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
-        let alive = owner.is_some_and(|pid| Path::new(&format!("/proc/{pid}")).exists());
-        if !alive {
-            // Fails harmlessly while processes remain inside.
-            let _ = std::fs::remove_dir(entry.path());
-        }
-    }
+    super::remove_orphans(dir, "sluice-", |path| {
+        // Fails harmlessly while processes remain inside.
+        let _ = std::fs::remove_dir(path);
+    });
 }
 
 fn limit_file(version: Version) -> &'static str {
@@ -190,6 +182,49 @@ impl EnvMemory {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
             .map(|kb| kb * 1024)
+    }
+
+    /// Sends SIGKILL to every process in the environment's cgroup (`cgroup.kill` on v2, each
+    /// pid of `cgroup.procs` otherwise). Without a cgroup there is nothing more to kill than
+    /// the process group the caller already signalled.
+    pub(crate) fn kill_now(&self) -> bool {
+        let Some((cg, _)) = &self.cgroup else {
+            return true;
+        };
+        if cg.version == Version::V2 && std::fs::write(cg.dir.join("cgroup.kill"), "1").is_ok() {
+            return self.is_empty();
+        }
+        let Ok(procs) = std::fs::read_to_string(cg.dir.join("cgroup.procs")) else {
+            return true;
+        };
+        let mut empty = true;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            empty = false;
+            // SAFETY: kill(2) on a pid read from the cgroup; no memory is involved.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+        empty
+    }
+
+    fn is_empty(&self) -> bool {
+        let Some((cg, _)) = &self.cgroup else {
+            return true;
+        };
+        std::fs::read_to_string(cg.dir.join("cgroup.procs")).map_or(true, |p| p.trim().is_empty())
+    }
+
+    /// Kills every process of the environment and waits (briefly) until the cgroup is empty,
+    /// so that it can be removed. Killing again each round catches processes forked between
+    /// reading the pid list and the signal.
+    pub(crate) async fn kill_all(&self) {
+        for _ in 0..100 {
+            if self.kill_now() && self.is_empty() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// Whether the kernel's OOM killer has struck inside this environment.

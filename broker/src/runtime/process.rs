@@ -4,14 +4,20 @@
 //! Each execution environment is one process with its own Runtime API listener on loopback.
 //! An invocation is handed to the environment's `next` long-poll and its reply comes back
 //! through a one-shot channel, as in a warm Lambda sandbox. Environments are reused while
-//! they stay healthy; a crash, a timeout or an init failure retires them.
+//! they stay healthy; a crash, a timeout or an init failure retires them, and one idle for
+//! `limits.idle_timeout` is stopped.
+//!
+//! A burst does not start one environment per request: at most `environment_starts` of a
+//! function and `limits.environment_starts` in all start at once. A caller waits for whichever
+//! comes first, a warm environment or a start slot, until the function's timeout, and is then
+//! throttled (429 `TooManyRequestsException` on the Invoke API).
 
 use std::collections::BTreeMap;
 use std::io;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -23,10 +29,12 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use bytes::Bytes;
 use tokio::net::unix::pipe;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::memory::{EnvMemory, MemoryCap};
+use super::sandbox::Sandbox;
+use crate::concurrency::Throttle;
 use crate::invocation::{Executed, FunctionError, Invocation, MAX_SYNC_PAYLOAD};
 
 /// How long a new environment may take to ask for its first event.
@@ -46,28 +54,130 @@ pub(crate) struct ProcessSpec {
     pub handler: String,
     pub environment: BTreeMap<String, String>,
     pub region: String,
+    /// The size of the environment's own `/tmp`.
+    pub ephemeral_storage: u64,
 }
 
+/// What every runner of this Sluice shares about environments' lives.
+#[derive(Debug)]
+pub(crate) struct Lifecycle {
+    /// Environments starting at once, across all functions (`limits.environment_starts`).
+    pub starts: Arc<Semaphore>,
+    /// An environment idle this long is stopped (`limits.idle_timeout`).
+    pub idle_timeout: Duration,
+    /// Where environments get a private `TMPDIR` when they cannot have their own `/tmp`.
+    pub scratch: PathBuf,
+}
+
+/// Runs the invocations of one function version on its warm environments, starting new ones
+/// within the start limits.
 pub(crate) struct ProcessRunner {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     spec: Arc<ProcessSpec>,
     memory: MemoryCap,
-    idle: Mutex<Vec<Environment>>,
+    lifecycle: Arc<Lifecycle>,
+    /// This function's environments starting at once (shared by all its versions).
+    function_starts: Arc<Semaphore>,
+    idle: Mutex<Vec<(Environment, Instant)>>,
+    /// Signalled each time an environment becomes idle, for the callers queued for one.
+    returned: Notify,
+    closed: AtomicBool,
+    reaper: std::sync::Once,
     next_env: AtomicU64,
 }
 
+/// An environment for one invocation: a warm one, or a new one with the start permits it
+/// holds until its runtime asks for the first event.
+enum Acquired<'a> {
+    Warm(Environment),
+    Cold(Environment, Instant, StartPermits<'a>),
+}
+
+type StartPermits<'a> = (SemaphorePermit<'a>, SemaphorePermit<'a>);
+
 impl ProcessRunner {
-    pub(crate) fn new(spec: ProcessSpec, memory: MemoryCap) -> Self {
+    pub(crate) fn new(
+        spec: ProcessSpec,
+        memory: MemoryCap,
+        lifecycle: Arc<Lifecycle>,
+        function_starts: Arc<Semaphore>,
+    ) -> Self {
         Self {
-            spec: Arc::new(spec),
-            memory,
-            idle: Mutex::new(Vec::new()),
-            next_env: AtomicU64::new(1),
+            inner: Arc::new(Inner {
+                spec: Arc::new(spec),
+                memory,
+                lifecycle,
+                function_starts,
+                idle: Mutex::new(Vec::new()),
+                returned: Notify::new(),
+                closed: AtomicBool::new(false),
+                reaper: std::sync::Once::new(),
+                next_env: AtomicU64::new(1),
+            }),
         }
     }
 
+    /// Stops every idle environment, and every busy one as its invocation ends.
+    pub(crate) fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        self.inner.lock_idle().clear();
+    }
+
+    /// Runs one invocation; refused with a throttle when no environment could be had (warm or
+    /// newly started) within the function's timeout.
+    pub(crate) async fn invoke(&self, inv: &Invocation) -> Result<Executed, Throttle> {
+        let inner = &self.inner;
+        inner.start_reaper();
+        let deadline = Instant::now() + inner.spec.timeout;
+        // A warm environment that died while idle is replaced once, silently: the invocation
+        // never reached it.
+        for _ in 0..2 {
+            let acquired = match inner.acquire(deadline).await {
+                Ok(Ok(acquired)) => acquired,
+                Ok(Err(start_error)) => return Ok(start_error),
+                Err(throttle) => {
+                    // Counted by the throttle metric; a burst would flood the log at warn.
+                    tracing::debug!(function = %inner.spec.function_name,
+                        "no execution environment free or startable within the timeout: throttled");
+                    return Err(throttle);
+                }
+            };
+            let (env, cold) = match acquired {
+                Acquired::Warm(env) => (env, None),
+                Acquired::Cold(env, since, permits) => (env, Some((since, permits))),
+            };
+            match env.invoke(inv, cold).await {
+                Attempt::Done { executed, healthy } => {
+                    if healthy {
+                        inner.put_idle(env);
+                    }
+                    return Ok(executed);
+                }
+                Attempt::DiedIdle => continue,
+            }
+        }
+        Ok(Executed::failed(FunctionError::new(
+            "Runtime.ExitError",
+            format!(
+                "RequestId: {} Error: the execution environment exited before taking the event",
+                inv.request_id
+            ),
+        )))
+    }
+}
+
+impl Inner {
+    fn lock_idle(&self) -> std::sync::MutexGuard<'_, Vec<(Environment, Instant)>> {
+        self.idle.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     fn take_idle(&self) -> Option<Environment> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(env) = idle.pop() {
+        let mut idle = self.lock_idle();
+        // The most recently used first: it is the warmest, and the others age towards reaping.
+        while let Some((env, _)) = idle.pop() {
             if env.is_alive() {
                 return Some(env);
             }
@@ -76,61 +186,113 @@ impl ProcessRunner {
     }
 
     fn put_idle(&self, env: Environment) {
-        self.idle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(env);
+        if self.closed.load(Ordering::SeqCst) {
+            return;
+        }
+        self.lock_idle().push((env, Instant::now()));
+        self.returned.notify_one();
     }
 
-    /// Stops every idle environment (the busy ones stop when their invocation ends).
-    pub(crate) fn shutdown(&self) {
-        self.idle.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    /// Stops the environments idle for longer than the idle timeout.
+    fn reap(&self) {
+        let timeout = self.lifecycle.idle_timeout;
+        let reaped: Vec<Environment> = {
+            let mut idle = self.lock_idle();
+            let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut *idle)
+                .into_iter()
+                .partition(|(env, since)| since.elapsed() >= timeout || !env.is_alive());
+            *idle = keep;
+            old.into_iter().map(|(env, _)| env).collect()
+        };
+        if !reaped.is_empty() {
+            tracing::debug!(function = %self.spec.function_name, version = %self.spec.version,
+                count = reaped.len(), "stopping idle execution environments");
+            metrics::counter!(crate::metrics::FUNCTION_ENVIRONMENTS_REAPED,
+                "function" => self.spec.function_name.clone())
+            .increment(reaped.len() as u64);
+        }
+        // Dropping an environment kills it, outside the lock.
+        drop(reaped);
     }
 
-    pub(crate) async fn invoke(&self, inv: &Invocation) -> Executed {
-        // A warm environment that died while idle is replaced once, silently: the invocation
-        // never reached it.
-        for _ in 0..2 {
-            let (env, init_duration) = match self.take_idle() {
-                Some(env) => (env, None),
-                None => {
-                    let started = Instant::now();
-                    let id = self.next_env.fetch_add(1, Ordering::Relaxed);
-                    match Environment::start(self.spec.clone(), &self.memory, id).await {
-                        Ok(env) => {
-                            metrics::counter!(crate::metrics::FUNCTION_COLD_STARTS,
-                                "function" => self.spec.function_name.clone())
-                            .increment(1);
-                            (env, Some(started))
-                        }
-                        Err(e) => {
-                            tracing::error!(function = %self.spec.function_name, error = %e,
-                                "cannot start an execution environment");
-                            return Executed::failed(FunctionError::new(
-                                "Runtime.StartError",
-                                format!("cannot start {:?}: {e}", self.spec.argv),
-                            ));
-                        }
-                    }
+    /// Starts, on first use, the task that reaps this runner's idle environments; it ends
+    /// when the runner is dropped.
+    fn start_reaper(self: &Arc<Self>) {
+        self.reaper.call_once(|| {
+            let weak = Arc::downgrade(self);
+            let period = (self.lifecycle.idle_timeout / 4)
+                .clamp(Duration::from_millis(100), Duration::from_secs(15));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    let Some(inner) = weak.upgrade() else { break };
+                    inner.reap();
+                }
+            });
+        });
+    }
+
+    /// A warm environment, or a new one once this function and Sluice as a whole have a free
+    /// start slot; whichever comes first. Past `deadline`, a throttle. A new environment that
+    /// cannot even be spawned is the invocation's error.
+    async fn acquire(&self, deadline: Instant) -> Result<Result<Acquired<'_>, Executed>, Throttle> {
+        loop {
+            // Registered before looking, so an environment returned in between is not missed.
+            let returned = self.returned.notified();
+            tokio::pin!(returned);
+            returned.as_mut().enable();
+            if let Some(env) = self.take_idle() {
+                return Ok(Ok(Acquired::Warm(env)));
+            }
+            let permits = tokio::select! {
+                biased;
+                _ = &mut returned => continue,
+                permits = self.start_permits() => permits,
+                _ = tokio::time::sleep_until(deadline.into()) => {
+                    return Err(Throttle::Scaling);
                 }
             };
-            match env.invoke(inv, init_duration).await {
-                Attempt::Done { executed, healthy } => {
-                    if healthy {
-                        self.put_idle(env);
-                    }
-                    return executed;
-                }
-                Attempt::DiedIdle => continue,
+            let Some(permits) = permits else {
+                return Err(Throttle::Scaling);
+            };
+            // A slot came free, but so may have an environment meanwhile: prefer it.
+            if let Some(env) = self.take_idle() {
+                return Ok(Ok(Acquired::Warm(env)));
             }
+            let started = Instant::now();
+            let id = self.next_env.fetch_add(1, Ordering::Relaxed);
+            return match Environment::start(
+                self.spec.clone(),
+                &self.memory,
+                &self.lifecycle.scratch,
+                id,
+            )
+            .await
+            {
+                Ok(env) => {
+                    metrics::counter!(crate::metrics::FUNCTION_COLD_STARTS,
+                        "function" => self.spec.function_name.clone())
+                    .increment(1);
+                    Ok(Ok(Acquired::Cold(env, started, permits)))
+                }
+                Err(e) => {
+                    tracing::error!(function = %self.spec.function_name, error = %e,
+                        "cannot start an execution environment");
+                    Ok(Err(Executed::failed(FunctionError::new(
+                        "Runtime.StartError",
+                        format!("cannot start {:?}: {e}", self.spec.argv),
+                    ))))
+                }
+            };
         }
-        Executed::failed(FunctionError::new(
-            "Runtime.ExitError",
-            format!(
-                "RequestId: {} Error: the execution environment exited before taking the event",
-                inv.request_id
-            ),
-        ))
+    }
+
+    /// A start slot of this function, then one of Sluice's (always in this order, so two
+    /// callers never hold one each and wait for the other's).
+    async fn start_permits(&self) -> Option<StartPermits<'_>> {
+        let own = self.function_starts.acquire().await.ok()?;
+        let global = self.lifecycle.starts.acquire().await.ok()?;
+        Some((own, global))
     }
 }
 
@@ -206,6 +368,7 @@ impl Output {
 struct Environment {
     spec: Arc<ProcessSpec>,
     pid: Option<u32>,
+    _sandbox: Arc<Sandbox>,
     tx: mpsc::Sender<Pending>,
     status: watch::Receiver<Status>,
     output: Arc<Output>,
@@ -225,7 +388,12 @@ impl Drop for Environment {
 }
 
 impl Environment {
-    async fn start(spec: Arc<ProcessSpec>, cap: &MemoryCap, id: u64) -> io::Result<Self> {
+    async fn start(
+        spec: Arc<ProcessSpec>,
+        cap: &MemoryCap,
+        scratch: &std::path::Path,
+        id: u64,
+    ) -> io::Result<Self> {
         let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         let api_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1);
@@ -256,23 +424,45 @@ impl Environment {
             id ^ u64::from(std::process::id()) << 32
         );
         let program = resolve_program(&spec)?;
+        let sandbox = Arc::new(Sandbox::prepare(
+            &spec.task_root,
+            spec.ephemeral_storage,
+            scratch,
+            &format!("{}-{id}", std::process::id()),
+        )?);
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&spec.argv[1..])
             .current_dir(&spec.task_root)
             .env_clear()
             .envs(lambda_environment(&spec, api_addr, &log_stream))
             .envs(&spec.environment)
+            .envs(sandbox.environment())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         let hook = memory.child_hook();
-        // SAFETY: the hook only makes async-signal-safe calls (see ChildHook::enter).
+        let confine = sandbox.child_hook();
+        // SAFETY: both hooks only make async-signal-safe calls (see ChildHook::enter and
+        // NamespaceHook::enter).
         unsafe {
-            cmd.pre_exec(move || hook.enter());
+            cmd.pre_exec(move || {
+                hook.enter()?;
+                if let Some(confine) = &confine {
+                    confine.enter()?;
+                }
+                Ok(())
+            });
         }
-        let mut child = cmd.spawn()?;
+        let spawned = cmd.spawn();
+        let mut child = match spawned {
+            Ok(child) => child,
+            Err(e) => {
+                sandbox.clean_up();
+                return Err(e);
+            }
+        };
         let pid = child.id();
         let stdout = child
             .stdout
@@ -312,12 +502,17 @@ impl Environment {
         }
         let exit_shared = shared.clone();
         let exit_memory = memory.clone();
+        let exit_sandbox = sandbox.clone();
         tasks.push(tokio::spawn(async move {
-            let _memory = exit_memory;
             let text = match child.wait().await {
                 Ok(status) => describe_exit(status),
                 Err(e) => format!("cannot wait for the runtime: {e}"),
             };
+            // Whatever the runtime left running (a `setsid` child, a double fork) goes with
+            // it; the cgroup can only be removed once it is empty.
+            exit_memory.kill_all().await;
+            drop(exit_memory);
+            exit_sandbox.clean_up();
             // An init failure already said why; the exit that follows adds nothing.
             exit_shared.status.send_if_modified(|s| {
                 if matches!(s, Status::Running) {
@@ -333,6 +528,7 @@ impl Environment {
         Ok(Self {
             spec,
             pid,
+            _sandbox: sandbox,
             tx,
             status: status_rx,
             output,
@@ -345,17 +541,24 @@ impl Environment {
         matches!(*self.status.borrow(), Status::Running)
     }
 
+    /// Kills the environment: every process of its cgroup where it has one. Without a
+    /// cgroup only the process group goes, so a process that left it (`setsid`, a daemon's
+    /// double fork) escapes and lives on.
     fn kill(&self) {
         if let Some(pid) = self.pid {
-            // The environment runs in its own process group, so helpers it forked go too.
             // SAFETY: kill(2) with a negative pid signals the group; no memory is involved.
             unsafe {
                 libc::kill(-(pid as i32), libc::SIGKILL);
             }
         }
+        self.memory.kill_now();
     }
 
-    async fn invoke(&self, inv: &Invocation, cold_since: Option<Instant>) -> Attempt {
+    async fn invoke(&self, inv: &Invocation, cold: Option<(Instant, StartPermits<'_>)>) -> Attempt {
+        let (cold_since, start_permits) = match cold {
+            Some((since, permits)) => (Some(since), Some(permits)),
+            None => (None, None),
+        };
         let (picked_tx, picked_rx) = oneshot::channel();
         let (reply_tx, reply_rx) = oneshot::channel();
         let pending = Pending {
@@ -399,6 +602,8 @@ impl Environment {
                 _ => Attempt::DiedIdle,
             };
         };
+        // Started: the slot goes to the next environment waiting to start.
+        drop(start_permits);
         let init_duration = cold_since.map(|since| picked_at.saturating_duration_since(since));
 
         // Phase 2: the function runs until it replies, dies or runs out of time.

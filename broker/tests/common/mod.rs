@@ -76,7 +76,24 @@ pub fn start(config: &Path, port: u16) -> Server {
 
 /// [`start`] with more arguments for `sluice run`.
 pub fn start_with(config: &Path, port: u16, args: &[&str]) -> Server {
-    let child = Command::new(SLUICE)
+    spawn(config, port, &[], args)
+}
+
+/// [`start`] through a wrapper command (`setpriv --reuid=…`, to run Sluice as another user).
+pub fn start_as(config: &Path, port: u16, wrapper: &[&str]) -> Server {
+    spawn(config, port, wrapper, &[])
+}
+
+fn spawn(config: &Path, port: u16, wrapper: &[&str], args: &[&str]) -> Server {
+    let mut command = match wrapper.split_first() {
+        Some((program, wrapper_args)) => {
+            let mut command = Command::new(program);
+            command.args(wrapper_args).arg(SLUICE);
+            command
+        }
+        None => Command::new(SLUICE),
+    };
+    let child = command
         .args(["run", "-c"])
         .arg(config)
         .args(["--listen", &format!("127.0.0.1:{port}"), "--grace", "10s"])
