@@ -17,6 +17,14 @@ use crate::{Config, ConfigError, FunctionConfig, Runtime};
 /// The `PATH` a function's program gets, and so where a bare command name is looked up.
 pub const FUNCTION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
+/// Where a bare program name is found on the function's `PATH`, as the runner looks it up.
+pub fn on_function_path(program: &str) -> Option<PathBuf> {
+    FUNCTION_PATH
+        .split(':')
+        .map(|dir| PathBuf::from(dir).join(program))
+        .find(|candidate| candidate.is_file())
+}
+
 /// Every problem of this kind in `config`, in file order. A package that is missing or is not
 /// a directory or a zip is left to the package checks, which report it.
 pub fn check_host(config: &Config) -> Vec<ConfigError> {
@@ -78,11 +86,8 @@ fn command_problem(function: &FunctionConfig) -> Option<String> {
             None
         };
     }
-    for dir in FUNCTION_PATH.split(':') {
-        let candidate = PathBuf::from(dir).join(program);
-        if candidate.is_file() {
-            return host_file_problem(program, &candidate);
-        }
+    if let Some(candidate) = on_function_path(program) {
+        return host_file_problem(program, &candidate);
     }
     Some(format!(
         "command `{program}` is not on the function's PATH ({FUNCTION_PATH}); to run a file of the package, write `./{program}`"

@@ -27,7 +27,7 @@ mod yaml;
 
 pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
-pub use host::{FUNCTION_PATH, check_host};
+pub use host::{FUNCTION_PATH, check_host, on_function_path};
 pub use schema::SOURCE_TYPES;
 pub use units::{parse_duration, parse_size};
 

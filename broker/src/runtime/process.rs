@@ -41,6 +41,8 @@ use crate::invocation::{Executed, FunctionError, Invocation, MAX_SYNC_PAYLOAD};
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Output kept per invocation; older bytes are dropped first.
 const MAX_OUTPUT: usize = 256 * 1024;
+/// Connections one environment may hold open to its Runtime API; a runtime needs one or two.
+const RUNTIME_API_CONNECTIONS: u32 = 16;
 
 /// Everything needed to start an environment of one function version.
 #[derive(Debug, Clone)]
@@ -412,9 +414,22 @@ impl Environment {
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error))
             .with_state(shared.clone());
-        let server = tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
+        // The same bounded serving as the public API: a function that opens connections to
+        // its own Runtime API without end, or sends headers byte by byte, is cut off. A
+        // runtime's kept-alive connection idles while its handler runs, so the header timeout
+        // outlasts the function's timeout.
+        let limits = crate::serve::ServeLimits {
+            max_connections: RUNTIME_API_CONNECTIONS,
+            header_read_timeout: spec.timeout + Duration::from_secs(30),
+        };
+        let server = tokio::spawn(crate::serve::serve(
+            "runtime",
+            listener,
+            app,
+            limits,
+            None,
+            std::future::pending(),
+        ));
 
         let memory = Arc::new(cap.prepare(spec.memory_mb)?);
         let log_stream = format!(
@@ -721,11 +736,8 @@ fn resolve_program(spec: &ProcessSpec) -> io::Result<PathBuf> {
         return Ok(in_root);
     }
     // A bare name is looked up on the function's PATH, not Sluice's.
-    for dir in FUNCTION_PATH.split(':') {
-        let candidate = PathBuf::from(dir).join(first);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
+    if let Some(candidate) = sluice_config::on_function_path(first) {
+        return Ok(candidate);
     }
     Err(io::Error::new(
         io::ErrorKind::NotFound,
@@ -733,7 +745,7 @@ fn resolve_program(spec: &ProcessSpec) -> io::Result<PathBuf> {
     ))
 }
 
-const FUNCTION_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use sluice_config::FUNCTION_PATH;
 
 /// The environment Lambda gives a function; nothing of Sluice's own environment leaks in.
 fn lambda_environment(
