@@ -31,6 +31,8 @@ pub const API_OPEN_CONNECTIONS: &str = "sluice_api_open_connections";
 pub const API_HEADER_TIMEOUTS: &str = "sluice_api_header_timeouts_total";
 pub const API_ACCEPT_ERRORS: &str = "sluice_api_accept_errors_total";
 pub const API_CALLER_DISCONNECTS: &str = "sluice_api_caller_disconnects_total";
+pub const STATE_ERRORS: &str = "sluice_state_errors_total";
+pub const STATE_FAILING: &str = "sluice_state_failing";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -62,6 +64,14 @@ pub fn prometheus() -> Option<&'static PrometheusHandle> {
 
 fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        STATE_ERRORS,
+        "Reads and writes the state store refused, by kind (disk_full, unavailable, locked, other)"
+    );
+    describe_gauge!(
+        STATE_FAILING,
+        "1 while the state store's last operation failed, 0 once it succeeds again"
+    );
     describe_counter!(
         FUNCTION_INVOCATIONS,
         "Invocations, successful or not, throttles excluded"

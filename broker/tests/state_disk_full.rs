@@ -9,6 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+mod common;
+
+use common::{free_port, start, write};
 use sluice::state::{Checkpoint, OpenOptions, QueuedEvent, SqliteStore, StateStore};
 
 /// A tmpfs mounted on a new directory, unmounted when dropped.
@@ -94,7 +97,6 @@ async fn no_acknowledged_write_is_lost_to_a_full_disk_and_the_store_recovers_by_
         }
         fill(disk.path())
     };
-    let mut checkpoint_acked = None;
     for _ in 0..200 {
         n += 1;
         let id = format!("e{n}");
@@ -106,9 +108,7 @@ async fn no_acknowledged_write_is_lost_to_a_full_disk_and_the_store_recovers_by_
             sequence: Some(n.to_string()),
             finished: false,
         };
-        if store.put_checkpoint("m", "s", &c).await.is_ok() {
-            checkpoint_acked = Some(n.to_string());
-        }
+        let _ = store.put_checkpoint("m", "s", &c).await;
     }
     assert!(
         refused > 0,
@@ -160,7 +160,6 @@ async fn no_acknowledged_write_is_lost_to_a_full_disk_and_the_store_recovers_by_
         reopened.checkpoint("m", "s").await.expect("checkpoint"),
         Some(last)
     );
-    let _ = checkpoint_acked;
 }
 
 async fn assert_all_present(store: &dyn StateStore, acked: &[String]) {
@@ -222,4 +221,125 @@ async fn versions_and_concurrency_acknowledged_on_a_full_disk_are_there_after_a_
     if let Some(c) = concurrency {
         assert_eq!(reopened.concurrency("f").await.expect("c"), Some(Some(c)));
     }
+}
+
+/// An asynchronous invoke through the API: `Some(request id)` when answered 202.
+async fn queue_event(http: &reqwest::Client, port: u16, n: u32) -> Option<String> {
+    let response = http
+        .post(format!(
+            "http://127.0.0.1:{port}/2015-03-31/functions/held/invocations"
+        ))
+        .header("X-Amz-Invocation-Type", "Event")
+        .body(format!(r#"{{"n":{n},"pad":"{}"}}"#, "p".repeat(2048)))
+        .send()
+        .await
+        .expect("the API answers");
+    match response.status().as_u16() {
+        202 => Some(
+            response
+                .headers()
+                .get("x-amzn-requestid")
+                .and_then(|v| v.to_str().ok())
+                .expect("a request id")
+                .to_string(),
+        ),
+        500 | 503 => {
+            let body = response.text().await.unwrap_or_default();
+            assert!(
+                body.contains("disk is full"),
+                "the caller is told why: {body}"
+            );
+            None
+        }
+        other => panic!("unexpected answer {other}"),
+    }
+}
+
+#[tokio::test]
+async fn events_answered_202_on_a_full_disk_are_in_the_store_after_a_graceful_restart() {
+    let disk = SmallDisk::mount("4m");
+    let dir = tempfile::tempdir().expect("dir");
+    // `held` has no concurrency, so its events stay queued where the test can count them.
+    let config = write(
+        dir.path(),
+        "sluice.yaml",
+        &format!(
+            "state: sqlite://{}/state.db\nfunctions:\n  held: {{runtime: http, url: \"http://127.0.0.1:9/\", reserved_concurrency: 0}}\n",
+            disk.path().display()
+        ),
+    );
+    let port = free_port();
+    let mut sluice = start(&config, port);
+    let http = reqwest::Client::new();
+    let mut acked = Vec::new();
+    let mut refused = 0;
+    for n in 0..10 {
+        acked.push(queue_event(&http, port, n).await.expect("room at first"));
+    }
+    let filler = fill(disk.path());
+    for n in 10..150 {
+        match queue_event(&http, port, n).await {
+            Some(id) => acked.push(id),
+            None => refused += 1,
+        }
+    }
+    assert!(
+        refused > 0,
+        "the disk never filled: the test proves nothing"
+    );
+    let metrics = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    assert!(
+        metrics.contains("sluice_state_errors_total{kind=\"disk_full\"}")
+            && metrics.contains("sluice_state_failing 1"),
+        "the episode is counted:\n{metrics}"
+    );
+    std::fs::remove_file(&filler).expect("free the space");
+    for n in 150..160 {
+        acked.push(
+            queue_event(&http, port, n)
+                .await
+                .expect("accepted again once space returns, without a restart"),
+        );
+    }
+    let db = disk.path().join("state.db");
+    let (reader, _) = SqliteStore::open_with(&db, OpenOptions::INSPECT)
+        .await
+        .expect("reader");
+    assert_all_queued(&reader, &acked).await;
+    drop(reader);
+    sluice.signal(libc::SIGTERM);
+    assert!(
+        sluice
+            .wait_exit(std::time::Duration::from_secs(30))
+            .success()
+    );
+    let reopened = SqliteStore::open(&db).await.expect("reopen");
+    assert_all_queued(&reopened, &acked).await;
+}
+
+/// Every acknowledged request id is a queued event of `held`.
+async fn assert_all_queued(store: &dyn StateStore, acked: &[String]) {
+    let queued = store
+        .due(
+            "held",
+            i64::MAX,
+            u32::try_from(acked.len() + 100).expect("count"),
+        )
+        .await
+        .expect("read the queue");
+    let found: std::collections::HashSet<_> = queued.iter().map(|e| e.id.clone()).collect();
+    let lost: Vec<_> = acked.iter().filter(|id| !found.contains(*id)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} of {} events answered 202 are not in the store: {lost:?}",
+        lost.len(),
+        acked.len()
+    );
 }

@@ -219,27 +219,25 @@ async fn a_migration_failing_halfway_leaves_the_previous_schema_and_rows_intact(
 }
 
 #[tokio::test]
-async fn a_second_process_on_one_sqlite_file_is_refused_and_pointed_at_postgres() {
+async fn one_process_shares_its_claim_on_a_sqlite_file_and_releases_it_with_the_last_handle() {
+    // Another process is refused: broker/tests/state_cli.rs runs a second `sluice run`.
     let dir = tempfile::tempdir().expect("dir");
     let path = dir.path().join("state.db");
+    let lock = dir.path().join("state.db.lock");
     let first = SqliteStore::open(&path).await.expect("first");
-    let message = SqliteStore::open(&path)
+    let again = SqliteStore::open(&path)
         .await
-        .err()
-        .expect("the second is refused")
-        .to_string();
-    assert!(
-        message.contains("is in use by another Sluice process (pid ")
-            && message.contains("postgres://"),
-        "{message}"
+        .expect("the same process may reopen");
+    assert_eq!(
+        std::fs::read_to_string(&lock).expect("lock file"),
+        std::process::id().to_string()
     );
-    // A reader beside it is fine, and the claim ends with the store.
-    let (reader, _) = SqliteStore::open_with(&path, OpenOptions::INSPECT)
-        .await
-        .expect("reader");
-    assert_eq!(reader.queued().await.expect("queued"), 0);
+    let other = std::fs::File::open(&lock).expect("open the lock file");
+    assert!(other.try_lock().is_err(), "held while a handle lives");
     drop(first);
-    SqliteStore::open(&path).await.expect("free again");
+    assert!(other.try_lock().is_err(), "held while a handle lives");
+    drop(again);
+    other.try_lock().expect("released with the last handle");
 }
 
 /// A new database on the test PostgreSQL server; dropped by [`drop_database`].

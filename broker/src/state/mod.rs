@@ -195,6 +195,100 @@ pub trait StateStore: Send + Sync + 'static {
     async fn put_schedule_tick(&self, source: &str, tick_ms: i64) -> Result<(), StateError>;
 }
 
+impl StateError {
+    /// What went wrong, as the `kind` label of `sluice_state_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StateError::Db(sqlx::Error::Database(e)) => match e.code().as_deref() {
+                // SQLITE_FULL; PostgreSQL's disk_full.
+                Some("13") | Some("53100") => "disk_full",
+                // SQLITE_BUSY, SQLITE_LOCKED.
+                Some("5") | Some("6") => "locked",
+                _ => "other",
+            },
+            StateError::Db(
+                sqlx::Error::Io(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_),
+            ) => "unavailable",
+            _ => "other",
+        }
+    }
+}
+
+/// The store as the rest of Sluice uses it: every refused read or write is counted, and an
+/// episode of failures (a full disk, a database that went away) is logged once when it starts
+/// and once when the store works again, rather than once per caller.
+struct Observed<S> {
+    inner: S,
+    failing: std::sync::atomic::AtomicBool,
+}
+
+impl<S> Observed<S> {
+    fn new(inner: S) -> Self {
+        Self {
+            inner,
+            failing: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    fn watch<T>(&self, outcome: Result<T, StateError>) -> Result<T, StateError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        match &outcome {
+            Ok(_) => {
+                if self.failing.swap(false, Relaxed) {
+                    metrics::gauge!(crate::metrics::STATE_FAILING).set(0.0);
+                    tracing::info!("the state store works again");
+                }
+            }
+            Err(e) => {
+                metrics::counter!(crate::metrics::STATE_ERRORS, "kind" => e.kind()).increment(1);
+                if !self.failing.swap(true, Relaxed) {
+                    metrics::gauge!(crate::metrics::STATE_FAILING).set(1.0);
+                    tracing::error!(error = %e, kind = e.kind(),
+                        "the state store refuses reads or writes: callers get errors, nothing is acknowledged, until it works again");
+                }
+            }
+        }
+        outcome
+    }
+}
+
+macro_rules! observed {
+    ($($method:ident($($arg:ident: $ty:ty),*) -> $out:ty;)*) => {
+        #[async_trait]
+        impl<S: StateStore> StateStore for Observed<S> {
+            $(
+                async fn $method(&self, $($arg: $ty),*) -> Result<$out, StateError> {
+                    self.watch(self.inner.$method($($arg),*).await)
+                }
+            )*
+        }
+    };
+}
+
+observed! {
+    checkpoint(source: &str, shard: &str) -> Option<Checkpoint>;
+    put_checkpoint(source: &str, shard: &str, checkpoint: &Checkpoint) -> ();
+    apply(inserts: &[QueuedEvent], removes: &[String]) -> ();
+    due(function: &str, now_ms: i64, limit: u32) -> Vec<QueuedEvent>;
+    next_due(function: &str, after_ms: i64) -> Option<i64>;
+    reschedule(id: &str, attempts: &[AttemptRecord], next_attempt_ms: i64) -> ();
+    queued() -> u64;
+    queued_by_function() -> Vec<(String, u64)>;
+    publish_version(function: &str, snapshot: &str, code_sha256: &str, description: &str) -> VersionRecord;
+    versions(function: &str) -> Vec<VersionRecord>;
+    put_alias(alias: &AliasRecord) -> ();
+    delete_alias(function: &str, name: &str) -> bool;
+    aliases(function: &str) -> Vec<AliasRecord>;
+    put_concurrency(function: &str, reserved: Option<u32>) -> ();
+    concurrency(function: &str) -> Option<Option<u32>>;
+    schedule_tick(source: &str) -> Option<i64>;
+    put_schedule_tick(source: &str, tick_ms: i64) -> ();
+}
+
 /// Schedule ticks kept in the state store, for `type: schedule` sources.
 pub struct ScheduleTicks(pub std::sync::Arc<dyn StateStore>);
 
@@ -277,8 +371,12 @@ pub async fn open_with(
     options: OpenOptions,
 ) -> Result<Box<dyn StateStore>, StateError> {
     Ok(match Location::parse(url, base_dir)? {
-        Location::Sqlite(path) => Box::new(SqliteStore::open_with(&path, options).await?.0),
-        Location::Postgres(url) => Box::new(PostgresStore::open_with(url, options).await?.0),
+        Location::Sqlite(path) => Box::new(Observed::new(
+            SqliteStore::open_with(&path, options).await?.0,
+        )),
+        Location::Postgres(url) => Box::new(Observed::new(
+            PostgresStore::open_with(url, options).await?.0,
+        )),
     })
 }
 
@@ -384,16 +482,33 @@ impl SqliteStore {
     }
 }
 
-/// An exclusive `flock` on `<database>.lock`, naming its holder's pid inside.
+/// A claim on a SQLite store for this process: an exclusive `flock` on `<database>.lock`,
+/// which names the holder's pid inside. Another process is refused; within this process the
+/// claim is shared, so that an embedding program (or a test) may stop and start Sluice on the
+/// same file while the old handle is still being dropped.
+#[derive(Clone)]
 struct InstanceLock {
-    _file: std::fs::File,
+    _file: std::sync::Arc<std::fs::File>,
 }
+
+/// The claims this process holds, by lock-file path.
+static HELD: std::sync::Mutex<Vec<(PathBuf, std::sync::Weak<std::fs::File>)>> =
+    std::sync::Mutex::new(Vec::new());
 
 impl InstanceLock {
     fn acquire(db: &Path) -> Result<Self, StateError> {
         let mut lock_path = db.as_os_str().to_owned();
         lock_path.push(".lock");
         let lock_path = PathBuf::from(lock_path);
+        let mut held = HELD.lock().unwrap_or_else(|p| p.into_inner());
+        held.retain(|(_, file)| file.strong_count() > 0);
+        if let Some(file) = held
+            .iter()
+            .find(|(path, _)| *path == lock_path)
+            .and_then(|(_, file)| file.upgrade())
+        {
+            return Ok(Self { _file: file });
+        }
         let lock_error = |source| StateError::LockFile {
             path: lock_path.clone(),
             source,
@@ -424,6 +539,8 @@ impl InstanceLock {
         file.set_len(0).map_err(lock_error)?;
         file.rewind().map_err(lock_error)?;
         write!(file, "{}", std::process::id()).map_err(lock_error)?;
+        let file = std::sync::Arc::new(file);
+        held.push((lock_path, std::sync::Arc::downgrade(&file)));
         Ok(Self { _file: file })
     }
 }
@@ -466,6 +583,20 @@ impl PostgresStore {
             .connect(url)
             .await?;
         Ok((Self { pool }, applied))
+    }
+}
+
+/// After an error inside a transaction, a connection may be out of step with its database:
+/// after `SQLITE_FULL`, SQLite rolls the transaction back on its own while sqlx still counts it
+/// open, so the connection's later "commits" only release savepoints of a transaction that
+/// never ends — writes answered as done that never reach the disk, and a write lock that keeps
+/// every other connection out. Such a connection is closed instead of going back to the pool.
+fn discard_on_error<DB: sqlx::Database, T>(
+    conn: &mut sqlx::pool::PoolConnection<DB>,
+    outcome: &Result<T, StateError>,
+) {
+    if outcome.is_err() {
+        conn.close_on_drop();
     }
 }
 
@@ -532,25 +663,31 @@ impl StateStore for $store {
     }
 
     async fn apply(&self, inserts: &[QueuedEvent], removes: &[String]) -> Result<(), StateError> {
-        let mut tx = self.pool.begin().await?;
-        for id in removes {
-            sqlx::query("DELETE FROM async_events WHERE id = $1").bind(id).execute(&mut *tx).await?;
+        let mut conn = self.pool.acquire().await?;
+        let outcome = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            for id in removes {
+                sqlx::query("DELETE FROM async_events WHERE id = $1").bind(id).execute(&mut *tx).await?;
+            }
+            for e in inserts {
+                sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
+                    .bind(&e.id)
+                    .bind(&e.function)
+                    .bind(&e.qualifier)
+                    .bind(&e.payload)
+                    .bind(&e.trace_id)
+                    .bind(e.received_at_ms)
+                    .bind(e.next_attempt_ms)
+                    .bind(serde_json::to_string(&e.attempts)?)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
         }
-        for e in inserts {
-            sqlx::query("INSERT INTO async_events (id, function, qualifier, payload, trace_id, received_at_ms, next_attempt_ms, attempts) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)")
-                .bind(&e.id)
-                .bind(&e.function)
-                .bind(&e.qualifier)
-                .bind(&e.payload)
-                .bind(&e.trace_id)
-                .bind(e.received_at_ms)
-                .bind(e.next_attempt_ms)
-                .bind(serde_json::to_string(&e.attempts)?)
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        .await;
+        discard_on_error(&mut conn, &outcome);
+        outcome
     }
 
     async fn due(&self, function: &str, now_ms: i64, limit: u32) -> Result<Vec<QueuedEvent>, StateError> {
@@ -597,23 +734,30 @@ impl StateStore for $store {
     }
 
     async fn publish_version(&self, function: &str, snapshot: &str, code_sha256: &str, description: &str) -> Result<VersionRecord, StateError> {
-        let mut tx = self.pool.begin().await?;
-        let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE function = $1")
-            .bind(function)
-            .fetch_one(&mut *tx)
-            .await?;
-        let version: i64 = row.try_get("v")?;
+        let mut conn = self.pool.acquire().await?;
         let created_at = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.3f+0000").to_string();
-        sqlx::query("INSERT INTO versions (function, version, snapshot, code_sha256, description, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
-            .bind(function)
-            .bind(version)
-            .bind(snapshot)
-            .bind(code_sha256)
-            .bind(description)
-            .bind(&created_at)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        let outcome = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            let row = sqlx::query("SELECT COALESCE(MAX(version), 0) + 1 AS v FROM versions WHERE function = $1")
+                .bind(function)
+                .fetch_one(&mut *tx)
+                .await?;
+            let version: i64 = row.try_get("v")?;
+            sqlx::query("INSERT INTO versions (function, version, snapshot, code_sha256, description, created_at) VALUES ($1, $2, $3, $4, $5, $6)")
+                .bind(function)
+                .bind(version)
+                .bind(snapshot)
+                .bind(code_sha256)
+                .bind(description)
+                .bind(&created_at)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(version)
+        }
+        .await;
+        discard_on_error(&mut conn, &outcome);
+        let version = outcome?;
         Ok(VersionRecord {
             function: function.to_string(),
             version: u32::try_from(version).unwrap_or(0),
