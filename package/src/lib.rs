@@ -362,7 +362,7 @@ fn sha256_hex(file: &mut File, limit: u64) -> io::Result<String> {
 
 /// Removes extraction directories left by a Sluice that crashed while unpacking.
 fn remove_stale_partials(unpack_root: &Path) {
-    super::remove_orphans(unpack_root, PARTIAL_PREFIX, remove_tree);
+    remove_orphans(unpack_root, PARTIAL_PREFIX, remove_tree);
 }
 
 /// Unpacks `file` into the empty directory `dir`, counting the bytes actually written against
@@ -574,6 +574,26 @@ fn open_regular(path: &Path) -> io::Result<File> {
         ));
     }
     Ok(file)
+}
+
+/// Removes what a Sluice that is gone left in `dir` (a crash or `kill -9` gives it no chance
+/// to clean up): the entries named `<prefix><pid>-…` whose process no longer runs, with
+/// `remove`. Entries of running Sluices, and names that do not fit, are left alone.
+pub fn remove_orphans(dir: &Path, prefix: &str, remove: impl Fn(&Path)) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let owner = name
+            .to_str()
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok());
+        if owner.is_some_and(|pid| !Path::new(&format!("/proc/{pid}")).exists()) {
+            remove(&entry.path());
+        }
+    }
 }
 
 #[cfg(test)]
