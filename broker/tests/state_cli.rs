@@ -44,11 +44,12 @@ fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// `sluice run --no-migrate` on `config`, expected to refuse: its stderr.
-fn refused_run(config: &Path) -> String {
+/// `sluice run` on `config` with `args`, expected to refuse to start: its stderr.
+fn refused_run(config: &Path, args: &[&str]) -> String {
     let out = Command::new(SLUICE)
-        .args(["run", "--no-migrate", "--listen"])
+        .args(["run", "--listen"])
         .arg(format!("127.0.0.1:{}", free_port()))
+        .args(args)
         .arg("-c")
         .arg(config)
         .output()
@@ -67,7 +68,7 @@ fn an_operator_upgrades_a_first_release_store_deliberately() {
         "state store schema version 0 (this Sluice: 2; made before versioned migrations, adopted as version 1)\npending: 1 (initial schema), 2 (schedule ticks)\n"
     );
 
-    let refusal = refused_run(&config);
+    let refusal = refused_run(&config, &["--no-migrate"]);
     assert!(
         refusal.contains("the state store's schema is at version 0 and this Sluice needs version 2 (pending: 1 (initial schema), 2 (schedule ticks)): run `sluice state migrate`"),
         "{refusal}"
@@ -100,19 +101,11 @@ fn an_operator_upgrades_a_first_release_store_deliberately() {
     // Now --no-migrate starts; while it runs, the store belongs to it.
     let port = free_port();
     let _running = start_with(&config, port, &["--no-migrate"]);
-    let second = Command::new(SLUICE)
-        .args(["run", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("sluice runs");
-    assert!(!second.status.success());
+    let second = refused_run(&config, &[]);
     assert!(
-        stderr(&second).contains("is in use by another Sluice process (pid ")
-            && stderr(&second).contains("postgres://"),
-        "{}",
-        stderr(&second)
+        second.contains("is in use by another Sluice process (pid ")
+            && second.contains("postgres://"),
+        "{second}"
     );
     let busy = sluice(&["state", "migrate"], &config);
     assert!(!busy.status.success(), "migrating under a running Sluice");
@@ -138,18 +131,10 @@ fn a_store_from_a_newer_sluice_is_refused_naming_both_versions() {
             .expect("stamp");
         conn.close().await.expect("close");
     });
-    let run = Command::new(SLUICE)
-        .args(["run", "--listen"])
-        .arg(format!("127.0.0.1:{}", free_port()))
-        .arg("-c")
-        .arg(&config)
-        .output()
-        .expect("sluice runs");
-    assert!(!run.status.success());
+    let run = refused_run(&config, &[]);
     assert!(
-        stderr(&run).contains("the state store's schema is at version 7, newer than this Sluice understands (up to version 2)"),
-        "{}",
-        stderr(&run)
+        run.contains("the state store's schema is at version 7, newer than this Sluice understands (up to version 2)"),
+        "{run}"
     );
     let version = sluice(&["state", "version"], &config);
     assert!(!version.status.success());
