@@ -27,7 +27,7 @@ use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -200,6 +200,8 @@ impl Source {
 /// refused is sent again at the next tick.
 struct Producer {
     stop: Arc<AtomicBool>,
+    /// Sends the source refused so far (Sluice or its state store down, say).
+    refused: Arc<AtomicUsize>,
     task: tokio::task::JoinHandle<(BTreeSet<String>, BTreeSet<String>, usize)>,
 }
 
@@ -207,6 +209,8 @@ impl Producer {
     fn start(scenario: &str, source: Source, poison_every: Option<usize>) -> Producer {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        let refused = Arc::new(AtomicUsize::new(0));
+        let refusals = refused.clone();
         let scenario = scenario.to_string();
         let task = tokio::spawn(async move {
             let http = http();
@@ -224,13 +228,20 @@ impl Producer {
                         unknown.insert(id);
                         n += 1;
                     }
-                    Sent::No => refused += 1,
+                    Sent::No => {
+                        refused += 1;
+                        refusals.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
                 tokio::time::sleep(PRODUCE_EVERY).await;
             }
             (sent, unknown, refused)
         });
-        Producer { stop, task }
+        Producer {
+            stop,
+            refused,
+            task,
+        }
     }
 
     async fn stop(self, tally: &mut Tally) -> usize {
@@ -547,10 +558,541 @@ async fn kill_scenario(ctx: Ctx, scenario: &'static str) -> Row {
     row
 }
 
+/// The sum of a metric's series on Sluice's `/metrics`; `None` when Sluice does not answer.
+async fn metric(port: u16, name: &str) -> Option<f64> {
+    let text = http()
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(
+        text.lines()
+            .filter(|l| l.starts_with(name))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum(),
+    )
+}
+
+fn alive(server: &mut Server) -> bool {
+    matches!(server.0.try_wait(), Ok(None))
+}
+
+// ---------------------------------------------------------------------------------------------
+// postgres/*: the state store's PostgreSQL stopped and started mid-stream.
+
+async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
+    let pg = tokio::task::spawn_blocking(faults::PrivatePostgres::start)
+        .await
+        .expect("initdb")
+        .unwrap_or_else(|e| panic!("a private PostgreSQL cluster does not start: {e}"));
+    let pg = Arc::new(pg);
+    let async_url = ctx
+        .recorder
+        .route("postgres/async", Duration::from_millis(20), |_| {
+            Answer::Succeed
+        });
+    let stream_url = ctx
+        .recorder
+        .route("postgres/kinesis", Duration::from_millis(20), |_| {
+            Answer::Succeed
+        });
+    let endpoint = moto();
+    let stream = new_kinesis_stream(&endpoint).await;
+    let instance = Instance::new(
+        Some(&pg.url()),
+        &format!(
+            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            http_function(
+                &async_url,
+                "    max_retry_attempts: 2\n    retry_delay: 0s\n    reserved_concurrency: 4\n"
+            ),
+            Value::from(stream_url.as_str()),
+            Value::from(endpoint.as_str()),
+        ),
+    );
+    let mut server = instance.start().await;
+    let invokes = Producer::start(
+        "postgres/async",
+        Source::Async {
+            port: instance.port,
+        },
+        None,
+    );
+    let records = Producer::start(
+        "postgres/kinesis",
+        Source::Kinesis { endpoint, stream },
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let stopper = pg.clone();
+    tokio::task::spawn_blocking(move || stopper.pg_ctl_stop())
+        .await
+        .expect("pg_ctl")
+        .expect("stop PostgreSQL");
+    let refused_before = invokes.refused.load(Ordering::SeqCst);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refused_while_down = invokes.refused.load(Ordering::SeqCst) - refused_before;
+    let survived = alive(&mut server);
+    let starter = pg.clone();
+    tokio::task::spawn_blocking(move || starter.pg_ctl_start())
+        .await
+        .expect("pg_ctl")
+        .expect("start PostgreSQL again");
+    // Sluice must come back by itself: no restart here unless it died.
+    let restarted = if survived {
+        None
+    } else {
+        Some(instance.start().await)
+    };
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut async_tally = Tally::default();
+    let mut stream_tally = Tally::default();
+    invokes.stop(&mut async_tally).await;
+    records.stop(&mut stream_tally).await;
+    let note = format!(
+        "PostgreSQL down 4s: {refused_while_down} invokes refused meanwhile; sluice {}",
+        if survived {
+            "stayed up"
+        } else {
+            "EXITED and was restarted"
+        }
+    );
+    let a = settle(&ctx, "postgres/async", async_tally, None, note.clone()).await;
+    let b = settle(&ctx, "postgres/kinesis", stream_tally, None, note).await;
+    let mut rows = vec![a, b];
+    if refused_while_down == 0 {
+        rows[0]
+            .note
+            .push_str("; NO invoke was refused while the state store was down");
+    }
+    if !survived {
+        for row in &mut rows {
+            row.known_loss.get_or_insert_with(String::new);
+            row.known_loss = None;
+        }
+    }
+    drop(restarted);
+    drop(server);
+    drop(instance);
+    drop(pg);
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// dlq-full/*: the dead-letter destination down (a file on a full tmpfs).
+
+/// A small tmpfs at `dir`, filled up; `None` when it cannot be mounted (not root, say).
+fn full_tmpfs(dir: &Path) -> Option<PathBuf> {
+    std::fs::create_dir_all(dir).ok()?;
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k", "fc-dlq"])
+        .arg(dir)
+        .status()
+        .ok()?
+        .success();
+    if !mounted {
+        return None;
+    }
+    let filler = dir.join("filler");
+    let mut file = std::fs::File::create(&filler).ok()?;
+    let block = vec![0u8; 4096];
+    while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    Some(filler)
+}
+
+fn unmount(dir: &Path) {
+    let _ = std::process::Command::new("umount")
+        .args(["-l"])
+        .arg(dir)
+        .status();
+}
+
+async fn dlq_scenarios(ctx: Ctx) -> Vec<Row> {
+    let poison = |ids: &BTreeSet<String>| {
+        if ids.iter().any(|id| id.ends_with(":poison")) {
+            Answer::Fail
+        } else {
+            Answer::Succeed
+        }
+    };
+    let async_url = ctx
+        .recorder
+        .route("dlq-full/async", Duration::from_millis(10), poison);
+    let stream_url = ctx
+        .recorder
+        .route("dlq-full/kinesis", Duration::from_millis(10), poison);
+    let endpoint = moto();
+    let stream = new_kinesis_stream(&endpoint).await;
+    let instance = Instance::new(
+        None,
+        &format!(
+            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {}\n    region: us-east-1\n    batch: {{size: 1}}\n    retry: {{max_attempts: 0}}\n    on_failure: dlq\ndead_letters:\n  dlq: {{type: file, path: ./dlq/dead.jsonl}}\n",
+            http_function(
+                &async_url,
+                "    max_retry_attempts: 0\n    retry_delay: 0s\n    on_failure: dlq\n"
+            ),
+            Value::from(stream_url.as_str()),
+            Value::from(endpoint.as_str()),
+        ),
+    );
+    let dlq_dir = instance.dir.path().join("dlq");
+    let dlq = dlq_dir.join("dead.jsonl");
+    // Without a tmpfs, a directory standing where the file should be refuses every write.
+    let filler = full_tmpfs(&dlq_dir);
+    let how = if filler.is_some() {
+        "a full tmpfs"
+    } else {
+        std::fs::create_dir_all(&dlq).expect("a directory in the way");
+        "a directory in the file's place"
+    };
+    let mut server = instance.start().await;
+    let invokes = Producer::start(
+        "dlq-full/async",
+        Source::Async {
+            port: instance.port,
+        },
+        Some(3),
+    );
+    let records = Producer::start(
+        "dlq-full/kinesis",
+        Source::Kinesis { endpoint, stream },
+        Some(3),
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors = metric(instance.port, "sluice_dead_letter_errors_total")
+        .await
+        .unwrap_or(0.0);
+    let written_while_down = faults::ids_in_lines(&dlq).len();
+    // Nothing may have been acknowledged meanwhile: a kill now must lose nothing.
+    server.signal(libc::SIGKILL);
+    drop(server);
+    server = instance.start().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    match &filler {
+        Some(filler) => std::fs::remove_file(filler).expect("free the tmpfs"),
+        None => std::fs::remove_dir(&dlq).expect("take the directory away"),
+    }
+    let mut async_tally = Tally::default();
+    let mut stream_tally = Tally::default();
+    invokes.stop(&mut async_tally).await;
+    records.stop(&mut stream_tally).await;
+    let note = format!(
+        "DLQ on {how} for 4s, sluice killed meanwhile; {errors} dead-letter errors, {written_while_down} written while down"
+    );
+    let a = settle(
+        &ctx,
+        "dlq-full/async",
+        async_tally,
+        Some(&dlq),
+        note.clone(),
+    )
+    .await;
+    let b = settle(&ctx, "dlq-full/kinesis", stream_tally, Some(&dlq), note).await;
+    let mut rows = vec![a, b];
+    for row in &mut rows {
+        if errors == 0.0 {
+            row.note.push_str("; NO dead-letter error was counted");
+        }
+        if written_while_down > 0 {
+            row.note
+                .push_str("; dead letters written while the target was down?");
+        }
+    }
+    drop(server);
+    if filler.is_some() {
+        unmount(&dlq_dir);
+    }
+    drop(instance);
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
+// function/*: a function that hangs, crashes at random or floods its output.
+
+/// A Runtime API function: event `fc:…:N` crashes half the time when N % 5 == 1, writes 8 MB
+/// to stdout when N % 5 == 2, hangs past its timeout when N % 10 == 3, and otherwise
+/// succeeds. Each success is appended to `$SEEN` first.
+const UNRULY_FUNCTION: &str = r#"#!/usr/bin/env python3
+import json, os, random, sys, time, urllib.request
+API = f"http://{os.environ['AWS_LAMBDA_RUNTIME_API']}/2018-06-01/runtime"
+while True:
+    with urllib.request.urlopen(f"{API}/invocation/next") as r:
+        rid = r.headers["Lambda-Runtime-Aws-Request-Id"]; event = json.loads(r.read())
+    n = int(event["id"].split(":")[2])
+    if n % 5 == 1 and random.random() < 0.5:
+        os._exit(3)
+    if n % 5 == 2:
+        line = "x" * 1023 + "\n"
+        for _ in range(8 * 1024):
+            sys.stdout.write(line)
+        sys.stdout.flush()
+    if n % 10 == 3:
+        time.sleep(60)
+    with open(os.environ["SEEN"], "a") as f:
+        f.write(json.dumps({"id": event["id"]}) + "\n")
+    request = urllib.request.Request(f"{API}/invocation/{rid}/response", data=b"{}", method="POST")
+    urllib.request.urlopen(request).close()
+"#;
+
+async fn function_scenario(ctx: Ctx) -> Row {
+    let scenario = "function/async";
+    let dir = tempfile::tempdir().expect("dir");
+    common::bootstrap(dir.path(), UNRULY_FUNCTION);
+    let seen = dir.path().join("seen.jsonl");
+    let instance = Instance::new(
+        None,
+        &format!(
+            "functions:\n  f:\n    package: {}\n    timeout: 2s\n    max_retry_attempts: 2\n    retry_delay: 0s\n    reserved_concurrency: 4\n    on_failure: dlq\n    environment: {{SEEN: {}}}\ndead_letters:\n  dlq: {{type: file, path: ./dead.jsonl}}\n",
+            Value::from(dir.path().join("fn").to_string_lossy()),
+            Value::from(seen.to_string_lossy()),
+        ),
+    );
+    let dlq = instance.dir.path().join("dead.jsonl");
+    let mut server = instance.start().await;
+    let pid = server.0.id();
+    let invokes = Producer::start(
+        scenario,
+        Source::Async {
+            port: instance.port,
+        },
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut tally = Tally::default();
+    invokes.stop(&mut tally).await;
+    // The recorder is not the function here: deliveries come from `$SEEN`.
+    let deadline = Instant::now() + DRAIN;
+    loop {
+        tally.delivered = faults::id_counts_in_lines(&seen);
+        tally.dead = faults::ids_in_lines(&dlq);
+        if tally.missing().is_empty() || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let peak = faults::peak_rss_kib(pid).unwrap_or(0);
+    let up = alive(&mut server);
+    let _ = &ctx;
+    let mut row = tally.row(
+        scenario,
+        format!(
+            "crash/flood 8MB/hang past 2s timeout; sluice peak RSS {} MB{}",
+            peak / 1024,
+            if up { "" } else { "; sluice EXITED" }
+        ),
+    );
+    if !tally.missing().is_empty() {
+        row.note
+            .push_str(&format!("; missing {:?}", tally.missing()));
+    }
+    if peak > 300 * 1024 {
+        row.note.push_str("; MEMORY NOT BOUNDED");
+        row.known_loss = None;
+    }
+    drop(server);
+    drop(instance);
+    row
+}
+
+// ---------------------------------------------------------------------------------------------
+// broker/*: the source's server unreachable or hung mid-stream.
+
+/// Private moto behind a link: the link cut for 4 s, then moto frozen (SIGSTOP) for 4 s.
+async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
+    let scratch = tempfile::tempdir().expect("dir");
+    let moto = faults::PrivateMoto::start(&scratch.path().join("moto.log")).await;
+    let upstream: std::net::SocketAddr = moto
+        .url
+        .trim_start_matches("http://")
+        .parse()
+        .expect("moto address");
+    let link = faults::Link::start(upstream).await;
+    let through = format!("http://127.0.0.1:{}", link.port);
+    let queue = new_sqs_queue(&moto.url).await;
+    let stream = new_kinesis_stream(&moto.url).await;
+    let sqs_url = ctx
+        .recorder
+        .route("broker/sqs", Duration::from_millis(20), |_| Answer::Succeed);
+    let stream_url = ctx
+        .recorder
+        .route("broker/kinesis", Duration::from_millis(20), |_| {
+            Answer::Succeed
+        });
+    let instance = Instance::new(
+        None,
+        &format!(
+            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  q:\n    type: sqs\n    function: f\n    queue_url: {}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n    maximum_concurrency: 2\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            http_function(&sqs_url, ""),
+            Value::from(stream_url.as_str()),
+            // The queue URL names moto's own port; the endpoint decides where calls go.
+            Value::from(queue.as_str()),
+        ),
+    );
+    let mut server = instance.start().await;
+    let messages = Producer::start(
+        "broker/sqs",
+        Source::Sqs {
+            endpoint: moto.url.clone(),
+            url: queue,
+        },
+        None,
+    );
+    let records = Producer::start(
+        "broker/kinesis",
+        Source::Kinesis {
+            endpoint: moto.url.clone(),
+            stream,
+        },
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.set_cut(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.set_cut(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    moto.child.signal(libc::SIGSTOP);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    moto.child.signal(libc::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = alive(&mut server);
+    let mut sqs_tally = Tally::default();
+    let mut stream_tally = Tally::default();
+    messages.stop(&mut sqs_tally).await;
+    records.stop(&mut stream_tally).await;
+    let note = format!(
+        "private moto: link cut 4s, then SIGSTOP 4s{}",
+        if up { "" } else { "; sluice EXITED" }
+    );
+    let rows = vec![
+        settle(&ctx, "broker/sqs", sqs_tally, None, note.clone()).await,
+        settle(&ctx, "broker/kinesis", stream_tally, None, note).await,
+    ];
+    drop(server);
+    drop(instance);
+    drop(moto);
+    rows
+}
+
+/// The shared RabbitMQ behind a link cut for 4 s: Sluice's connection dropped and refused
+/// while the server, and the other tests on it, carry on.
+async fn rabbitmq_outage_scenario(ctx: Ctx) -> Row {
+    let scenario = "broker/rabbitmq";
+    let link = faults::Link::start("127.0.0.1:5672".parse().expect("address")).await;
+    let (connection, channel, queue) = rabbit_queue().await;
+    let url = ctx
+        .recorder
+        .route(scenario, Duration::from_millis(20), |_| Answer::Succeed);
+    let instance = Instance::new(
+        None,
+        &format!(
+            "{}sources:\n  s:\n    type: rabbitmq\n    function: f\n    uri: amqp://guest:guest@127.0.0.1:{}/%2f\n    queue: {queue}\n    prefetch: 10\n    batch: {{size: 5}}\n",
+            http_function(&url, ""),
+            link.port
+        ),
+    );
+    let mut server = instance.start().await;
+    let producer = Producer::start(scenario, Source::Rabbit { channel, queue }, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.set_cut(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.set_cut(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = alive(&mut server);
+    let mut tally = Tally::default();
+    producer.stop(&mut tally).await;
+    let row = settle(
+        &ctx,
+        scenario,
+        tally,
+        None,
+        format!(
+            "link to the shared RabbitMQ cut 4s{}",
+            if up { "" } else { "; sluice EXITED" }
+        ),
+    )
+    .await;
+    drop(server);
+    drop(connection);
+    row
+}
+
+/// A private tansu whose advertised address is a link, cut for 4 s mid-stream. (Its storage is
+/// in memory, so a real restart would empty the topic: the link stands for the restart.)
+async fn kafka_outage_scenario(ctx: Ctx, tansu: PathBuf) -> Row {
+    let scenario = "broker/kafka";
+    let port = faults::free_port();
+    // The link is started first, on a port of its own, so that tansu can advertise it.
+    let link = faults::Link::start(format!("127.0.0.1:{port}").parse().expect("address")).await;
+    let scratch = tempfile::tempdir().expect("dir");
+    let log = std::fs::File::create(scratch.path().join("tansu.log")).expect("log");
+    let child = std::process::Command::new(&tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &format!("tcp://127.0.0.1:{port}"),
+            "--advertised-listener-url",
+            &format!("tcp://127.0.0.1:{}", link.port),
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(log.try_clone().expect("log"))
+        .stderr(log)
+        .spawn()
+        .expect("start a private tansu");
+    let tansu = faults::Child(child);
+    assert!(
+        faults::wait_for_port(port, Duration::from_secs(20)).await,
+        "the private tansu did not listen"
+    );
+    let brokers = format!("127.0.0.1:{}", link.port);
+    let (producer, topic) = kafka_topic(&brokers).await;
+    let url = ctx
+        .recorder
+        .route(scenario, Duration::from_millis(20), |_| Answer::Succeed);
+    let instance = Instance::new(
+        None,
+        &format!(
+            "{}sources:\n  s:\n    type: kafka\n    function: f\n    brokers: [{brokers}]\n    topics: [{topic}]\n    group_id: {topic}\n    batch: {{size: 5}}\n",
+            http_function(&url, ""),
+        ),
+    );
+    let mut server = instance.start().await;
+    let records = Producer::start(scenario, Source::Kafka { producer, topic }, None);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.set_cut(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.set_cut(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = alive(&mut server);
+    let mut tally = Tally::default();
+    records.stop(&mut tally).await;
+    let row = settle(
+        &ctx,
+        scenario,
+        tally,
+        None,
+        format!(
+            "link to a private tansu cut 4s{}",
+            if up { "" } else { "; sluice EXITED" }
+        ),
+    )
+    .await;
+    drop(server);
+    drop(tansu);
+    row
+}
+
 // ---------------------------------------------------------------------------------------------
 // The campaign.
 
-type Scenario = Pin<Box<dyn Future<Output = Row> + Send>>;
+type Scenario = Pin<Box<dyn Future<Output = Vec<Row>> + Send>>;
+
+fn one(row: impl Future<Output = Row> + Send + 'static) -> Scenario {
+    Box::pin(async move { vec![row.await] })
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fault_campaign_loses_no_record() {
@@ -569,32 +1111,44 @@ async fn fault_campaign_loses_no_record() {
         seed,
     };
     let mut scenarios: Vec<(&str, Scenario)> = vec![
-        (
-            "kill/async",
-            Box::pin(kill_scenario(ctx.clone(), "kill/async")),
-        ),
-        ("kill/sqs", Box::pin(kill_scenario(ctx.clone(), "kill/sqs"))),
+        ("kill/async", one(kill_scenario(ctx.clone(), "kill/async"))),
+        ("kill/sqs", one(kill_scenario(ctx.clone(), "kill/sqs"))),
         (
             "kill/kinesis",
-            Box::pin(kill_scenario(ctx.clone(), "kill/kinesis")),
+            one(kill_scenario(ctx.clone(), "kill/kinesis")),
         ),
         (
             "kill/dynamodb",
-            Box::pin(kill_scenario(ctx.clone(), "kill/dynamodb")),
+            one(kill_scenario(ctx.clone(), "kill/dynamodb")),
         ),
         (
             "kill/rabbitmq",
-            Box::pin(kill_scenario(ctx.clone(), "kill/rabbitmq")),
+            one(kill_scenario(ctx.clone(), "kill/rabbitmq")),
+        ),
+        ("postgres/*", Box::pin(postgres_scenarios(ctx.clone()))),
+        ("dlq-full/*", Box::pin(dlq_scenarios(ctx.clone()))),
+        ("function/async", one(function_scenario(ctx.clone()))),
+        (
+            "broker/sqs+kinesis",
+            Box::pin(moto_outage_scenarios(ctx.clone())),
+        ),
+        (
+            "broker/rabbitmq",
+            one(rabbitmq_outage_scenario(ctx.clone())),
         ),
     ];
     let mut skipped = Vec::new();
     if kafka().is_some() {
-        scenarios.push((
-            "kill/kafka",
-            Box::pin(kill_scenario(ctx.clone(), "kill/kafka")),
-        ));
+        scenarios.push(("kill/kafka", one(kill_scenario(ctx.clone(), "kill/kafka"))));
     } else {
         skipped.push("kill/kafka: no Kafka broker (SLUICE_TEST_KAFKA)");
+    }
+    match tansu_binary() {
+        Some(tansu) => scenarios.push((
+            "broker/kafka",
+            one(kafka_outage_scenario(ctx.clone(), tansu)),
+        )),
+        None => skipped.push("broker/kafka: no tansu binary in the cache"),
     }
     let names: Vec<&str> = scenarios.iter().map(|(n, _)| *n).collect();
     let handles: Vec<_> = scenarios
@@ -605,7 +1159,7 @@ async fn fault_campaign_loses_no_record() {
     let mut failures = Vec::new();
     for (name, handle) in names.iter().zip(handles) {
         match handle.await {
-            Ok(row) => rows.push(row),
+            Ok(row) => rows.extend(row),
             Err(e) => failures.push(format!("{name}: the scenario failed: {e}")),
         }
     }

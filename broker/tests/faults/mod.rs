@@ -255,6 +255,23 @@ pub fn ids_in_lines(path: &Path) -> BTreeSet<String> {
     ids
 }
 
+/// How many lines of a JSON Lines file carry each id (a function's own record of successes).
+pub fn id_counts_in_lines(path: &Path) -> BTreeMap<String, usize> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let complete = text.rfind('\n').map_or("", |end| &text[..end]);
+    let mut counts = BTreeMap::new();
+    for line in complete.lines() {
+        let mut ids = BTreeSet::new();
+        if let Ok(value) = serde_json::from_str::<Value>(line) {
+            ids_in(&value, &mut ids);
+        }
+        for id in ids {
+            *counts.entry(id).or_default() += 1;
+        }
+    }
+    counts
+}
+
 /// A small xorshift generator: the campaign's random instants, from a seed it prints.
 pub struct Rng(u64);
 
