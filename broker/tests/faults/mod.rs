@@ -79,8 +79,9 @@ pub struct Row {
     pub duplicates: usize,
     /// What else the scenario saw (kills, errors while a server was down), for the report.
     pub note: String,
-    /// A loss Sluice is known to have, printed and not asserted.
-    pub known_loss: Option<String>,
+    /// Records not delivered for a known reason outside Sluice (`KNOWN STALL`), printed, and
+    /// not counted as lost once shown to be still owed by the source.
+    pub known_stall: Option<String>,
 }
 
 impl Tally {
@@ -121,7 +122,7 @@ impl Tally {
             lost: self.missing().len(),
             duplicates,
             note,
-            known_loss: None,
+            known_stall: None,
         }
     }
 }
@@ -480,7 +481,8 @@ pub struct PrivatePostgres {
 }
 
 impl PrivatePostgres {
-    /// `None` (with the reason) when no PostgreSQL server binaries are installed.
+    /// Fails with the reason when no PostgreSQL server binaries are installed or the cluster
+    /// does not start.
     pub fn start() -> Result<PrivatePostgres, String> {
         let bin = std::fs::read_dir("/usr/lib/postgresql")
             .map_err(|e| format!("/usr/lib/postgresql: {e}"))?
