@@ -40,8 +40,15 @@ impl DeadLetterSink for FileDeadLetter {
                 .create(true)
                 .append(true)
                 .open(&path)?;
-            file.write_all(&line)?;
-            file.sync_data()
+            // A full disk can take part of a line before it refuses the rest; the write is
+            // retried, and the retry's line would be glued to that torn tail, leaving a line no
+            // reader can parse. So a failed write is cut back to where it started.
+            let start = file.metadata()?.len();
+            let written = file.write_all(&line).and_then(|()| file.sync_data());
+            if written.is_err() {
+                let _ = file.set_len(start);
+            }
+            written
         };
         let io_err = |source| DeadLetterError::Io {
             path: self.path.clone(),
