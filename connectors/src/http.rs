@@ -273,29 +273,61 @@ pub enum BodyError {
     Unreadable(#[source] axum::Error),
 }
 
+/// How much of a refused body is read and thrown away before the answer. A server that closes
+/// a socket with unread data resets the connection, and a client still sending its body then
+/// sees a broken connection instead of the 413; reading a bounded rest lets an ordinary client
+/// read its answer. Past the bound (or the time), the connection is simply closed.
+const DRAIN_BOUND: u64 = 16 * 1024 * 1024;
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Reads a request body of at most `limit` bytes. A larger one, by its Content-Length or once
-/// more than `limit` bytes have come, is refused without reading the rest. Shared by the
-/// webhooks and Sluice's own API.
+/// more than `limit` bytes have come, is refused without keeping the rest (a bounded part of it
+/// is read and dropped, see [`DRAIN_BOUND`]). Shared by the webhooks and Sluice's own API.
 pub async fn read_limited(
     headers: &HeaderMap,
-    body: Body,
+    mut body: Body,
     limit: usize,
 ) -> Result<Bytes, BodyError> {
+    use http_body_util::BodyExt as _;
     let declared = headers
         .get("content-length")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if let Some(declared) = declared.filter(|n| *n > limit as u64) {
+        if declared - limit as u64 <= DRAIN_BOUND {
+            drain(&mut body).await;
+        }
         return Err(BodyError::TooLarge { limit });
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        let source = std::error::Error::source(&e);
-        if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-            BodyError::TooLarge { limit }
-        } else {
-            BodyError::Unreadable(e)
+    let mut read = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let Ok(data) = frame.map_err(BodyError::Unreadable)?.into_data() else {
+            continue;
+        };
+        if read.len() + data.len() > limit {
+            drain(&mut body).await;
+            return Err(BodyError::TooLarge { limit });
+        }
+        read.extend_from_slice(&data);
+    }
+    Ok(read.freeze())
+}
+
+/// Reads and drops what is left of `body`, at most [`DRAIN_BOUND`] bytes for [`DRAIN_TIME`].
+async fn drain(body: &mut Body) {
+    use http_body_util::BodyExt as _;
+    let mut dropped = 0u64;
+    let _ = tokio::time::timeout(DRAIN_TIME, async {
+        while dropped <= DRAIN_BOUND {
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    dropped += frame.data_ref().map_or(0, |d| d.len() as u64);
+                }
+                _ => return,
+            }
         }
     })
+    .await;
 }
 
 /// Reads a webhook body of at most the hook's `max_body`.

@@ -310,6 +310,9 @@ impl sluice_connectors::schedule::TickStore for ScheduleTicks {
     }
 }
 
+/// How long a read or write waits for a connection to the PostgreSQL store before it fails.
+const STORE_UNREACHABLE_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// How a store is opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OpenOptions {
@@ -580,6 +583,9 @@ impl PostgresStore {
         let applied = applied?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(8)
+            // While the server is down, a caller hears so within seconds (an async invoke
+            // gets its 500 and the SDK retries) instead of waiting out sqlx's default 30 s.
+            .acquire_timeout(STORE_UNREACHABLE_AFTER)
             .connect(url)
             .await?;
         Ok((Self { pool }, applied))
