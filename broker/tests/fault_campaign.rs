@@ -431,7 +431,9 @@ async fn new_sqs_queue(endpoint: &str) -> String {
         endpoint,
         "sqs",
         "CreateQueue",
-        json!({"QueueName": unique("fc"), "Attributes": {"VisibilityTimeout": "2"}}),
+        // No shorter than the functions' timeouts (10 s), or the mapping is refused as Lambda
+        // refuses it.
+        json!({"QueueName": unique("fc"), "Attributes": {"VisibilityTimeout": "10"}}),
     )
     .await
     .expect("create a queue");
@@ -1117,6 +1119,7 @@ async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
     let through = format!("http://127.0.0.1:{}", link.port);
     let queue = new_sqs_queue(&moto.url).await;
     let stream = new_kinesis_stream(&moto.url).await;
+    let table = new_dynamo_table(&moto.url).await;
     let sqs_url = ctx
         .recorder
         .route("broker/sqs", Duration::from_millis(20), |_| Answer::Succeed);
@@ -1125,12 +1128,18 @@ async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
         .route("broker/kinesis", Duration::from_millis(20), |_| {
             Answer::Succeed
         });
+    let table_url = ctx
+        .recorder
+        .route("broker/dynamodb", Duration::from_millis(20), |_| {
+            Answer::Succeed
+        });
     let instance = Instance::new(
         None,
         &format!(
-            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  q:\n    type: sqs\n    function: f\n    queue_url: {}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n    maximum_concurrency: 2\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\n  h:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  q:\n    type: sqs\n    function: f\n    queue_url: {}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n    maximum_concurrency: 2\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n  d:\n    type: dynamodb_streams\n    function: h\n    table: {table}\n    endpoint_url: {through}\n    region: us-east-1\n    batch: {{size: 5}}\n",
             http_function(&sqs_url, ""),
             Value::from(stream_url.as_str()),
+            Value::from(table_url.as_str()),
             // The queue URL names moto's own port; the endpoint decides where calls go.
             Value::from(queue.as_str()),
         ),
@@ -1152,6 +1161,14 @@ async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
         },
         None,
     );
+    let items = Producer::start(
+        "broker/dynamodb",
+        Source::Dynamo {
+            endpoint: moto.url.clone(),
+            table,
+        },
+        None,
+    );
     tokio::time::sleep(Duration::from_secs(2)).await;
     link.set_cut(true);
     tokio::time::sleep(Duration::from_secs(4)).await;
@@ -1164,15 +1181,18 @@ async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
     let up = alive(&mut server);
     let mut sqs_tally = Tally::default();
     let mut stream_tally = Tally::default();
+    let mut table_tally = Tally::default();
     messages.stop(&mut sqs_tally).await;
     records.stop(&mut stream_tally).await;
+    items.stop(&mut table_tally).await;
     let note = format!(
         "private moto: link cut 4s, then SIGSTOP 4s{}",
         if up { "" } else { "; sluice EXITED" }
     );
     let rows = vec![
         settle(&ctx, "broker/sqs", sqs_tally, None, note.clone()).await,
-        settle(&ctx, "broker/kinesis", stream_tally, None, note).await,
+        settle(&ctx, "broker/kinesis", stream_tally, None, note.clone()).await,
+        settle(&ctx, "broker/dynamodb", table_tally, None, note).await,
     ];
     drop(server);
     drop(instance);
@@ -1342,7 +1362,7 @@ async fn fault_campaign_loses_no_record() {
         ("function/async", one(function_scenario("function/async"))),
         ("function/sqs", one(function_scenario("function/sqs"))),
         (
-            "broker/sqs+kinesis",
+            "broker/sqs+kinesis+dynamodb",
             Box::pin(moto_outage_scenarios(ctx.clone())),
         ),
         (
