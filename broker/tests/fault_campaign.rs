@@ -1001,6 +1001,99 @@ async fn dlq_scenarios(ctx: Ctx) -> Vec<Row> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// state-full/*: the state store's disk full, then freed.
+
+/// The SQLite state on a small tmpfs that fills up for 4 s while events and records flow: the
+/// async queue refuses what it cannot store (never a 202 it did not write), Kinesis
+/// checkpoints wait, and once space returns everything flows again without a restart.
+async fn state_full_scenarios(ctx: Ctx) -> Vec<Row> {
+    let async_url = ctx
+        .recorder
+        .route("state-full/async", Duration::from_millis(10), |_| {
+            Answer::Succeed
+        });
+    let stream_url = ctx
+        .recorder
+        .route("state-full/kinesis", Duration::from_millis(10), |_| {
+            Answer::Succeed
+        });
+    let endpoint = moto();
+    let stream = new_kinesis_stream(&endpoint).await;
+    let instance = Instance::new(
+        None,
+        &format!(
+            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            http_function(&async_url, ""),
+            Value::from(stream_url.as_str()),
+            Value::from(endpoint.as_str()),
+        ),
+    );
+    let data = instance.dir.path().join("data");
+    std::fs::create_dir_all(&data).expect("data directory");
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=8m", "fc-state"])
+        .arg(&data)
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        mounted,
+        "THE STATE-FULL SCENARIOS CANNOT RUN HERE: mounting a tmpfs needs root; run the test command as root"
+    );
+    let _mounted = Mounted(data.clone());
+    let mut server = instance.start().await;
+    let invokes = Producer::start(
+        "state-full/async",
+        Source::Async {
+            port: instance.port,
+        },
+        None,
+    );
+    let records = Producer::start(
+        "state-full/kinesis",
+        Source::Kinesis { endpoint, stream },
+        None,
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let refused_before = invokes.refused.load(Ordering::SeqCst);
+    let filler = data.join("filler");
+    {
+        let mut file = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 4096];
+        while std::io::Write::write_all(&mut file, &block).is_ok() {}
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let refused_while_full = invokes.refused.load(Ordering::SeqCst) - refused_before;
+    let disk_full_errors = metric(
+        instance.port,
+        "sluice_state_errors_total{kind=\"disk_full\"}",
+    )
+    .await
+    .unwrap_or(0.0);
+    std::fs::remove_file(&filler).expect("free the tmpfs");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = alive(&mut server);
+    let mut async_tally = Tally::default();
+    let mut stream_tally = Tally::default();
+    invokes.stop(&mut async_tally).await;
+    records.stop(&mut stream_tally).await;
+    let note = format!(
+        "state on a full tmpfs for 4s: {refused_while_full} invokes refused, {disk_full_errors} disk-full errors counted{}{}",
+        if disk_full_errors == 0.0 {
+            "; THE DISK NEVER FILLED"
+        } else {
+            ""
+        },
+        if up { "" } else { "; sluice EXITED" }
+    );
+    let rows = vec![
+        settle(&ctx, "state-full/async", async_tally, None, note.clone()).await,
+        settle(&ctx, "state-full/kinesis", stream_tally, None, note).await,
+    ];
+    drop(server);
+    rows
+}
+
+// ---------------------------------------------------------------------------------------------
 // function/*: a function that hangs, crashes at random or floods its output.
 
 /// A Runtime API function: event `fc:…:N` crashes half the time when N % 5 == 1, writes 8 MB
@@ -1359,6 +1452,7 @@ async fn fault_campaign_loses_no_record() {
         ),
         ("postgres/*", Box::pin(postgres_scenarios(ctx.clone()))),
         ("dlq-full/*", Box::pin(dlq_scenarios(ctx.clone()))),
+        ("state-full/*", Box::pin(state_full_scenarios(ctx.clone()))),
         ("function/async", one(function_scenario("function/async"))),
         ("function/sqs", one(function_scenario("function/sqs"))),
         (
@@ -1440,6 +1534,7 @@ async fn fault_campaign_loses_no_record() {
             "NOT BOUNDED",
             "A 202 WHILE",
             "WAS NOT REFUSED",
+            "NEVER FILLED",
             "NO dead-letter error",
         ] {
             if row.note.contains(word) {
