@@ -730,6 +730,24 @@ fn alive(server: &mut Server) -> bool {
 // ---------------------------------------------------------------------------------------------
 // postgres/*: the state store's PostgreSQL stopped and started mid-stream.
 
+/// Functions `g` and `h` (after `f`) and the sources feeding them: a Kinesis stream and a
+/// DynamoDB table's stream on moto at `endpoint`, the two sources that keep checkpoints in the
+/// state store.
+fn checkpointed_sources(
+    stream_url: &str,
+    table_url: &str,
+    endpoint: &str,
+    stream: &str,
+    table: &str,
+) -> String {
+    format!(
+        "  g:\n    runtime: http\n    url: {}\n    timeout: 10s\n  h:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {endpoint}\n    region: us-east-1\n    batch: {{size: 5}}\n  d:\n    type: dynamodb_streams\n    function: h\n    table: {table}\n    endpoint_url: {endpoint}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+        Value::from(stream_url),
+        Value::from(table_url),
+        endpoint = Value::from(endpoint),
+    )
+}
+
 async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
     let pg = tokio::task::spawn_blocking(faults::PrivatePostgres::start)
         .await
@@ -746,18 +764,23 @@ async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
         .route("postgres/kinesis", Duration::from_millis(20), |_| {
             Answer::Succeed
         });
+    let table_url = ctx
+        .recorder
+        .route("postgres/dynamodb", Duration::from_millis(20), |_| {
+            Answer::Succeed
+        });
     let endpoint = moto();
     let stream = new_kinesis_stream(&endpoint).await;
+    let table = new_dynamo_table(&endpoint).await;
     let instance = Instance::new(
         Some(&pg.url()),
         &format!(
-            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            "{}{}",
             http_function(
                 &async_url,
                 "    max_retry_attempts: 2\n    retry_delay: 0s\n    reserved_concurrency: 4\n"
             ),
-            Value::from(stream_url.as_str()),
-            Value::from(endpoint.as_str()),
+            checkpointed_sources(&stream_url, &table_url, &endpoint, &stream, &table),
         ),
     );
     let mut server = instance.start().await;
@@ -770,7 +793,15 @@ async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
     );
     let records = Producer::start(
         "postgres/kinesis",
-        Source::Kinesis { endpoint, stream },
+        Source::Kinesis {
+            endpoint: endpoint.clone(),
+            stream,
+        },
+        None,
+    );
+    let items = Producer::start(
+        "postgres/dynamodb",
+        Source::Dynamo { endpoint, table },
         None,
     );
     let stop_pg = async |pg: &Arc<faults::PrivatePostgres>| {
@@ -844,8 +875,10 @@ async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
     let slowest = invokes.slowest_ms.load(Ordering::SeqCst);
     let mut async_tally = Tally::default();
     let mut stream_tally = Tally::default();
+    let mut table_tally = Tally::default();
     invokes.stop(&mut async_tally).await;
     records.stop(&mut stream_tally).await;
+    items.stop(&mut table_tally).await;
     let note = format!(
         "PostgreSQL down {}s (sluice {}; {refused_while_down} invokes refused, {probe_note}, slowest 202 {slowest}ms), then down 2s with a SIGKILL{}",
         PG_OUTAGE.as_secs(),
@@ -859,8 +892,9 @@ async fn postgres_scenarios(ctx: Ctx) -> Vec<Row> {
         }
     );
     let a = settle(&ctx, "postgres/async", async_tally, None, note.clone()).await;
-    let b = settle(&ctx, "postgres/kinesis", stream_tally, None, note).await;
-    let rows = vec![a, b];
+    let b = settle(&ctx, "postgres/kinesis", stream_tally, None, note.clone()).await;
+    let c = settle(&ctx, "postgres/dynamodb", table_tally, None, note).await;
+    let rows = vec![a, b, c];
     drop(server);
     drop(instance);
     drop(pg);
@@ -1017,15 +1051,20 @@ async fn state_full_scenarios(ctx: Ctx) -> Vec<Row> {
         .route("state-full/kinesis", Duration::from_millis(10), |_| {
             Answer::Succeed
         });
+    let table_url = ctx
+        .recorder
+        .route("state-full/dynamodb", Duration::from_millis(10), |_| {
+            Answer::Succeed
+        });
     let endpoint = moto();
     let stream = new_kinesis_stream(&endpoint).await;
+    let table = new_dynamo_table(&endpoint).await;
     let instance = Instance::new(
         None,
         &format!(
-            "{}  g:\n    runtime: http\n    url: {}\n    timeout: 10s\nsources:\n  s:\n    type: kinesis\n    function: g\n    stream: {stream}\n    endpoint_url: {}\n    region: us-east-1\n    batch: {{size: 5}}\n",
+            "{}{}",
             http_function(&async_url, ""),
-            Value::from(stream_url.as_str()),
-            Value::from(endpoint.as_str()),
+            checkpointed_sources(&stream_url, &table_url, &endpoint, &stream, &table),
         ),
     );
     let data = instance.dir.path().join("data");
@@ -1050,7 +1089,15 @@ async fn state_full_scenarios(ctx: Ctx) -> Vec<Row> {
     );
     let records = Producer::start(
         "state-full/kinesis",
-        Source::Kinesis { endpoint, stream },
+        Source::Kinesis {
+            endpoint: endpoint.clone(),
+            stream,
+        },
+        None,
+    );
+    let items = Producer::start(
+        "state-full/dynamodb",
+        Source::Dynamo { endpoint, table },
         None,
     );
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -1074,8 +1121,10 @@ async fn state_full_scenarios(ctx: Ctx) -> Vec<Row> {
     let up = alive(&mut server);
     let mut async_tally = Tally::default();
     let mut stream_tally = Tally::default();
+    let mut table_tally = Tally::default();
     invokes.stop(&mut async_tally).await;
     records.stop(&mut stream_tally).await;
+    items.stop(&mut table_tally).await;
     let note = format!(
         "state on a full tmpfs for 4s: {refused_while_full} invokes refused, {disk_full_errors} disk-full errors counted{}{}",
         if disk_full_errors == 0.0 {
@@ -1087,7 +1136,8 @@ async fn state_full_scenarios(ctx: Ctx) -> Vec<Row> {
     );
     let rows = vec![
         settle(&ctx, "state-full/async", async_tally, None, note.clone()).await,
-        settle(&ctx, "state-full/kinesis", stream_tally, None, note).await,
+        settle(&ctx, "state-full/kinesis", stream_tally, None, note.clone()).await,
+        settle(&ctx, "state-full/dynamodb", table_tally, None, note).await,
     ];
     drop(server);
     rows
