@@ -1249,6 +1249,17 @@ async fn function_scenario(scenario: &'static str) -> Row {
 // ---------------------------------------------------------------------------------------------
 // broker/*: the source's server unreachable or hung mid-stream.
 
+/// Two seconds into the stream, cuts `link` for 4 s, then lets it run 2 s more; answers
+/// whether Sluice is still up.
+async fn cut_link_for_4s(link: &faults::Link, server: &mut Server) -> bool {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    link.set_cut(true);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    link.set_cut(false);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    alive(server)
+}
+
 /// Private moto behind a link: the link cut for 4 s, then moto frozen (SIGSTOP) for 4 s.
 async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
     let scratch = tempfile::tempdir().expect("dir");
@@ -1312,11 +1323,7 @@ async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
         },
         None,
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    link.set_cut(true);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    link.set_cut(false);
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    cut_link_for_4s(&link, &mut server).await;
     moto.child.signal(libc::SIGSTOP);
     tokio::time::sleep(Duration::from_secs(4)).await;
     moto.child.signal(libc::SIGCONT);
@@ -1362,12 +1369,7 @@ async fn rabbitmq_outage_scenario(ctx: Ctx) -> Row {
     );
     let mut server = instance.start().await;
     let producer = Producer::start(scenario, Source::Rabbit { channel, queue }, None);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    link.set_cut(true);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    link.set_cut(false);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let up = alive(&mut server);
+    let up = cut_link_for_4s(&link, &mut server).await;
     let mut tally = Tally::default();
     producer.stop(&mut tally).await;
     let row = settle(
@@ -1390,7 +1392,7 @@ async fn rabbitmq_outage_scenario(ctx: Ctx) -> Row {
 /// in memory, so a real restart would empty the topic: the link stands for the restart.)
 async fn kafka_outage_scenario(ctx: Ctx, tansu: PathBuf) -> Row {
     let scenario = "broker/kafka";
-    let port = faults::free_port();
+    let port = free_port();
     // The link is started first, on a port of its own, so that tansu can advertise it.
     let link = faults::Link::start(format!("127.0.0.1:{port}").parse().expect("address")).await;
     let scratch = tempfile::tempdir().expect("dir");
@@ -1409,7 +1411,7 @@ async fn kafka_outage_scenario(ctx: Ctx, tansu: PathBuf) -> Row {
         .stderr(log)
         .spawn()
         .expect("start a private tansu");
-    let tansu = faults::Child(child);
+    let tansu = Server(child);
     assert!(
         faults::wait_for_port(port, Duration::from_secs(20)).await,
         "the private tansu did not listen"
@@ -1436,12 +1438,7 @@ async fn kafka_outage_scenario(ctx: Ctx, tansu: PathBuf) -> Row {
         },
         None,
     );
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    link.set_cut(true);
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    link.set_cut(false);
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let up = alive(&mut server);
+    let up = cut_link_for_4s(&link, &mut server).await;
     let mut tally = Tally::default();
     records.stop(&mut tally).await;
     let row = settle(

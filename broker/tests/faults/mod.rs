@@ -11,6 +11,7 @@
 
 #![allow(dead_code)]
 
+use crate::common::{Server, free_port};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -360,33 +361,6 @@ pub async fn aws(
     serde_json::from_str(&text).map_err(|e| format!("{target}: {e}: {text}"))
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
-/// A child process the campaign started, killed (SIGKILL) and reaped when dropped.
-pub struct Child(pub std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Child {
-    pub fn signal(&self, signal: i32) {
-        // SAFETY: kill(2) on a child this test owns and has not reaped.
-        unsafe {
-            libc::kill(self.0.id() as i32, signal);
-        }
-    }
-}
-
 /// Waits until something accepts TCP connections on `port`.
 pub async fn wait_for_port(port: u16, limit: Duration) -> bool {
     wait_for(limit, || async move {
@@ -399,7 +373,7 @@ pub async fn wait_for_port(port: u16, limit: Duration) -> bool {
 
 /// A moto_server of the campaign's own, from the test virtualenv (`SLUICE_TEST_VENV`).
 pub struct PrivateMoto {
-    pub child: Child,
+    pub child: Server,
     pub url: String,
 }
 
@@ -416,7 +390,7 @@ impl PrivateMoto {
             .stderr(log)
             .spawn()
             .expect("start a private moto_server");
-        let child = Child(child);
+        let child = Server(child);
         assert!(
             wait_for_port(port, Duration::from_secs(30)).await,
             "the private moto_server did not listen within 30 s"
