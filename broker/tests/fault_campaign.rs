@@ -1260,6 +1260,22 @@ async fn cut_link_for_4s(link: &faults::Link, server: &mut Server) -> bool {
     alive(server)
 }
 
+/// One source's row for a link outage: the cut, then the tally of what `producer` sent.
+async fn link_outage(
+    ctx: &Ctx,
+    scenario: &str,
+    link: &faults::Link,
+    server: &mut Server,
+    producer: Producer,
+    what: &str,
+) -> Row {
+    let up = cut_link_for_4s(link, server).await;
+    let mut tally = Tally::default();
+    producer.stop(&mut tally).await;
+    let exited = if up { "" } else { "; sluice EXITED" };
+    settle(ctx, scenario, tally, None, format!("{what}{exited}")).await
+}
+
 /// Private moto behind a link: the link cut for 4 s, then moto frozen (SIGSTOP) for 4 s.
 async fn moto_outage_scenarios(ctx: Ctx) -> Vec<Row> {
     let scratch = tempfile::tempdir().expect("dir");
@@ -1369,18 +1385,13 @@ async fn rabbitmq_outage_scenario(ctx: Ctx) -> Row {
     );
     let mut server = instance.start().await;
     let producer = Producer::start(scenario, Source::Rabbit { channel, queue }, None);
-    let up = cut_link_for_4s(&link, &mut server).await;
-    let mut tally = Tally::default();
-    producer.stop(&mut tally).await;
-    let row = settle(
+    let row = link_outage(
         &ctx,
         scenario,
-        tally,
-        None,
-        format!(
-            "link to the shared RabbitMQ cut 4s{}",
-            if up { "" } else { "; sluice EXITED" }
-        ),
+        &link,
+        &mut server,
+        producer,
+        "link to the shared RabbitMQ cut 4s",
     )
     .await;
     drop(server);
@@ -1438,18 +1449,13 @@ async fn kafka_outage_scenario(ctx: Ctx, tansu: PathBuf) -> Row {
         },
         None,
     );
-    let up = cut_link_for_4s(&link, &mut server).await;
-    let mut tally = Tally::default();
-    records.stop(&mut tally).await;
-    let row = settle(
+    let row = link_outage(
         &ctx,
         scenario,
-        tally,
-        None,
-        format!(
-            "link to a private tansu cut 4s{}",
-            if up { "" } else { "; sluice EXITED" }
-        ),
+        &link,
+        &mut server,
+        records,
+        "link to a private tansu cut 4s",
     )
     .await;
     drop(server);
