@@ -10,6 +10,8 @@ pub mod function;
 pub mod invocation;
 pub(crate) mod manage;
 pub mod metrics;
+#[allow(dead_code)] // read by the auth and audit layers
+pub(crate) mod operation;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;

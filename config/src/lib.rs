@@ -21,6 +21,7 @@ mod host;
 mod interpolate;
 mod mapping;
 mod schema;
+mod secret;
 mod shell;
 mod units;
 mod yaml;
@@ -29,6 +30,7 @@ pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{FUNCTION_PATH, check_host, on_function_path};
 pub use schema::SOURCE_TYPES;
+pub use secret::Secret;
 pub use units::{parse_duration, parse_size};
 
 /// Every default in one place.
