@@ -174,6 +174,9 @@ pub const MAPPING_REFUSED: &str = "sluice_mapping_refused_total";
 /// ChangeMessageVisibilityBatch, or a failed call): another consumer may receive them.
 pub const MAPPING_VISIBILITY_EXTENSION_FAILURES: &str =
     "sluice_mapping_visibility_extension_failures_total";
+/// 1 while a mapping cannot go on because its on-failure destination refuses its records for
+/// good (a missing queue, a record over the size limit): its records stay unacknowledged.
+pub const MAPPING_FAILED: &str = "sluice_mapping_failed";
 /// Asynchronous events queued for a function the configuration no longer declares; they
 /// are kept and delivered once the function is declared again.
 pub const ASYNC_ORPHANED_EVENTS: &str = "sluice_async_orphaned_events";

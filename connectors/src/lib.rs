@@ -1,6 +1,7 @@
 //! Sluice's event sources. Each source is small and looks like its siblings: its config comes
 //! from `sluice-config`, and it hands events to the broker through [`Dispatch`].
 
+pub mod backoff;
 pub mod dynamodb_streams;
 pub mod http;
 pub mod kafka;

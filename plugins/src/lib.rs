@@ -33,6 +33,22 @@ pub enum DeadLetterError {
         destination: String,
         message: String,
     },
+    /// SendMessage failed; `code` is SQS's error code when the service answered.
+    #[error(
+        "cannot write dead letter to {destination}: {}",
+        aws_sdk_sqs::error::DisplayErrorContext(source)
+    )]
+    Sqs {
+        destination: String,
+        code: Option<String>,
+        #[source]
+        source: Box<
+            aws_sdk_sqs::error::SdkError<
+                aws_sdk_sqs::operation::send_message::SendMessageError,
+                aws_sdk_sqs::config::http::HttpResponse,
+            >,
+        >,
+    },
     #[error("cannot write dead letter to {destination}: {source}")]
     RabbitMq {
         destination: String,
@@ -53,6 +69,14 @@ impl DeadLetterError {
             ),
             // The broker or the connection failed; it or another connection can take it later.
             Self::RabbitMq { .. } => true,
+            Self::Sqs { code, source, .. } => {
+                !matches!(
+                    **source,
+                    aws_sdk_sqs::error::SdkError::ConstructionFailure(_)
+                ) && !code
+                    .as_deref()
+                    .is_some_and(|c| sqs::PERMANENT_ERRORS.contains(&c))
+            }
             _ => matches!(self, Self::Io { .. } | Self::Remote { .. }),
         }
     }

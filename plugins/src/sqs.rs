@@ -3,10 +3,23 @@
 use async_trait::async_trait;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_sqs::Client;
-use aws_sdk_sqs::error::DisplayErrorContext;
+use aws_sdk_sqs::error::ProvideErrorMetadata;
 use tokio::sync::OnceCell;
 
 use crate::{DeadLetterError, DeadLetterSink};
+
+/// SQS error codes no retry can cure: the queue does not exist (until an operator creates
+/// it), the message is over the queue's size limit or holds characters SQS refuses, the
+/// credentials may not send to it. Anything else (throttling, 5xx, the network) is retried.
+pub(crate) const PERMANENT_ERRORS: &[&str] = &[
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "QueueDoesNotExist",
+    "InvalidParameterValue",
+    "InvalidMessageContents",
+    "AccessDenied",
+    "AccessDeniedException",
+    "KMS.AccessDeniedException",
+];
 
 pub struct SqsDeadLetter {
     queue_url: String,
@@ -62,9 +75,10 @@ impl DeadLetterSink for SqsDeadLetter {
                 .message_group_id("sluice")
                 .message_deduplication_id(if id.is_empty() { uuid_like(record) } else { id });
         }
-        send.send().await.map_err(|e| DeadLetterError::Remote {
+        send.send().await.map_err(|e| DeadLetterError::Sqs {
             destination: self.describe(),
-            message: DisplayErrorContext(&e).to_string(),
+            code: e.code().map(str::to_owned),
+            source: Box::new(e),
         })?;
         Ok(())
     }

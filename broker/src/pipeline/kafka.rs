@@ -46,6 +46,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use sluice_config::KafkaConfig;
+use sluice_connectors::backoff::Backoff;
 use sluice_connectors::kafka::{
     BATCH_INFO_KEY, GroupEvent, KafkaSource, PartitionQueue, TopicPartition, record,
 };
@@ -398,7 +399,7 @@ impl Partition {
         let (mapping, tp) = (&self.mapping, &self.tp);
         let mut committed: Option<i64> = None;
         let mut closed_at: Option<Instant> = None;
-        let mut backoff = Duration::from_millis(50);
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
         loop {
             let target = *finals.borrow_and_update();
             if let Some(next) = target.filter(|next| committed.is_none_or(|c| *next > c)) {
@@ -408,7 +409,7 @@ impl Partition {
                         tracing::trace!(source = %mapping.name, partition = %tp, offset = next, "committed");
                         committed = Some(next);
                         committed_tx.send_replace(committed);
-                        backoff = Duration::from_millis(50);
+                        backoff.reset();
                         self.record_lag(next);
                         continue;
                     }
@@ -429,23 +430,22 @@ impl Partition {
                         tracing::warn!(source = %mapping.name, partition = %tp, %error, "offset commit did not run");
                     }
                 }
-                if closed_at
-                    .is_some_and(|at| at.elapsed() + backoff > self.tuning.commit_persistence)
-                {
+                if closed_at.is_some_and(|at| {
+                    at.elapsed() + backoff.delay() > self.tuning.commit_persistence
+                }) {
                     tracing::error!(source = %mapping.name, partition = %tp, offset = next,
                         "giving up committing the offset; records after the last commit will be read again");
                     return committed;
                 }
                 // Wait before trying again, or sooner when a newer offset is published.
                 tokio::select! {
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(backoff.advance()) => {}
                     changed = finals.changed(), if closed_at.is_none() => {
                         if changed.is_err() {
                             closed_at = Some(Instant::now());
                         }
                     }
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(1));
                 continue;
             }
             if closed_at.is_some() {

@@ -16,6 +16,7 @@ use serde_json::{Value, json};
 use sluice_config::MappingConfig;
 use sluice_config::SourceKind;
 use sluice_config::filter::FilterPattern;
+use sluice_connectors::backoff::Backoff;
 use sluice_connectors::dynamodb_streams::DynamoDbStreamsSource;
 use sluice_connectors::kinesis::KinesisSource;
 use sluice_connectors::queue::QueueSource;
@@ -34,7 +35,7 @@ use crate::metrics as m;
 
 /// Connects a mapping's source (retrying until it answers or the mapping stops) and runs it.
 pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn StateStore>) {
-    let mut backoff = Duration::from_millis(500);
+    let mut backoff = Backoff::new(Duration::from_millis(500), Duration::from_secs(30));
     loop {
         let connected: Result<Connected, ReadError> = match &kind {
             SourceKind::Kinesis(k) => KinesisSource::connect(
@@ -88,11 +89,9 @@ pub async fn run_source(mapping: Arc<Mapping>, kind: SourceKind, store: Arc<dyn 
                 tracing::error!(source = %mapping.name, error = %e, "cannot connect to the source; retrying");
             }
         }
-        tokio::select! {
-            _ = mapping.stop.cancelled() => return,
-            _ = tokio::time::sleep(backoff) => {}
+        if backoff.wait(&mapping.stop).await {
+            return;
         }
-        backoff = (backoff * 2).min(Duration::from_secs(30));
     }
 }
 
@@ -179,6 +178,10 @@ fn rfc3339(ms: i64) -> String {
         .unwrap_or_default()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
+
+/// How often a dead-letter write that failed for good is tried again: often enough to go on
+/// soon after an operator fixes the destination, rarely enough not to flood it or the logs.
+const PERMANENT_FAILURE_RETRY: Duration = Duration::from_secs(60);
 
 /// Backoff before the next try of a failed batch: short at first, growing to 10 s.
 fn retry_backoff(attempt: u32) -> Duration {
@@ -563,25 +566,47 @@ impl Mapping {
         };
         let record = self.failure_record(records, attempts, condition, source);
         let destination = self.on_failure_name.clone().unwrap_or_default();
-        let mut backoff = Duration::from_millis(100);
+        let failed = metrics::gauge!(m::MAPPING_FAILED, "source" => self.name.clone());
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        let mut stuck = false;
         loop {
-            match sink.write(&record).await {
+            let error = match sink.write(&record).await {
                 Ok(()) => {
                     self.count("dead_lettered", records.len());
                     metrics::counter!(m::DEAD_LETTERS_WRITTEN, "source" => self.name.clone(), "destination" => destination.clone()).increment(1);
+                    if stuck {
+                        failed.set(0.0);
+                        tracing::info!(source = %self.name, destination = %sink.describe(),
+                            "the on-failure destination takes records again; the mapping goes on");
+                    }
                     return Some(true);
                 }
-                Err(error) => {
-                    metrics::counter!(m::DEAD_LETTER_ERRORS, "source" => self.name.clone(), "destination" => destination.clone()).increment(1);
-                    tracing::error!(source = %self.name, destination = %sink.describe(), %error,
-                        "cannot write to the on-failure destination; retrying, the records stay unacknowledged");
+                Err(error) => error,
+            };
+            metrics::counter!(m::DEAD_LETTER_ERRORS, "source" => self.name.clone(), "destination" => destination.clone()).increment(1);
+            if error.is_retriable() {
+                tracing::error!(source = %self.name, destination = %sink.describe(), %error,
+                    "cannot write to the on-failure destination; retrying, the records stay unacknowledged");
+                if backoff.wait(&self.stop).await {
+                    return None;
                 }
+                continue;
+            }
+            // No retry soon can cure this (a missing queue, a record over the destination's
+            // size limit): the mapping is marked failed, loudly once, and the write is tried
+            // again rarely, in case an operator fixes the destination. The records stay
+            // unacknowledged: losing them would break the delivery contract.
+            if !stuck {
+                stuck = true;
+                failed.set(1.0);
+                tracing::error!(source = %self.name, destination = %sink.describe(), %error,
+                    retry_every = ?PERMANENT_FAILURE_RETRY,
+                    "the on-failure destination refuses the records and retrying cannot help: the mapping is failed until the destination is fixed; the records stay unacknowledged");
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return None,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(PERMANENT_FAILURE_RETRY) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
         }
     }
 }
@@ -638,7 +663,7 @@ mod tests {
         fail: bool,
         seen: Arc<Mutex<Vec<Vec<String>>>>,
         dir: &std::path::Path,
-        dead: Arc<Kept>,
+        dead: Arc<dyn DeadLetterSink>,
     ) -> Mapping {
         let mut native = NativeRegistry::new();
         native.register("f", move |event: Value, _ctx| {
@@ -675,7 +700,7 @@ mod tests {
             },
             ..MappingConfig::default()
         };
-        let on_failure: Arc<dyn DeadLetterSink> = dead;
+        let on_failure = dead;
         Mapping::new(
             "m",
             "f",
@@ -699,6 +724,51 @@ mod tests {
             source_arn: "arn:aws:kinesis:us-east-1:000000000000:stream/s".into(),
             partition: "shardId-000000000000".into(),
         }
+    }
+
+    /// A destination that refuses its first `refusals` writes with an error no retry cures.
+    struct Refusing {
+        refusals: usize,
+        writes: Mutex<usize>,
+    }
+
+    #[async_trait::async_trait]
+    impl DeadLetterSink for Refusing {
+        async fn write(&self, _record: &Value) -> Result<(), DeadLetterError> {
+            let mut writes = self.writes.lock().expect("writes");
+            *writes += 1;
+            if *writes <= self.refusals {
+                let error = serde_json::from_str::<Value>("{").expect_err("not JSON");
+                return Err(DeadLetterError::Encode(error));
+            }
+            Ok(())
+        }
+        fn describe(&self) -> String {
+            "refusing".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_destination_that_refuses_for_good_is_tried_rarely_not_in_a_busy_loop() {
+        let dir = tempfile::tempdir().expect("dir");
+        let dead = Arc::new(Refusing {
+            refusals: 2,
+            writes: Mutex::new(0),
+        });
+        let mapping = mapping(false, Arc::default(), dir.path(), dead.clone());
+        let record = record("1", 0);
+        let started = tokio::time::Instant::now();
+        let written = mapping
+            .give_up(&[&record], &[], GiveUp::RetryAttemptsExhausted, &source())
+            .await;
+        assert_eq!(written, Some(true), "written once the destination took it");
+        assert_eq!(*dead.writes.lock().expect("writes"), 3);
+        // Two refusals, each followed by the long wait rather than the short backoff.
+        assert!(
+            started.elapsed() >= PERMANENT_FAILURE_RETRY * 2,
+            "tried again after {:?}",
+            started.elapsed()
+        );
     }
 
     #[tokio::test]

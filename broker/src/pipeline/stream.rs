@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_config::StartingPosition;
+use sluice_connectors::backoff::Backoff;
 use sluice_connectors::record::Record;
 use sluice_connectors::stream::{ReadError, ShardInfo, StartAt, StreamSource};
 use tokio::task::JoinHandle;
@@ -198,7 +199,7 @@ async fn run_shard(
         StartAt::AfterSequence(seq) => Some(seq.clone()),
         _ => None,
     };
-    let mut backoff = Duration::from_millis(200);
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
     let mut reader = loop {
         let at = match &last_checkpoint {
             Some(seq) => StartAt::AfterSequence(seq.clone()),
@@ -208,14 +209,9 @@ async fn run_shard(
             Ok(r) => break r,
             Err(e) => {
                 read_error(&mapping, &shard, &e);
-                if !e.is_retriable() {
+                if !e.is_retriable() || backoff.wait(&mapping.stop).await {
                     return;
                 }
-                tokio::select! {
-                    _ = mapping.stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(10));
             }
         }
     };
@@ -288,7 +284,7 @@ async fn save(
         sequence: sequence.clone(),
         finished,
     };
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(10));
     loop {
         match store
             .put_checkpoint(&mapping.name, shard, &checkpoint)
@@ -302,8 +298,7 @@ async fn save(
                     // restart (at least once), never lost.
                     return;
                 }
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(10));
+                tokio::time::sleep(backoff.advance()).await;
             }
         }
     }

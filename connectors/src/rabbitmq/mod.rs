@@ -32,6 +32,7 @@ use tracing::{debug, info, warn};
 
 use self::message::Message;
 pub use self::message::{EVENT_SOURCE, envelope, queue_key};
+use crate::backoff::Backoff;
 use crate::queue::{Delivery, QueueSource, Redelivery};
 use crate::record::Record;
 use crate::stream::ReadError;
@@ -427,7 +428,7 @@ async fn run(
     tx: mpsc::Sender<Received>,
     stop: CancellationToken,
 ) {
-    let mut backoff = MIN_BACKOFF;
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
     let mut next = Some(first);
     loop {
         let opened = match next.take() {
@@ -440,9 +441,9 @@ async fn run(
                 match attempt {
                     Ok(opened) => opened,
                     Err(e) => {
-                        warn!(queue = %target.queue_key, error = %e, retry_in = ?backoff, "cannot reconnect to RabbitMQ");
+                        warn!(queue = %target.queue_key, error = %e, retry_in = ?backoff.delay(), "cannot reconnect to RabbitMQ");
                         lock(&link).last_error = Some(e.to_string());
-                        if pause(&stop, &mut backoff).await {
+                        if backoff.wait(&stop).await {
                             return;
                         }
                         continue;
@@ -482,22 +483,12 @@ async fn run(
             }
         }
         if since.elapsed() >= HEALTHY {
-            backoff = MIN_BACKOFF;
+            backoff.reset();
         }
-        if pause(&stop, &mut backoff).await {
+        if backoff.wait(&stop).await {
             return;
         }
     }
-}
-
-/// Sleeps the backoff and doubles it; true when stopped meanwhile.
-async fn pause(stop: &CancellationToken, backoff: &mut Duration) -> bool {
-    let stopped = tokio::select! {
-        _ = stop.cancelled() => true,
-        _ = tokio::time::sleep(*backoff) => false,
-    };
-    *backoff = (*backoff * 2).min(MAX_BACKOFF);
-    stopped
 }
 
 async fn consume(
