@@ -1,8 +1,14 @@
 //! Invoke API throughput and latency: requests per second and p50/p99 for a no-op native
 //! function through Sluice's whole HTTP path, next to a bare hyper server answering the same
-//! request on the same machine in the same run (the baseline: what HTTP alone costs here).
+//! request on the same machine in the same run (the baseline: what HTTP alone costs here),
+//! with `api.auth: none` and with `api.auth: sigv4` (every request's signature verified and
+//! the principal's identity policy evaluated).
 //!
-//! `cargo bench -p sluice --bench invoke_api` runs each case for 5 s (SLUICE_BENCH_SECS to
+//! The signed case sends one request signed once with aws-sigv4 again and again (a signature
+//! stays valid for 5 minutes, as in AWS), so its row measures the server's verification, not
+//! the client's signing.
+//!
+//! `cargo bench -p sluice-integration-tests --bench invoke_api` runs each case for 5 s (SLUICE_BENCH_SECS to
 //! change it) over 32 keep-alive connections (SLUICE_BENCH_CONNECTIONS). Under `cargo test`
 //! (no `--bench` argument) each case runs for a fraction of a second, so the suite proves the
 //! benchmark still works without timing anything.
@@ -81,17 +87,84 @@ async fn main() -> anyhow::Result<()> {
     report("bare hyper (baseline)", &baseline);
 
     let dir = tempfile::tempdir()?;
-    let running = start_sluice(dir.path()).await?;
+    let running = start_sluice(dir.path(), AUTH_NONE).await?;
     let plain = load(running.api_addr(), &invoke, connections, duration).await;
     report("sluice, auth none", &plain);
     running.shutdown_within(Duration::from_secs(5)).await;
 
-    anyhow::ensure!(
-        plain.errors == 0 && baseline.errors == 0,
-        "requests failed: the figures are not worth reading"
+    let dir = tempfile::tempdir()?;
+    let running = start_sluice(dir.path(), AUTH_SIGV4).await?;
+    let signed_shape = signed(&invoke, running.api_addr())?;
+    let signed = load(running.api_addr(), &signed_shape, connections, duration).await;
+    report("sluice, auth sigv4", &signed);
+    running.shutdown_within(Duration::from_secs(5)).await;
+
+    println!(
+        "sigv4 verification costs {:.1} % of auth-none throughput",
+        100.0 * (1.0 - signed.rate() / plain.rate())
     );
-    anyhow::ensure!(plain.requests > 0, "no request completed");
+    for (case, figures) in [("baseline", &baseline), ("auth none", &plain), ("auth sigv4", &signed)] {
+        anyhow::ensure!(
+            figures.errors == 0 && figures.requests > 0,
+            "{case}: {} requests failed, {} completed: the figures are not worth reading",
+            figures.errors,
+            figures.requests
+        );
+    }
     Ok(())
+}
+
+const ACCESS_KEY_ID: &str = "AKIASLUICEBENCH00001";
+const SECRET_ACCESS_KEY: &str = "bench/secret/key/for/sigv4/verification/only";
+
+const AUTH_NONE: &str = "api: {auth: none}\n";
+const AUTH_SIGV4: &str = concat!(
+    "api:\n",
+    "  auth: sigv4\n",
+    "  principals:\n",
+    "    bench:\n",
+    "      access_key_id: AKIASLUICEBENCH00001\n",
+    "      secret_access_key: ${BENCH_SECRET}\n",
+    "      policy: {Statement: [{Effect: Allow, Action: \"lambda:InvokeFunction\", Resource: \"*\"}]}\n",
+);
+
+/// `shape` with the headers of a SigV4 signature by the bench principal, made now.
+fn signed(shape: &Shape, addr: SocketAddr) -> anyhow::Result<Shape> {
+    use aws_sigv4::http_request::{SignableBody, SignableRequest, SigningSettings, sign};
+    use aws_sigv4::sign::v4;
+
+    let identity = aws_credential_types::Credentials::new(
+        ACCESS_KEY_ID,
+        SECRET_ACCESS_KEY,
+        None,
+        None,
+        "bench",
+    )
+    .into();
+    let params = v4::SigningParams::builder()
+        .identity(&identity)
+        .region("us-east-1")
+        .name("lambda")
+        .time(std::time::SystemTime::now())
+        .settings(SigningSettings::default())
+        .build()?
+        .into();
+    let uri = format!("http://{addr}{}", shape.path);
+    let host = addr.to_string();
+    let mut headers: Vec<(String, String)> = shape.headers.clone();
+    headers.push(("host".into(), host));
+    let signable = SignableRequest::new(
+        "POST",
+        &uri,
+        headers.iter().map(|(k, v)| (k.as_str(), v.as_str())),
+        SignableBody::Bytes(PAYLOAD),
+    )?;
+    let (instructions, _) = sign(signable, &params)?.into_parts();
+    let mut out = shape.clone();
+    for (name, value) in instructions.headers() {
+        out.headers.push((name.to_owned(), value.to_owned()));
+    }
+    Ok(out)
 }
 
 fn report(case: &str, f: &Figures) {
@@ -104,13 +177,14 @@ fn report(case: &str, f: &Figures) {
     );
 }
 
-async fn start_sluice(dir: &std::path::Path) -> anyhow::Result<sluice::Running> {
+async fn start_sluice(dir: &std::path::Path, api: &str) -> anyhow::Result<sluice::Running> {
     let yaml = format!(
-        "state: sqlite://{}/state.db\nfunctions:\n  {FUNCTION}: {{runtime: native}}\n",
+        "{api}state: sqlite://{}/state.db\nfunctions:\n  {FUNCTION}: {{runtime: native}}\n",
         dir.display()
     );
-    let config = sluice_config::parse_str(&yaml, "<bench>", dir, &|_| None)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let env = |name: &str| (name == "BENCH_SECRET").then(|| SECRET_ACCESS_KEY.to_owned());
+    let config =
+        sluice_config::parse_str(&yaml, "<bench>", dir, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut native = NativeRegistry::new();
     native.register(FUNCTION, |event: Value, _ctx| async move { Ok(event) });
     let running = sluice::start(
