@@ -8,6 +8,7 @@ pub(crate) mod peer;
 pub use sluice_package as package;
 pub(crate) mod process;
 pub(crate) mod sandbox;
+pub mod user;
 
 use crate::concurrency::Throttle;
 use crate::invocation::{Executed, Invocation};

@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 use super::memory::{EnvMemory, MemoryCap};
 use super::peer;
 use super::sandbox::Sandbox;
+use super::user::{self, UserIds};
 use crate::concurrency::Throttle;
 use crate::invocation::{Executed, FunctionError, Invocation, MAX_SYNC_PAYLOAD};
 use crate::serve::ConnectionId;
@@ -60,6 +61,11 @@ pub(crate) struct ProcessSpec {
     pub region: String,
     /// The size of the environment's own `/tmp`.
     pub ephemeral_storage: u64,
+    /// The execution role's keys, as the variables the AWS SDKs read; empty without a role.
+    pub credentials: Vec<(&'static str, sluice_config::Secret)>,
+    /// The user the environment runs as; `None` when Sluice is not root (its own uid).
+    pub user: Option<UserIds>,
+    pub network: sluice_config::Network,
 }
 
 /// What every runner of this Sluice shares about environments' lives.
@@ -468,9 +474,11 @@ impl Environment {
         let program = resolve_program(&spec)?;
         let sandbox = Arc::new(Sandbox::prepare(
             &spec.task_root,
+            &program,
             spec.ephemeral_storage,
             scratch,
             &format!("{}-{id}", std::process::id()),
+            spec.user,
         )?);
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&spec.argv[1..])
@@ -478,6 +486,11 @@ impl Environment {
             .env_clear()
             .envs(lambda_environment(&spec, api_addr, &log_stream))
             .envs(&spec.environment)
+            .envs(
+                spec.credentials
+                    .iter()
+                    .map(|(name, value)| (name, value.expose())),
+            )
             .envs(sandbox.environment())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -486,15 +499,20 @@ impl Environment {
             .kill_on_drop(true);
         let hook = memory.child_hook();
         let confine = sandbox.child_hook();
-        // SAFETY: both hooks only make async-signal-safe calls (see ChildHook::enter and
-        // NamespaceHook::enter).
+        let run_as = spec.user;
+        // SAFETY: the hooks only make async-signal-safe calls (see ChildHook::enter,
+        // NamespaceHook::enter and `user`).
         unsafe {
             cmd.pre_exec(move || {
                 hook.enter()?;
                 if let Some(confine) = &confine {
                     confine.enter()?;
                 }
-                Ok(())
+                // Last: entering the cgroup and making mounts need root.
+                if let Some(ids) = run_as {
+                    user::drop_to(ids)?;
+                }
+                user::no_new_privs()
             });
         }
         let spawned = cmd.spawn();
