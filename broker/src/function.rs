@@ -152,6 +152,12 @@ fn isolation_of(config: &Config, errors: &mut Vec<ConfigError>) -> HashMap<Strin
         if fc.runtime != Runtime::Process {
             continue;
         }
+        if fc.network == sluice_config::Network::None && !root {
+            errors.push(config.error_at(
+                &format!("functions.{name}.network"),
+                "network: none needs Sluice to run as root (a network namespace of the function's own needs CAP_SYS_ADMIN); use network: host",
+            ));
+        }
         let user = match resolved.get(name) {
             Some(ids) => Some(*ids),
             None if root && fc.run_as.is_none() => {

@@ -403,6 +403,8 @@ struct Environment {
     output: Arc<Output>,
     memory: Arc<EnvMemory>,
     tasks: Vec<JoinHandle<()>>,
+    /// The environment's own network namespace (`network: none`), held while it lives.
+    _netns: Option<Arc<super::netns::Isolated>>,
 }
 
 impl Drop for Environment {
@@ -423,7 +425,25 @@ impl Environment {
         scratch: &std::path::Path,
         id: u64,
     ) -> io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        // With `network: none` the listener lives in the environment's own network namespace,
+        // which the namespace descriptor keeps alive until the environment is dropped.
+        let (listener, netns) = match spec.network {
+            sluice_config::Network::Host => (
+                tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,
+                None,
+            ),
+            sluice_config::Network::None => {
+                let isolated = tokio::task::spawn_blocking(super::netns::isolated_listener)
+                    .await
+                    .map_err(io::Error::other)??;
+                isolated.listener.set_nonblocking(true)?;
+                let listener = isolated.listener.try_clone()?;
+                (
+                    tokio::net::TcpListener::from_std(listener)?,
+                    Some(Arc::new(isolated)),
+                )
+            }
+        };
         let api_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1);
         let (status_tx, status_rx) = watch::channel(Status::Running);
@@ -500,10 +520,14 @@ impl Environment {
         let hook = memory.child_hook();
         let confine = sandbox.child_hook();
         let run_as = spec.user;
+        let netns_fd = netns.as_ref().map(|n| n.namespace_fd());
         // SAFETY: the hooks only make async-signal-safe calls (see ChildHook::enter,
         // NamespaceHook::enter and `user`).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = netns_fd {
+                    super::netns::enter(fd)?;
+                }
                 hook.enter()?;
                 if let Some(confine) = &confine {
                     confine.enter()?;
@@ -600,6 +624,7 @@ impl Environment {
             output,
             memory,
             tasks,
+            _netns: netns,
         })
     }
 
