@@ -187,19 +187,11 @@ async fn a_burst_starts_environments_within_the_caps_answers_everyone_and_idle_o
     let count_dir = dir.path().join("count");
     // The two functions run as users of their own when Sluice is root: the directory they
     // share is open to both.
-    {
-        use std::os::unix::fs::PermissionsExt;
-        let open = |path: &Path, mode| {
-            std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod")
-        };
-        std::fs::create_dir(&count_dir).expect("count directory");
-        for file in ["observed", "pids"] {
-            std::fs::write(count_dir.join(file), "").expect("count file");
-            open(&count_dir.join(file), 0o666);
-        }
-        open(&count_dir, 0o777);
-        open(dir.path(), 0o711);
+    std::fs::create_dir(&count_dir).expect("count directory");
+    for file in ["observed", "pids"] {
+        common::open_to_functions(&count_dir.join(file));
     }
+    common::open_to_functions(&count_dir);
     let package = package(dir.path(), "slow", &runtime_loop(SLOW_START, ""));
     let names = [unique_name("burst-a"), unique_name("burst-b")];
     let functions: Vec<Function> = names

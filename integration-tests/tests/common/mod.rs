@@ -554,12 +554,39 @@ def handler(event, context):
     }
 "#;
 
+/// Opens `path` (a file, created empty when missing) to functions: when Sluice runs as root
+/// they run as users of their own, who need to write it and to search the test's temporary
+/// directories leading to it. Only directories under the system's temporary directory are
+/// opened (search only, `o+x`).
+#[allow(dead_code)] // not every test binary writes from a function
+pub fn open_to_functions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.exists() {
+        std::fs::write(path, "").expect("file for functions");
+    }
+    let mode = if path.is_dir() { 0o777 } else { 0o666 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    let temp = std::env::temp_dir();
+    for dir in path.ancestors().skip(1) {
+        if !dir.starts_with(&temp) || dir == temp {
+            break;
+        }
+        let current = std::fs::metadata(dir)
+            .expect("directory")
+            .permissions()
+            .mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(current | 0o001))
+            .expect("chmod");
+    }
+}
+
 /// Writes the recorder package (see [`RECORDER`]) under `dir` and returns a function running
 /// it that records to `record_to`.
 pub fn recorder(name: &str, dir: &Path, record_to: &Path) -> Function {
     let package = dir.join(format!("recorder-{name}"));
     std::fs::create_dir_all(&package).expect("recorder package directory");
     std::fs::write(package.join("app.py"), RECORDER).expect("recorder app.py");
+    open_to_functions(record_to);
     Function::python_at(name, &package).set(
         "environment",
         &format!("{{RECORD_TO: {}}}", quoted(&record_to.to_string_lossy())),
