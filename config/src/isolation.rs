@@ -180,8 +180,8 @@ mod tests {
 
     #[test]
     fn a_function_names_a_role_whose_secrets_come_from_env_and_file_and_a_user_and_network() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("token"), "session-token\n").unwrap();
+        let dir = tempfile::tempdir().expect("test setup");
+        std::fs::write(dir.path().join("token"), "session-token\n").expect("test setup");
         let env = |name: &str| (name == "READER_SECRET").then(|| "reader-secret".to_owned());
         let config = crate::parse_str(
             "roles:\n  reader:\n    access_key_id: AKIAREADER\n    secret_access_key: ${READER_SECRET}\n    session_token_file: token\nfunctions:\n  f:\n    package: p\n    role: reader\n    run_as: { user: 1234, group: staff }\n    network: none\n  g:\n    package: p\n",
@@ -189,7 +189,7 @@ mod tests {
             dir.path(),
             &env,
         )
-        .unwrap();
+        .expect("test setup");
         let role = &config.roles["reader"];
         assert_eq!(role.access_key_id, "AKIAREADER");
         assert_eq!(role.secret_access_key.expose(), "reader-secret");

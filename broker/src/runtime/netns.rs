@@ -103,11 +103,11 @@ mod tests {
             return;
         }
         let isolated = isolated_listener().expect("network namespace");
-        let addr = isolated.listener.local_addr().unwrap();
+        let addr = isolated.listener.local_addr().expect("test setup");
         // The same address on the host's loopback is another socket, or none at all.
         let from_host =
             std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_millis(500));
-        isolated.listener.set_nonblocking(true).unwrap();
+        isolated.listener.set_nonblocking(true).expect("test setup");
         if from_host.is_ok() {
             assert!(
                 isolated.listener.accept().is_err(),
@@ -117,11 +117,11 @@ mod tests {
         // Inside the namespace, loopback is up and the listener answers.
         let fd = isolated.namespace_fd();
         let reached = std::thread::spawn(move || {
-            enter(fd).unwrap();
+            enter(fd).expect("test setup");
             std::net::TcpStream::connect(addr).is_ok()
         })
         .join()
-        .unwrap();
+        .expect("test setup");
         assert!(reached, "loopback inside the namespace is up");
     }
 }

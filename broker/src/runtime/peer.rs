@@ -110,11 +110,11 @@ mod tests {
         // 127.0.0.1:8080 on a little-endian host.
         if cfg!(target_endian = "little") {
             assert_eq!(
-                proc_address("127.0.0.1:8080".parse().unwrap()),
+                proc_address("127.0.0.1:8080".parse().expect("test setup")),
                 "0100007F:1F90"
             );
             assert_eq!(
-                proc_address("[::1]:80".parse().unwrap()),
+                proc_address("[::1]:80".parse().expect("test setup")),
                 "00000000000000000000000001000000:0050"
             );
         }
@@ -122,20 +122,20 @@ mod tests {
 
     #[test]
     fn finds_this_process_holding_its_own_client_socket_and_no_one_else() {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let server = listener.local_addr().unwrap();
-        let client = std::net::TcpStream::connect(server).unwrap();
-        let (_accepted, peer) = listener.accept().unwrap();
-        assert_eq!(peer, client.local_addr().unwrap());
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("test setup");
+        let server = listener.local_addr().expect("test setup");
+        let client = std::net::TcpStream::connect(server).expect("test setup");
+        let (_accepted, peer) = listener.accept().expect("test setup");
+        assert_eq!(peer, client.local_addr().expect("test setup"));
         let inode = client_socket_inode(std::process::id(), peer, server)
-            .unwrap()
+            .expect("test setup")
             .expect("the client socket is in /proc/net/tcp");
         assert!(held_by(&[std::process::id()], inode));
         // PID 1 is not this test.
         assert!(!held_by(&[1], inode));
         // The accepted side is a different socket, not mistaken for the client's.
         assert_ne!(
-            client_socket_inode(std::process::id(), server, peer).unwrap(),
+            client_socket_inode(std::process::id(), server, peer).expect("test setup"),
             Some(inode)
         );
     }
@@ -143,8 +143,8 @@ mod tests {
     #[test]
     fn an_unknown_address_pair_has_no_inode() {
         let text = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0 20 4 30 10 -1\n";
-        let local = "127.0.0.1:8080".parse().unwrap();
-        let remote = "127.0.0.1:50000".parse().unwrap();
+        let local = "127.0.0.1:8080".parse().expect("test setup");
+        let remote = "127.0.0.1:50000".parse().expect("test setup");
         if cfg!(target_endian = "little") {
             assert_eq!(find_inode(text, local, remote), Some(4242));
         }

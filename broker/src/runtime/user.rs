@@ -183,25 +183,25 @@ mod tests {
     #[test]
     fn resolves_names_and_numbers_and_refuses_root() {
         // `nobody` exists on every Linux system this runs on; its id differs between them.
-        let nobody = resolve("nobody", None).unwrap();
+        let nobody = resolve("nobody", None).expect("test setup");
         assert_ne!(nobody.uid, 0);
         assert_eq!(
-            resolve("4242", Some("4343")).unwrap(),
+            resolve("4242", Some("4343")).expect("test setup"),
             UserIds {
                 uid: 4242,
                 gid: 4343
             }
         );
-        assert_eq!(resolve("4242", None).unwrap().gid, 4242);
+        assert_eq!(resolve("4242", None).expect("test setup").gid, 4242);
         assert!(
             resolve("root", None)
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("may not run as root")
         );
         assert!(resolve("4242", Some("0")).is_err());
         assert!(
             resolve("no-such-user-here", None)
-                .unwrap_err()
+                .expect_err("an error")
                 .contains("no user named `no-such-user-here`")
         );
         assert!(resolve("4242", Some("no-such-group-here")).is_err());
@@ -211,9 +211,9 @@ mod tests {
     fn dynamic_ids_are_distinct_and_in_range() {
         let first = *DYNAMIC_IDS.start();
         let mut ids = DynamicIds::new(vec![first]);
-        let a = ids.allocate().unwrap();
+        let a = ids.allocate().expect("test setup");
         assert_ne!(a.uid, first, "an id a run_as names is not handed out");
-        let b = ids.allocate().unwrap();
+        let b = ids.allocate().expect("test setup");
         assert_ne!(a.uid, b.uid);
         assert!(DYNAMIC_IDS.contains(&a.uid) && DYNAMIC_IDS.contains(&b.uid));
         assert_eq!(a.uid, a.gid);
