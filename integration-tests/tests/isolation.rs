@@ -8,47 +8,17 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Function, Sluice, quoted};
+use common::{Function, Sluice};
 use serde_json::{Value, json};
 use sluice_integration_tests::unique_name;
 
-/// Writes a bash custom runtime into a new package directory under `dir`: it reads each event
-/// into `$event` and the request id into `$request_id`, runs `handle`, and posts `$reply`.
+/// A bash function whose loop runs `handle` for each event (see `shell_runtime_loop`).
 fn shell_package(dir: &Path, name: &str, handle: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let package = dir.join(name);
-    std::fs::create_dir_all(&package).expect("package directory");
-    let bootstrap = format!(
-        r#"#!/bin/bash
-set -u
-export PATH=/usr/local/bin:/usr/bin:/bin
-api="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
-while true; do
-  headers="$(mktemp)"
-  event="$(curl -sS -D "$headers" "$api/invocation/next")"
-  request_id="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)"
-  rm -f "$headers"
-  reply='{{}}'
-{handle}
-  curl -sS -o /dev/null -H 'Content-Type: application/json' \
-    --data-binary "$reply" "$api/invocation/${{request_id}}/response"
-done
-"#
-    );
-    std::fs::write(package.join("bootstrap"), bootstrap).expect("bootstrap");
-    std::fs::set_permissions(
-        package.join("bootstrap"),
-        std::fs::Permissions::from_mode(0o755),
-    )
-    .expect("chmod");
-    package
+    common::shell_package(dir, name, &common::shell_runtime_loop("", handle))
 }
 
 fn shell_function(name: &str, package: &Path) -> Function {
-    Function::process(name)
-        .set("package", &quoted(&package.to_string_lossy()))
-        .set("handler", "function.handler")
-        .set("timeout", "10s")
+    common::shell_function(name, package).set("timeout", "10s")
 }
 
 fn is_root() -> bool {

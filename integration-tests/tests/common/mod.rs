@@ -554,6 +554,51 @@ def handler(event, context):
     }
 "#;
 
+/// Writes `bootstrap` (a bash custom runtime, see [`shell_runtime_loop`]) into a new package
+/// directory under `dir`.
+#[allow(dead_code)]
+pub fn shell_package(dir: &Path, name: &str, bootstrap: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let package = dir.join(name);
+    std::fs::create_dir_all(&package).expect("package directory");
+    let path = package.join("bootstrap");
+    std::fs::write(&path, bootstrap).expect("bootstrap");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    package
+}
+
+/// A `process` function running the bash bootstrap in `package`.
+#[allow(dead_code)]
+pub fn shell_function(name: &str, package: &Path) -> Function {
+    Function::process(name)
+        .set("package", &quoted(&package.to_string_lossy()))
+        .set("handler", "function.handler")
+}
+
+/// The loop of a bash custom runtime: `init` runs once; `handle` is bash that reads `$event` and sets
+/// `$reply` (a JSON document).
+#[allow(dead_code)]
+pub fn shell_runtime_loop(init: &str, handle: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+set -u
+export PATH=/usr/local/bin:/usr/bin:/bin
+api="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
+{init}
+while true; do
+  headers="$(mktemp)"
+  event="$(curl -sS -D "$headers" "$api/invocation/next")"
+  request_id="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)"
+  rm -f "$headers"
+  reply='{{}}'
+{handle}
+  curl -sS -o /dev/null -H 'Content-Type: application/json' \
+    --data-binary "$reply" "$api/invocation/${{request_id}}/response"
+done
+"#
+    )
+}
+
 /// Opens `path` (a file, created empty when missing) to functions: when Sluice runs as root
 /// they run as users of their own, who need to write it and to search the test's temporary
 /// directories leading to it. Only directories under the system's temporary directory are
