@@ -109,6 +109,94 @@ struct RunnerFactory {
     lifecycle: Arc<Lifecycle>,
     /// Each function's start slots, shared by all its versions.
     function_starts: HashMap<String, Arc<Semaphore>>,
+    /// What each `process` function may reach, the same for all its versions: a role's keys
+    /// are not snapshotted into the state store with a version.
+    isolation: HashMap<String, Isolation>,
+}
+
+/// What a function's environments may reach: its role's keys, its user, its network.
+#[derive(Debug, Clone, Default)]
+struct Isolation {
+    credentials: Vec<(&'static str, sluice_config::Secret)>,
+    user: Option<crate::runtime::user::UserIds>,
+    network: sluice_config::Network,
+}
+
+/// The isolation of every `process` function, with an error for each `run_as` that cannot be
+/// honoured. Dynamic users go to functions in the order of their names (see `runtime::user`).
+fn isolation_of(config: &Config, errors: &mut Vec<ConfigError>) -> HashMap<String, Isolation> {
+    use crate::runtime::user;
+    let root = user::running_as_root();
+    let mut resolved = HashMap::new();
+    for (name, fc) in &config.functions {
+        let Some(run_as) = &fc.run_as else { continue };
+        let at = format!("functions.{name}.run_as");
+        if !root {
+            // SAFETY: geteuid has no preconditions.
+            let uid = unsafe { libc::geteuid() };
+            errors.push(config.error_at(&at, format!(
+                "run_as needs Sluice to run as root, and it runs as uid {uid}: it cannot change users, so every function runs as uid {uid}; remove run_as"
+            )));
+            continue;
+        }
+        match user::resolve(&run_as.user, run_as.group.as_deref()) {
+            Ok(ids) => {
+                resolved.insert(name.clone(), ids);
+            }
+            Err(message) => errors.push(config.error_at(&at, message)),
+        }
+    }
+    let mut dynamic = user::DynamicIds::new(resolved.values().map(|ids| ids.uid).collect());
+    let mut isolation = HashMap::new();
+    for (name, fc) in &config.functions {
+        if fc.runtime != Runtime::Process {
+            continue;
+        }
+        if fc.network == sluice_config::Network::None && !root {
+            errors.push(config.error_at(
+                &format!("functions.{name}.network"),
+                "network: none needs Sluice to run as root (a network namespace of the function's own needs CAP_SYS_ADMIN); use network: host",
+            ));
+        }
+        let user = match resolved.get(name) {
+            Some(ids) => Some(*ids),
+            None if root && fc.run_as.is_none() => {
+                let ids = dynamic.allocate();
+                if ids.is_none() {
+                    errors.push(config.error_at(
+                        &format!("functions.{name}"),
+                        format!(
+                            "no free user id left in {}–{} for this function: give it a run_as",
+                            user::DYNAMIC_IDS.start(),
+                            user::DYNAMIC_IDS.end()
+                        ),
+                    ));
+                }
+                ids
+            }
+            None => None,
+        };
+        let mut credentials = Vec::new();
+        if let Some(role) = fc.role.as_ref().and_then(|r| config.roles.get(r)) {
+            credentials.push((
+                "AWS_ACCESS_KEY_ID",
+                sluice_config::Secret::new(role.access_key_id.clone()),
+            ));
+            credentials.push(("AWS_SECRET_ACCESS_KEY", role.secret_access_key.clone()));
+            if let Some(token) = &role.session_token {
+                credentials.push(("AWS_SESSION_TOKEN", token.clone()));
+            }
+        }
+        isolation.insert(
+            name.clone(),
+            Isolation {
+                credentials,
+                user,
+                network: fc.network,
+            },
+        );
+    }
+    isolation
 }
 
 impl RunnerFactory {
@@ -119,6 +207,7 @@ impl RunnerFactory {
                     .task_root
                     .clone()
                     .ok_or("missing field `package` (required for runtime `process`)")?;
+                let isolation = self.isolation.get(name).cloned().unwrap_or_default();
                 let spec = ProcessSpec {
                     function_name: name.to_string(),
                     version: version.to_string(),
@@ -133,6 +222,9 @@ impl RunnerFactory {
                     environment: vc.environment.clone(),
                     region: REGION.to_string(),
                     ephemeral_storage: vc.ephemeral_storage,
+                    credentials: isolation.credentials,
+                    user: isolation.user,
+                    network: isolation.network,
                 };
                 let starts = self
                     .function_starts
@@ -443,6 +535,8 @@ impl Functions {
         native: &NativeRegistry,
         data_dir: &Path,
     ) -> Result<Self, BuildError> {
+        let mut errors = Vec::new();
+        let isolation = isolation_of(config, &mut errors);
         let factory = RunnerFactory {
             memory: MemoryCap::detect(),
             native: native.clone(),
@@ -459,11 +553,11 @@ impl Functions {
                     (name.clone(), Arc::new(Semaphore::new(starts as usize)))
                 })
                 .collect(),
+            isolation,
         };
         tracing::debug!(memory = %factory.memory.describe(), "memory caps");
         crate::runtime::sandbox::remove_stale(&factory.lifecycle.scratch);
         let concurrency = Concurrency::new(config.concurrency.limit);
-        let mut errors = Vec::new();
         let limits = SizeLimits {
             zipped: config.limits.package_zipped,
             unpacked: config.limits.package_unpacked,

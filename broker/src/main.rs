@@ -222,6 +222,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: Sluice's environment holds its secrets (AWS keys, the database
+    // password), and functions, or any process of Sluice's uid, must not read them from
+    // /proc/<pid>/environ or trace Sluice.
+    let undumpable = sluice::runtime::user::make_undumpable();
     let cli = Cli::parse();
     // Colours only for a person at a terminal: a log file or journald would keep the escape
     // codes as noise.
@@ -232,6 +236,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if let Err(e) = undumpable {
+        tracing::warn!(error = %e, "cannot make Sluice undumpable (PR_SET_DUMPABLE): processes of its uid may read its environment");
+    }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -180,3 +180,8 @@ pub const MAPPING_FAILED: &str = "sluice_mapping_failed";
 /// Asynchronous events queued for a function the configuration no longer declares; they
 /// are kept and delivered once the function is declared again.
 pub const ASYNC_ORPHANED_EVENTS: &str = "sluice_async_orphaned_events";
+
+/// Requests refused by an execution environment's Runtime API, labelled with a `reason`:
+/// `foreign` (a process that is not the environment's own), `state` (an
+/// `InvalidStateTransition`), `request_id` (an `InvalidRequestID`).
+pub const RUNTIME_API_REFUSED: &str = "sluice_function_runtime_api_refused_total";

@@ -116,6 +116,11 @@ pub fn raise_fd_limit() -> std::io::Result<u64> {
     Ok(limit.rlim_cur)
 }
 
+/// Which connection of a listener a request came on, unique for the listener's life; lets a
+/// handler decide once per connection (the Runtime API checks who is on the other end).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct ConnectionId(pub u64);
+
 /// Connections served beyond the cap, by a router of their own.
 pub struct Reserve {
     pub connections: u32,
@@ -124,7 +129,8 @@ pub struct Reserve {
 
 /// Serves `app` on `listener` within `limits` until `stop` resolves; then stops accepting,
 /// closes idle connections, and returns once the requests in progress have been answered.
-/// Handlers see the peer address as `ConnectInfo<SocketAddr>`. `name` labels the metrics
+/// Handlers see the peer address as `ConnectInfo<SocketAddr>` and the connection as
+/// [`ConnectionId`]. `name` labels the metrics
 /// (`api`, `runtime`). With a `reserve`, connections past the cap are served by its router
 /// until the reserve too is full.
 pub async fn serve(
@@ -151,6 +157,7 @@ pub async fn serve(
     let header_timeouts = metrics::counter!(m::API_HEADER_TIMEOUTS, "listener" => name);
     let accept_errors = metrics::counter!(m::API_ACCEPT_ERRORS, "listener" => name);
     tokio::pin!(stop);
+    let mut connections = 0u64;
     loop {
         // A permit first: at the cap, connections wait in the backlog rather than holding a
         // descriptor each.
@@ -187,10 +194,12 @@ pub async fn serve(
             _ => (permit, app.clone()),
         };
         let _ = stream.set_nodelay(true);
+        connections += 1;
+        let connection_id = ConnectionId(connections);
         let service = hyper::service::service_fn(move |mut request: http::Request<Incoming>| {
-            request
-                .extensions_mut()
-                .insert(ConnectInfo::<SocketAddr>(peer));
+            let extensions = request.extensions_mut();
+            extensions.insert(ConnectInfo::<SocketAddr>(peer));
+            extensions.insert(connection_id);
             let app = app.clone();
             async move {
                 let Ok(response) = app.oneshot(request).await;

@@ -470,3 +470,84 @@ fn functions_commands_find_sluice_through_the_config_file_or_the_environment() {
         "{unreachable:?}"
     );
 }
+
+/// Reports the AWS keys it was given, whether Sluice's own environment shows in its own, and
+/// whether it can read Sluice's (its parent's) `/proc/<pid>/environ`.
+const ENVIRONMENT_REPORTER: &str = r#"#!/bin/bash
+export PATH=/usr/local/bin:/usr/bin:/bin
+api="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  headers="$(mktemp)"
+  curl -sS -D "$headers" -o /dev/null "$api/invocation/next"
+  request_id="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)"
+  rm -f "$headers"
+  if parent="$(tr '\0' '\n' < "/proc/$PPID/environ" 2>/dev/null)"; then
+    parent_environ="readable"
+  else
+    parent_environ="refused"
+  fi
+  leaked="$( (env; echo "$parent") | grep -c sluice-marker-host)"
+  reply="{\"key\": \"${AWS_ACCESS_KEY_ID-unset}\", \"secret\": \"${AWS_SECRET_ACCESS_KEY-unset}\", \"token\": \"${AWS_SESSION_TOKEN-unset}\", \"parent_environ\": \"$parent_environ\", \"leaked\": \"$leaked\"}"
+  curl -sS -o /dev/null --data-binary "$reply" "$api/invocation/$request_id/response"
+done
+"#;
+
+#[test]
+fn a_function_gets_its_roles_keys_and_nothing_of_sluices_own_environment() {
+    let dir = tempfile::tempdir().expect("dir");
+    bootstrap(dir.path(), ENVIRONMENT_REPORTER);
+    let token = write(dir.path(), "token", "role-session-token\n");
+    let config = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "roles:\n  reader:\n    access_key_id: AKIASLUICEROLE000001\n    secret_access_key: ${{ROLE_SECRET}}\n    session_token_file: {}\nfunctions:\n  with-role:\n    package: ./fn\n    role: reader\n  without:\n    package: ./fn\n",
+            token.display()
+        ),
+    );
+    let port = free_port();
+    // Sluice's own AWS keys and secrets, which no function may see.
+    let _server = common::start_as(
+        &config,
+        port,
+        &[
+            "env",
+            "AWS_ACCESS_KEY_ID=sluice-marker-host-key",
+            "AWS_SECRET_ACCESS_KEY=sluice-marker-host-secret",
+            "AWS_SESSION_TOKEN=sluice-marker-host-token",
+            "SLUICE_DATABASE_PASSWORD=sluice-marker-host-password",
+            "ROLE_SECRET=role-secret-access-key",
+        ],
+    );
+    let seen = |name: &str| -> serde_json::Value {
+        let out = invoke(port, name, "{}", &[]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("json result")
+    };
+    let with_role = seen("with-role");
+    assert_eq!(
+        with_role,
+        serde_json::json!({
+            "key": "AKIASLUICEROLE000001",
+            "secret": "role-secret-access-key",
+            "token": "role-session-token",
+            "parent_environ": "refused",
+            "leaked": "0",
+        })
+    );
+    let without = seen("without");
+    assert_eq!(
+        without,
+        serde_json::json!({
+            "key": "unset",
+            "secret": "unset",
+            "token": "unset",
+            "parent_environ": "refused",
+            "leaked": "0",
+        })
+    );
+}

@@ -19,6 +19,7 @@ mod error;
 pub mod filter;
 mod host;
 mod interpolate;
+mod isolation;
 mod mapping;
 mod schema;
 mod secret;
@@ -29,6 +30,7 @@ mod yaml;
 pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{FUNCTION_PATH, check_host, on_function_path};
+pub use isolation::{Network, RoleConfig, RunAs};
 pub use schema::SOURCE_TYPES;
 pub use secret::Secret;
 pub use units::{parse_duration, parse_size};
@@ -275,6 +277,8 @@ pub struct Config {
     /// `dead_letters`: where failed events are written, by name. Functions name them in
     /// `on_success` / `on_failure`, poll-based sources in `on_failure`.
     pub dead_letters: BTreeMap<String, DeadLetterConfig>,
+    /// `roles`: execution roles by name, whose credentials the functions naming them get.
+    pub roles: BTreeMap<String, RoleConfig>,
     /// `shutdown.grace`: how long SIGTERM lets in-flight invocations finish, 0 s–15 min,
     /// default 30 s.
     pub shutdown_grace: Duration,
@@ -374,6 +378,13 @@ pub struct FunctionConfig {
     pub on_failure: Option<String>,
     /// Aliases by name (`live`), each pointing at a version.
     pub aliases: BTreeMap<String, AliasConfig>,
+    /// `role`: the execution role under `roles` whose credentials the function gets; without
+    /// one it gets no AWS credentials at all.
+    pub role: Option<String>,
+    /// `run_as`: the user and group the function's processes run as (Sluice as root only).
+    pub run_as: Option<RunAs>,
+    /// `network`: `host` (default) or `none`.
+    pub network: Network,
 }
 
 /// A named pointer to a function version, optionally sending a share of the invocations to a
@@ -745,6 +756,7 @@ impl Default for Config {
             functions: BTreeMap::new(),
             sources: BTreeMap::new(),
             dead_letters: BTreeMap::new(),
+            roles: BTreeMap::new(),
             shutdown_grace: defaults::SHUTDOWN_GRACE,
             locations: BTreeMap::new(),
             origin: "<default>".to_owned(),

@@ -27,6 +27,7 @@ const TOP_KEYS: &[&str] = &[
     "functions",
     "sources",
     "dead_letters",
+    "roles",
 ];
 const API_KEYS: &[&str] = &["listen", "max_connections", "header_read_timeout"];
 const MAX_CONNECTIONS: std::ops::RangeInclusive<i128> = 1..=1_000_000;
@@ -60,6 +61,9 @@ const FUNCTION_KEYS: &[&str] = &[
     "on_success",
     "on_failure",
     "aliases",
+    "role",
+    "run_as",
+    "network",
 ];
 const ALIAS_KEYS: &[&str] = &["version", "additional_version_weights", "description"];
 const SCHEDULE_KEYS: &[&str] = &["type", "function", "enabled", "rate", "cron", "input"];
@@ -131,6 +135,8 @@ const SHUTDOWN_GRACE: std::ops::RangeInclusive<Duration> =
 struct Destinations<'a> {
     functions: &'a Names<'a>,
     dead_letters: &'a Names<'a>,
+    /// Not a destination, but a name a function refers to all the same.
+    roles: &'a Names<'a>,
 }
 
 pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) -> Config {
@@ -239,11 +245,17 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
         }
     }
 
+    let roles = d.entries(&top, "roles");
+    // Every declared role can be referred to, also one with an error of its own.
+    let role_names = Names::new(roles.iter().map(|entry| entry.key).collect());
+    config.roles =
+        crate::isolation::decode_roles(d, &roles, &top.path_of("roles"), &config.base_dir);
     let functions = d.entries(&top, "functions");
     let declared = Names::new(functions.iter().map(|entry| entry.key).collect());
     let destinations = Destinations {
         functions: &declared,
         dead_letters: &dead_letter_names,
+        roles: &role_names,
     };
     for entry in &functions {
         let path = child(&top.path_of("functions"), entry.key);
@@ -507,6 +519,19 @@ fn decode_function(
     let on_success = decode_destination(d, &fields, "on_success", name, destinations);
     let on_failure = decode_destination(d, &fields, "on_failure", name, destinations);
     let aliases = decode_aliases(d, &fields);
+    let role = crate::isolation::decode_role_reference(d, &fields, destinations.roles);
+    let run_as = crate::isolation::decode_run_as(d, &fields);
+    let network = crate::isolation::decode_network(d, &fields);
+    if runtime.is_some_and(|r| r != Runtime::Process) {
+        for key in ["role", "run_as", "network"] {
+            if fields.get(key).is_some() {
+                d.error(
+                    &fields.path_of(key),
+                    format!("`{key}` applies to runtime `process` only: the function runs inside Sluice or behind its URL"),
+                );
+            }
+        }
+    }
 
     let runtime = runtime?;
     // A command given wrong stays unset rather than defaulting: the partial configuration
@@ -537,6 +562,9 @@ fn decode_function(
         on_success,
         on_failure,
         aliases,
+        role,
+        run_as,
+        network,
     })
 }
 

@@ -6,52 +6,13 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use common::{Function, Sluice, quoted, wait_until};
+use common::{
+    Function, Sluice, quoted, shell_function, shell_package, shell_runtime_loop, wait_until,
+};
 use serde_json::{Value, json};
 use sluice_integration_tests::unique_name;
-
-/// Writes `bootstrap` (a bash custom runtime) into a new package directory under `dir`.
-fn package(dir: &Path, name: &str, bootstrap: &str) -> PathBuf {
-    use std::os::unix::fs::PermissionsExt;
-    let package = dir.join(name);
-    std::fs::create_dir_all(&package).expect("package directory");
-    let path = package.join("bootstrap");
-    std::fs::write(&path, bootstrap).expect("bootstrap");
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
-    package
-}
-
-fn shell_function(name: &str, package: &Path) -> Function {
-    Function::process(name)
-        .set("package", &quoted(&package.to_string_lossy()))
-        .set("handler", "function.handler")
-}
-
-/// The loop every bootstrap below runs: `handle` is bash that reads `$event` and sets
-/// `$reply` (a JSON document).
-fn runtime_loop(init: &str, handle: &str) -> String {
-    format!(
-        r#"#!/bin/bash
-set -u
-export PATH=/usr/local/bin:/usr/bin:/bin
-api="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
-{init}
-while true; do
-  headers="$(mktemp)"
-  event="$(curl -sS -D "$headers" "$api/invocation/next")"
-  request_id="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)"
-  rm -f "$headers"
-  reply='{{}}'
-{handle}
-  curl -sS -o /dev/null -H 'Content-Type: application/json' \
-    --data-binary "$reply" "$api/invocation/${{request_id}}/response"
-done
-"#
-    )
-}
 
 const TASK_ROOT_AND_TMP: &str = r#"
   if echo planted > "$LAMBDA_TASK_ROOT/planted" 2>/dev/null; then root=writable; else root=refused; fi
@@ -67,9 +28,9 @@ async fn a_function_cannot_change_its_task_root_and_has_a_tmp_of_its_own() {
     let dir = Sluice::new_dir();
     let a = unique_name("ro-a");
     let b = unique_name("ro-b");
-    let bootstrap = runtime_loop("", TASK_ROOT_AND_TMP);
-    let package_a = package(dir.path(), "a", &bootstrap);
-    let package_b = package(dir.path(), "b", &bootstrap);
+    let bootstrap = shell_runtime_loop("", TASK_ROOT_AND_TMP);
+    let package_a = shell_package(dir.path(), "a", &bootstrap);
+    let package_b = shell_package(dir.path(), "b", &bootstrap);
     let sluice = Sluice::start_in(
         dir,
         &[
@@ -132,7 +93,7 @@ const SETSID_CHILD: &str = r#"
 async fn killing_an_environment_kills_what_it_started_with_setsid() {
     let dir = Sluice::new_dir();
     let name = unique_name("setsid");
-    let package = package(dir.path(), "setsid", &runtime_loop("", SETSID_CHILD));
+    let package = shell_package(dir.path(), "setsid", &shell_runtime_loop("", SETSID_CHILD));
     let sluice = Sluice::start_in(
         dir,
         &[shell_function(&name, &package).set("timeout", "2s")],
@@ -185,7 +146,14 @@ rm -f "$COUNT_DIR/starting-$AWS_LAMBDA_FUNCTION_NAME-$$"
 async fn a_burst_starts_environments_within_the_caps_answers_everyone_and_idle_ones_are_reaped() {
     let dir = Sluice::new_dir();
     let count_dir = dir.path().join("count");
-    let package = package(dir.path(), "slow", &runtime_loop(SLOW_START, ""));
+    // The two functions run as users of their own when Sluice is root: the directory they
+    // share is open to both.
+    std::fs::create_dir(&count_dir).expect("count directory");
+    for file in ["observed", "pids"] {
+        common::open_to_functions(&count_dir.join(file));
+    }
+    common::open_to_functions(&count_dir);
+    let package = shell_package(dir.path(), "slow", &shell_runtime_loop(SLOW_START, ""));
     let names = [unique_name("burst-a"), unique_name("burst-b")];
     let functions: Vec<Function> = names
         .iter()

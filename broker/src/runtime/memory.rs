@@ -162,6 +162,18 @@ impl EnvMemory {
         }
     }
 
+    /// The processes in the environment's cgroup; `None` without a cgroup.
+    pub(crate) fn procs(&self) -> Option<Vec<u32>> {
+        let (cg, _) = self.cgroup.as_ref()?;
+        let procs = std::fs::read_to_string(cg.dir.join("cgroup.procs")).ok()?;
+        Some(
+            procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect(),
+        )
+    }
+
     /// Peak memory of the environment, from the cgroup or the process's high-water mark.
     pub(crate) fn peak_bytes(&self, pid: Option<u32>) -> Option<u64> {
         if let Some((cg, _)) = &self.cgroup {

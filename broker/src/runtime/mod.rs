@@ -3,10 +3,13 @@
 pub(crate) mod http;
 pub(crate) mod memory;
 pub mod native;
+pub(crate) mod netns;
+pub(crate) mod peer;
 /// Function packages live in a crate of their own, so that they can be fuzzed without the rest.
 pub use sluice_package as package;
 pub(crate) mod process;
 pub(crate) mod sandbox;
+pub mod user;
 
 use crate::concurrency::Throttle;
 use crate::invocation::{Executed, Invocation};

@@ -33,9 +33,12 @@ use tokio::sync::{Notify, Semaphore, SemaphorePermit, mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use super::memory::{EnvMemory, MemoryCap};
+use super::peer;
 use super::sandbox::Sandbox;
+use super::user::{self, UserIds};
 use crate::concurrency::Throttle;
 use crate::invocation::{Executed, FunctionError, Invocation, MAX_SYNC_PAYLOAD};
+use crate::serve::ConnectionId;
 
 /// How long a new environment may take to ask for its first event.
 const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -58,6 +61,11 @@ pub(crate) struct ProcessSpec {
     pub region: String,
     /// The size of the environment's own `/tmp`.
     pub ephemeral_storage: u64,
+    /// The execution role's keys, as the variables the AWS SDKs read; empty without a role.
+    pub credentials: Vec<(&'static str, sluice_config::Secret)>,
+    /// The user the environment runs as; `None` when Sluice is not root (its own uid).
+    pub user: Option<UserIds>,
+    pub network: sluice_config::Network,
 }
 
 /// What every runner of this Sluice shares about environments' lives.
@@ -332,7 +340,26 @@ struct Shared {
     pending: tokio::sync::Mutex<mpsc::Receiver<Pending>>,
     current: Mutex<Option<Current>>,
     status: watch::Sender<Status>,
+    /// Set by the first `/next`: from then on the runtime is initialised and `/init/error`
+    /// is no longer a transition it may make.
+    initialised: AtomicBool,
+    function_name: String,
+    /// The listener's own address, the remote end of every client socket of this API.
+    api_addr: SocketAddr,
+    /// The environment's processes, known once it is spawned; until then nobody is admitted.
+    owner: std::sync::OnceLock<Owner>,
+    /// The verdict on recent connections (a runtime keeps one alive across invocations).
+    admitted: Mutex<std::collections::VecDeque<(ConnectionId, bool)>>,
 }
+
+/// What tells the environment's processes apart from everyone else's.
+struct Owner {
+    pid: u32,
+    memory: Arc<EnvMemory>,
+}
+
+/// Connection verdicts kept; an environment holds at most `RUNTIME_API_CONNECTIONS` at once.
+const ADMITTED_KEPT: usize = 4 * RUNTIME_API_CONNECTIONS as usize;
 
 /// Output of an environment, both streams into one buffer so lines keep their order.
 struct Output {
@@ -376,6 +403,8 @@ struct Environment {
     output: Arc<Output>,
     memory: Arc<EnvMemory>,
     tasks: Vec<JoinHandle<()>>,
+    /// The environment's own network namespace (`network: none`), held while it lives.
+    _netns: Option<Arc<super::netns::Isolated>>,
 }
 
 impl Drop for Environment {
@@ -396,7 +425,25 @@ impl Environment {
         scratch: &std::path::Path,
         id: u64,
     ) -> io::Result<Self> {
-        let listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        // With `network: none` the listener lives in the environment's own network namespace,
+        // which the namespace descriptor keeps alive until the environment is dropped.
+        let (listener, netns) = match spec.network {
+            sluice_config::Network::Host => (
+                tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?,
+                None,
+            ),
+            sluice_config::Network::None => {
+                let isolated = tokio::task::spawn_blocking(super::netns::isolated_listener)
+                    .await
+                    .map_err(io::Error::other)??;
+                isolated.listener.set_nonblocking(true)?;
+                let listener = isolated.listener.try_clone()?;
+                (
+                    tokio::net::TcpListener::from_std(listener)?,
+                    Some(Arc::new(isolated)),
+                )
+            }
+        };
         let api_addr = listener.local_addr()?;
         let (tx, rx) = mpsc::channel(1);
         let (status_tx, status_rx) = watch::channel(Status::Running);
@@ -404,6 +451,11 @@ impl Environment {
             pending: tokio::sync::Mutex::new(rx),
             current: Mutex::new(None),
             status: status_tx,
+            initialised: AtomicBool::new(false),
+            function_name: spec.function_name.clone(),
+            api_addr,
+            owner: std::sync::OnceLock::new(),
+            admitted: Mutex::new(std::collections::VecDeque::new()),
         });
         let app = Router::new()
             .route("/2018-06-01/runtime/invocation/next", get(next))
@@ -413,6 +465,7 @@ impl Environment {
             )
             .route("/2018-06-01/runtime/invocation/{id}/error", post(error))
             .route("/2018-06-01/runtime/init/error", post(init_error))
+            .layer(axum::middleware::from_fn_with_state(shared.clone(), admit))
             .with_state(shared.clone());
         // The same bounded serving as the public API: a function that opens connections to
         // its own Runtime API without end, or sends headers byte by byte, is cut off. A
@@ -441,9 +494,11 @@ impl Environment {
         let program = resolve_program(&spec)?;
         let sandbox = Arc::new(Sandbox::prepare(
             &spec.task_root,
+            &program,
             spec.ephemeral_storage,
             scratch,
             &format!("{}-{id}", std::process::id()),
+            spec.user,
         )?);
         let mut cmd = tokio::process::Command::new(&program);
         cmd.args(&spec.argv[1..])
@@ -451,6 +506,11 @@ impl Environment {
             .env_clear()
             .envs(lambda_environment(&spec, api_addr, &log_stream))
             .envs(&spec.environment)
+            .envs(
+                spec.credentials
+                    .iter()
+                    .map(|(name, value)| (name, value.expose())),
+            )
             .envs(sandbox.environment())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -459,15 +519,24 @@ impl Environment {
             .kill_on_drop(true);
         let hook = memory.child_hook();
         let confine = sandbox.child_hook();
-        // SAFETY: both hooks only make async-signal-safe calls (see ChildHook::enter and
-        // NamespaceHook::enter).
+        let run_as = spec.user;
+        let netns_fd = netns.as_ref().map(|n| n.namespace_fd());
+        // SAFETY: the hooks only make async-signal-safe calls (see ChildHook::enter,
+        // NamespaceHook::enter and `user`).
         unsafe {
             cmd.pre_exec(move || {
+                if let Some(fd) = netns_fd {
+                    super::netns::enter(fd)?;
+                }
                 hook.enter()?;
                 if let Some(confine) = &confine {
                     confine.enter()?;
                 }
-                Ok(())
+                // Last: entering the cgroup and making mounts need root.
+                if let Some(ids) = run_as {
+                    user::drop_to(ids)?;
+                }
+                user::no_new_privs()
             });
         }
         let spawned = cmd.spawn();
@@ -479,6 +548,12 @@ impl Environment {
             }
         };
         let pid = child.id();
+        if let Some(pid) = pid {
+            let _ = shared.owner.set(Owner {
+                pid,
+                memory: memory.clone(),
+            });
+        }
         let stdout = child
             .stdout
             .take()
@@ -549,6 +624,7 @@ impl Environment {
             output,
             memory,
             tasks,
+            _netns: netns,
         })
     }
 
@@ -814,6 +890,18 @@ fn runtime_error(status: StatusCode, error_type: &str, message: &str) -> Respons
 }
 
 async fn next(State(shared): State<Arc<Shared>>) -> Response {
+    shared.initialised.store(true, Ordering::SeqCst);
+    if shared
+        .current
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .is_some()
+    {
+        // The runtime has an event it has not answered: asking for another is not a
+        // transition the Runtime API allows (and, with one event per environment, it would
+        // only ever wait).
+        return invalid_state_transition(&shared, "Invoking", "Ready");
+    }
     let pending = {
         let mut rx = shared.pending.lock().await;
         rx.recv().await
@@ -872,11 +960,7 @@ async fn response(
     body: Body,
 ) -> Response {
     let Some(current) = take_current(&shared, &id) else {
-        return runtime_error(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequestID",
-            "no invocation with this request id is running",
-        );
+        return invalid_request_id(&shared);
     };
     match axum::body::to_bytes(body, MAX_SYNC_PAYLOAD).await {
         Ok(bytes) => {
@@ -911,11 +995,7 @@ async fn error(
     body: Bytes,
 ) -> Response {
     let Some(current) = take_current(&shared, &id) else {
-        return runtime_error(
-            StatusCode::BAD_REQUEST,
-            "InvalidRequestID",
-            "no invocation with this request id is running",
-        );
+        return invalid_request_id(&shared);
     };
     let header_type = headers
         .get("lambda-runtime-function-error-type")
@@ -938,6 +1018,11 @@ async fn init_error(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
+    if shared.initialised.load(Ordering::SeqCst) {
+        // Only a runtime still initialising may report an init failure; later, an error
+        // belongs to an invocation (`/invocation/{id}/error`).
+        return invalid_state_transition(&shared, "Ready", "InitError");
+    }
     let header_type = headers
         .get("lambda-runtime-function-error-type")
         .and_then(|v| v.to_str().ok())
@@ -951,4 +1036,100 @@ async fn init_error(
         axum::Json(serde_json::json!({"status": "OK"})),
     )
         .into_response()
+}
+
+/// 403 `InvalidStateTransition`, in the words of Lambda's Runtime API.
+fn invalid_state_transition(shared: &Shared, from: &str, to: &str) -> Response {
+    refused(shared, "state");
+    runtime_error(
+        StatusCode::FORBIDDEN,
+        "InvalidStateTransition",
+        &format!(
+            "State transition from {from} to {to} failed for runtime. Error: State transition is not allowed"
+        ),
+    )
+}
+
+/// 400 `InvalidRequestID`: not the request id of the invocation this environment is running.
+fn invalid_request_id(shared: &Shared) -> Response {
+    refused(shared, "request_id");
+    runtime_error(
+        StatusCode::BAD_REQUEST,
+        "InvalidRequestID",
+        "Invalid request ID",
+    )
+}
+
+fn refused(shared: &Shared, reason: &'static str) {
+    metrics::counter!(crate::metrics::RUNTIME_API_REFUSED,
+        "function" => shared.function_name.clone(), "reason" => reason)
+    .increment(1);
+}
+
+/// Admits a request only from a connection whose client socket a process of this environment
+/// holds (see `peer`); decided once per connection.
+async fn admit(
+    State(shared): State<Arc<Shared>>,
+    request: axum::extract::Request,
+    next_layer: axum::middleware::Next,
+) -> Response {
+    let connection = request.extensions().get::<ConnectionId>().copied();
+    let peer_addr = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map(|c| c.0);
+    let admitted = match (connection, peer_addr) {
+        (Some(connection), Some(peer_addr)) => {
+            let known = shared
+                .admitted
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .find(|(c, _)| *c == connection)
+                .map(|(_, ok)| *ok);
+            match known {
+                Some(ok) => ok,
+                None => {
+                    let ok = is_own_connection(&shared, peer_addr).await;
+                    let mut admitted = shared.admitted.lock().unwrap_or_else(|e| e.into_inner());
+                    if admitted.len() >= ADMITTED_KEPT {
+                        admitted.pop_front();
+                    }
+                    admitted.push_back((connection, ok));
+                    if !ok {
+                        tracing::debug!(function = %shared.function_name, peer = %peer_addr,
+                            "Runtime API connection from a process outside the environment refused");
+                    }
+                    ok
+                }
+            }
+        }
+        _ => false,
+    };
+    if admitted {
+        next_layer.run(request).await
+    } else {
+        refused(&shared, "foreign");
+        runtime_error(
+            StatusCode::FORBIDDEN,
+            "AccessDeniedException",
+            "this Runtime API serves another execution environment",
+        )
+    }
+}
+
+async fn is_own_connection(shared: &Shared, peer_addr: SocketAddr) -> bool {
+    let Some(owner) = shared.owner.get() else {
+        return false;
+    };
+    let (pid, memory, api_addr) = (owner.pid, owner.memory.clone(), shared.api_addr);
+    tokio::task::spawn_blocking(move || {
+        let Ok(Some(inode)) = peer::client_socket_inode(pid, peer_addr, api_addr) else {
+            return false;
+        };
+        let pids = memory.procs().unwrap_or_else(|| peer::process_group(pid));
+        peer::held_by(&pids, inode)
+    })
+    .await
+    .unwrap_or(false)
 }

@@ -10,6 +10,14 @@
 //! host's file system as any root process does; the task root and `/tmp` are what this
 //! isolates. The tmpfs's pages count against the environment's memory cgroup.
 //!
+//! A function that runs as a user of its own (see `user`) may be unable to reach its program
+//! or its task root: they often lie under a directory only root may search (`/root`, a
+//! private temporary directory). Such a directory is covered, in the environment's namespace
+//! only, by an empty tmpfs holding just the way through: the next directory on the path,
+//! bound back from the host. Nothing else of the covered directory is visible to the
+//! function, and what is bound back keeps its own modes. The environment's `/tmp` is owned by
+//! the function's user, mode 0700.
+//!
 //! Where namespaces are not available, the environment gets a private directory exported as
 //! `TMPDIR`, removed when the environment ends, and the task root relies on its file modes
 //! (Sluice's own copies of packages have no write bits).
@@ -18,6 +26,8 @@ use std::ffi::CString;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
+
+use super::user::UserIds;
 
 /// How Sluice makes an environment's mount namespace: as root directly; otherwise inside a
 /// user namespace of its own where the environment keeps Sluice's user and group ids.
@@ -173,9 +183,11 @@ impl Sandbox {
     /// when namespaces are not available.
     pub(crate) fn prepare(
         task_root: &Path,
+        program: &Path,
         ephemeral_storage: u64,
         scratch: &Path,
         id: &str,
+        user: Option<UserIds>,
     ) -> io::Result<Self> {
         if let Some(mode) = namespace_mode() {
             let cstr = |p: &Path| {
@@ -200,9 +212,19 @@ impl Sandbox {
                     | libc::MS_NOSUID
                     | locked_flags(task_root)?,
                 task_root: cstr(task_root)?,
-                tmpfs_options: CString::new(format!("size={ephemeral_storage},mode=1777"))
-                    .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
+                tmpfs_options: CString::new(match user {
+                    Some(u) => format!(
+                        "size={ephemeral_storage},mode=0700,uid={},gid={}",
+                        u.uid, u.gid
+                    ),
+                    None => format!("size={ephemeral_storage},mode=1777"),
+                })
+                .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?,
                 mkdirs,
+                covers: match user {
+                    Some(user) => covers_for(user, &[task_root, program])?,
+                    None => Vec::new(),
+                },
             };
             Ok(Self::Namespace { hook })
         } else {
@@ -211,6 +233,9 @@ impl Sandbox {
             std::fs::create_dir(&tmpdir)?;
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(&tmpdir, std::fs::Permissions::from_mode(0o700))?;
+            if let Some(user) = user {
+                std::os::unix::fs::chown(&tmpdir, Some(user.uid), Some(user.gid))?;
+            }
             Ok(Self::Private { tmpdir })
         }
     }
@@ -251,7 +276,83 @@ pub(crate) struct NamespaceHook {
     task_root: CString,
     tmpfs_options: CString,
     mkdirs: Vec<CString>,
+    /// Directories the function's user cannot search, outermost first, to be covered.
+    covers: Vec<Cover>,
 }
+
+/// A directory covered by an empty tmpfs with one way through it bound back.
+#[derive(Debug, Clone)]
+struct Cover {
+    blocked: CString,
+    next: CString,
+    next_is_dir: bool,
+}
+
+/// The covers the user needs to reach every one of `targets`, as written and as resolved.
+fn covers_for(user: UserIds, targets: &[&Path]) -> io::Result<Vec<Cover>> {
+    use std::os::unix::fs::MetadataExt;
+    let cstr = |p: &Path| {
+        CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))
+    };
+    let mut covers: Vec<(PathBuf, PathBuf)> = Vec::new();
+    for target in targets {
+        let mut paths = vec![target.to_path_buf()];
+        if let Ok(real) = std::fs::canonicalize(target) {
+            paths.push(real);
+        }
+        for path in paths {
+            let mut ancestors: Vec<&Path> = path.ancestors().skip(1).collect();
+            ancestors.reverse();
+            for dir in ancestors {
+                // The environment's own tmpfs replaces `/tmp`, with the way to a task root in
+                // it made again.
+                if dir.starts_with("/tmp") {
+                    continue;
+                }
+                let Ok(meta) = std::fs::metadata(dir) else {
+                    continue;
+                };
+                let bit = if meta.uid() == user.uid {
+                    0o100
+                } else if meta.gid() == user.gid {
+                    0o010
+                } else {
+                    0o001
+                };
+                if meta.mode() & bit != 0 {
+                    continue;
+                }
+                let Some(next) = path
+                    .strip_prefix(dir)
+                    .ok()
+                    .and_then(|rest| rest.components().next())
+                    .map(|first| dir.join(first))
+                else {
+                    continue;
+                };
+                if !covers.iter().any(|(b, n)| b == dir && *n == next) {
+                    covers.push((dir.to_path_buf(), next));
+                }
+            }
+        }
+    }
+    // Outer directories first: an inner cover goes on top of what the outer one bound back.
+    covers.sort_by_key(|(blocked, _)| blocked.components().count());
+    covers
+        .into_iter()
+        .map(|(blocked, next)| {
+            Ok(Cover {
+                next_is_dir: next.is_dir(),
+                blocked: cstr(&blocked)?,
+                next: cstr(&next)?,
+            })
+        })
+        .collect()
+}
+
+/// At most this many covers are made (each holds a descriptor until it is bound).
+const MAX_COVERS: usize = 32;
 
 const CAP_SYS_ADMIN: libc::c_ulong = 21;
 
@@ -259,6 +360,7 @@ impl NamespaceHook {
     /// Runs in the child between fork and exec: only async-signal-safe system calls.
     pub(crate) fn enter(&self) -> io::Result<()> {
         self.mode.enter()?;
+        self.make_covers()?;
         let null = std::ptr::null::<libc::c_char>();
         // SAFETY: every pointer is a NUL-terminated string made before the fork, or null
         // where mount(2) allows it.
@@ -307,6 +409,69 @@ impl NamespaceHook {
             // Without CAP_SYS_ADMIN the function cannot remount the task root writable or
             // unmount it; after exec a root process only has the capabilities left here.
             check(libc::prctl(libc::PR_CAPBSET_DROP, CAP_SYS_ADMIN, 0, 0, 0))?;
+        }
+        Ok(())
+    }
+}
+
+impl NamespaceHook {
+    /// Covers the directories the function's user cannot search (see the module's notes).
+    /// Every way through is opened before anything is covered, inside the new namespace.
+    fn make_covers(&self) -> io::Result<()> {
+        if self.covers.is_empty() {
+            return Ok(());
+        }
+        let mut fds = [-1 as libc::c_int; MAX_COVERS];
+        let covers = &self.covers[..self.covers.len().min(MAX_COVERS)];
+        // SAFETY: NUL-terminated strings made before the fork; descriptors this child owns.
+        unsafe {
+            for (cover, fd) in covers.iter().zip(fds.iter_mut()) {
+                *fd = libc::open(cover.next.as_ptr(), libc::O_PATH | libc::O_CLOEXEC);
+                if *fd < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            let mut covered: [Option<&CString>; MAX_COVERS] = [None; MAX_COVERS];
+            for (i, (cover, fd)) in covers.iter().zip(fds.iter()).enumerate() {
+                // One tmpfs per blocked directory, however many ways go through it.
+                if !covered[..i].contains(&Some(&cover.blocked)) {
+                    check(libc::mount(
+                        c"tmpfs".as_ptr(),
+                        cover.blocked.as_ptr(),
+                        c"tmpfs".as_ptr(),
+                        libc::MS_NOSUID | libc::MS_NODEV,
+                        c"mode=0755,size=64k".as_ptr().cast(),
+                    ))?;
+                }
+                covered[i] = Some(&cover.blocked);
+                if cover.next_is_dir {
+                    if libc::mkdir(cover.next.as_ptr(), 0o755) != 0
+                        && *libc::__errno_location() != libc::EEXIST
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
+                } else {
+                    let f = libc::open(
+                        cover.next.as_ptr(),
+                        libc::O_CREAT | libc::O_WRONLY | libc::O_CLOEXEC,
+                        0o644,
+                    );
+                    if f < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                    libc::close(f);
+                }
+                let mut fd_path = [0u8; 32];
+                fd_path_of(*fd, &mut fd_path);
+                check(libc::mount(
+                    fd_path.as_ptr().cast(),
+                    cover.next.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND | libc::MS_REC,
+                    std::ptr::null(),
+                ))?;
+                libc::close(*fd);
+            }
         }
         Ok(())
     }

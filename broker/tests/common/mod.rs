@@ -17,9 +17,12 @@ pub fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
     path
 }
 
-/// Writes an executable `bootstrap` into `dir/fn` (a function package).
+/// Writes an executable `bootstrap` into `dir/fn` (a function package). `dir` is opened to
+/// the function (sticky, like `/tmp`): run by a root Sluice, it runs as a user of its own and
+/// writes what it records there.
 pub fn bootstrap(dir: &Path, script: &str) {
     use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777)).expect("chmod");
     let pkg = dir.join("fn");
     std::fs::create_dir_all(&pkg).expect("package dir");
     let bootstrap = pkg.join("bootstrap");

@@ -554,12 +554,84 @@ def handler(event, context):
     }
 "#;
 
+/// Writes `bootstrap` (a bash custom runtime, see [`shell_runtime_loop`]) into a new package
+/// directory under `dir`.
+#[allow(dead_code)]
+pub fn shell_package(dir: &Path, name: &str, bootstrap: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let package = dir.join(name);
+    std::fs::create_dir_all(&package).expect("package directory");
+    let path = package.join("bootstrap");
+    std::fs::write(&path, bootstrap).expect("bootstrap");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    package
+}
+
+/// A `process` function running the bash bootstrap in `package`.
+#[allow(dead_code)]
+pub fn shell_function(name: &str, package: &Path) -> Function {
+    Function::process(name)
+        .set("package", &quoted(&package.to_string_lossy()))
+        .set("handler", "function.handler")
+}
+
+/// The loop of a bash custom runtime: `init` runs once; `handle` is bash that reads `$event` and sets
+/// `$reply` (a JSON document).
+#[allow(dead_code)]
+pub fn shell_runtime_loop(init: &str, handle: &str) -> String {
+    format!(
+        r#"#!/bin/bash
+set -u
+export PATH=/usr/local/bin:/usr/bin:/bin
+api="http://${{AWS_LAMBDA_RUNTIME_API}}/2018-06-01/runtime"
+{init}
+while true; do
+  headers="$(mktemp)"
+  event="$(curl -sS -D "$headers" "$api/invocation/next")"
+  request_id="$(grep -Fi Lambda-Runtime-Aws-Request-Id "$headers" | tr -d '[:space:]' | cut -d: -f2)"
+  rm -f "$headers"
+  reply='{{}}'
+{handle}
+  curl -sS -o /dev/null -H 'Content-Type: application/json' \
+    --data-binary "$reply" "$api/invocation/${{request_id}}/response"
+done
+"#
+    )
+}
+
+/// Opens `path` (a file, created empty when missing) to functions: when Sluice runs as root
+/// they run as users of their own, who need to write it and to search the test's temporary
+/// directories leading to it. Only directories under the system's temporary directory are
+/// opened (search only, `o+x`).
+#[allow(dead_code)] // not every test binary writes from a function
+pub fn open_to_functions(path: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    if !path.exists() {
+        std::fs::write(path, "").expect("file for functions");
+    }
+    let mode = if path.is_dir() { 0o777 } else { 0o666 };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).expect("chmod");
+    let temp = std::env::temp_dir();
+    for dir in path.ancestors().skip(1) {
+        if !dir.starts_with(&temp) || dir == temp {
+            break;
+        }
+        let current = std::fs::metadata(dir)
+            .expect("directory")
+            .permissions()
+            .mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(current | 0o001))
+            .expect("chmod");
+    }
+}
+
 /// Writes the recorder package (see [`RECORDER`]) under `dir` and returns a function running
 /// it that records to `record_to`.
 pub fn recorder(name: &str, dir: &Path, record_to: &Path) -> Function {
     let package = dir.join(format!("recorder-{name}"));
     std::fs::create_dir_all(&package).expect("recorder package directory");
     std::fs::write(package.join("app.py"), RECORDER).expect("recorder app.py");
+    open_to_functions(record_to);
     Function::python_at(name, &package).set(
         "environment",
         &format!("{{RECORD_TO: {}}}", quoted(&record_to.to_string_lossy())),
