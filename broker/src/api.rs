@@ -58,6 +58,8 @@ const LAMBDA_API_PREFIXES: &[&str] = &[
 pub(crate) struct ApiState {
     pub functions: Arc<Functions>,
     pub queue: Arc<AsyncQueue>,
+    /// Functions' resource-based policies live here.
+    pub store: Arc<dyn crate::state::StateStore>,
 }
 
 /// The API's routes, with `webhooks` (routes of their own state) merged in.

@@ -30,8 +30,8 @@ mod yaml;
 pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{FUNCTION_PATH, check_host, on_function_path};
-pub use schema::SOURCE_TYPES;
 pub use policy::{Effect, Patterns, Policy, Statement, parse_policy_json};
+pub use schema::SOURCE_TYPES;
 pub use secret::Secret;
 pub use units::{parse_duration, parse_size};
 

@@ -152,9 +152,7 @@ fn parse_policy(value: &Value, errors: &mut Vec<(String, String)>) -> Option<Pol
         Some(Value::String(v)) if v == "2012-10-17" || v == "2008-10-17" => {}
         Some(other) => errors.push((
             "Version".into(),
-            format!(
-                "unknown policy version {other}, expected \"2012-10-17\" (or \"2008-10-17\")"
-            ),
+            format!("unknown policy version {other}, expected \"2012-10-17\" (or \"2008-10-17\")"),
         )),
     }
     let statements: Vec<(String, &Value)> = match top.get("Statement") {
@@ -185,7 +183,11 @@ fn parse_policy(value: &Value, errors: &mut Vec<(String, String)>) -> Option<Pol
     (errors.len() == before).then_some(Policy { statements: out })
 }
 
-fn parse_statement(value: &Value, at: &str, errors: &mut Vec<(String, String)>) -> Option<Statement> {
+fn parse_statement(
+    value: &Value,
+    at: &str,
+    errors: &mut Vec<(String, String)>,
+) -> Option<Statement> {
     let Value::Object(s) = value else {
         errors.push((
             at.to_owned(),
@@ -334,7 +336,11 @@ fn check_action(text: &str) -> Result<(), String> {
             "action `{text}` is not one of Lambda's: Sluice's API has `lambda:` actions only"
         ));
     }
-    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '*' || c == '?') {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '*' || c == '?')
+    {
         return Err(format!(
             "action `{text}`: an action name is letters, digits and the wildcards `*` and `?`"
         ));
@@ -390,7 +396,13 @@ pub fn parse_policy_json(text: &str) -> Result<Policy, Vec<String>> {
         Some(p) if errors.is_empty() => Ok(p),
         _ => Err(errors
             .into_iter()
-            .map(|(at, m)| if at.is_empty() { m } else { format!("{at}: {m}") })
+            .map(|(at, m)| {
+                if at.is_empty() {
+                    m
+                } else {
+                    format!("{at}: {m}")
+                }
+            })
             .collect()),
     }
 }

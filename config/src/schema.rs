@@ -6,11 +6,11 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use crate::cron_expr::parse_cron;
-use crate::secret::secret;
 use crate::dead_letter::decode_dead_letter;
 use crate::decode::{Decoder, Field, Fields, Names, child, closest, index};
 use crate::interpolate::is_variable_name;
 use crate::mapping::{MappingContext, PollType, decode_poll_source};
+use crate::secret::secret;
 use crate::shell::split_words;
 use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
@@ -318,7 +318,9 @@ fn decode_api_auth(
     let auth = d.parse(api, "auth", "`sigv4` or `none`", |text| match text {
         "sigv4" => Ok(crate::ApiAuth::Sigv4),
         "none" => Ok(crate::ApiAuth::None),
-        other => Err(format!("unknown auth `{other}`, expected `sigv4` or `none`")),
+        other => Err(format!(
+            "unknown auth `{other}`, expected `sigv4` or `none`"
+        )),
     });
     let written = auth.is_present();
     config.auth = auth.ok().unwrap_or(if loopback {
@@ -393,7 +395,10 @@ fn decode_api_auth(
         let why = if written {
             "`auth: sigv4`".to_owned()
         } else {
-            format!("the API listens on {}, off loopback, so it takes `auth: sigv4` by default", config.listen)
+            format!(
+                "the API listens on {}, off loopback, so it takes `auth: sigv4` by default",
+                config.listen
+            )
         };
         d.error(
             &at,

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_config::{
-    AliasConfig, ApiAuth, Effect, Patterns, Statement, AwsConnection, BatchConfig, Config, ConfigErrors, DeadLetterKind,
-    DynamoDbStreamsConfig, HttpSourceConfig, KafkaSecurity, Location, MappingConfig,
-    RabbitMqConfig, RetryConfig, Runtime, Schedule, SourceKind, SqsConfig, StartingPosition,
-    parse_bytes, parse_str,
+    AliasConfig, ApiAuth, AwsConnection, BatchConfig, Config, ConfigErrors, DeadLetterKind,
+    DynamoDbStreamsConfig, Effect, HttpSourceConfig, KafkaSecurity, Location, MappingConfig,
+    Patterns, RabbitMqConfig, RetryConfig, Runtime, Schedule, SourceKind, SqsConfig,
+    StartingPosition, Statement, parse_bytes, parse_str,
 };
 
 fn fixtures_dir() -> PathBuf {
