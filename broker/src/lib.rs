@@ -13,6 +13,7 @@ pub(crate) mod manage;
 pub mod metrics;
 #[allow(dead_code)] // read by the auth and audit layers
 pub(crate) mod operation;
+pub(crate) mod permissions;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;
@@ -224,6 +225,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             functions: functions.clone(),
             queue: queue.clone(),
             store: store.clone(),
+            principals: Arc::new(config.api.principals.keys().cloned().collect()),
         },
         sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
     );
