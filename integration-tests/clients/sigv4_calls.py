@@ -9,7 +9,8 @@ JSON is a list of calls, each {"key": ACCESS_KEY_ID, "secret": SECRET, "op": <bo
   - "skew": like absent, signed with a clock `skew` seconds off (negative: in the past);
   - "tamper": POST args["path"] with args["body"] signed, then args["sent"] sent instead;
   - "presign": botocore's generate_presigned_url for op/args, then a plain GET of that URL;
-  - "presign_post": a presigned (query-string) POST of args["body"] to args["path"].
+  - "presign_post": a presigned (query-string) POST to args["path"] (botocore moves a body's
+    fields into the query, so the request is sent as botocore prepared it).
 Prints a JSON list, one entry per call: a boto3 response (Payload parsed), or
 {"exception": code, "message": ...} when boto3 raised, or {"status", "errortype", "body"} for
 the hand-sent requests.
@@ -107,12 +108,12 @@ def run(endpoint, call):
         )
         return send("GET", url, {}, None)
     if how == "presign_post":
-        request = AWSRequest(method="POST", url=endpoint + args["path"], data=args["body"].encode())
+        request = AWSRequest(method="POST", url=endpoint + args["path"])
         botocore.auth.SigV4QueryAuth(credentials, "lambda", "us-east-1", expires=60).add_auth(
             request
         )
         prepared = request.prepare()
-        return send("POST", prepared.url, prepared.headers.items(), args["body"].encode())
+        return send("POST", prepared.url, prepared.headers.items(), prepared.body or b"")
     raise ValueError(f"unknown how: {how}")
 
 

@@ -109,7 +109,11 @@ async fn botocore_signatures_are_verified_as_aws_verifies_them() {
     untampered["args"]["sent"] = json!("{\"amount\": 1}");
     let mut presign = call(DEPLOYER, "get_function", json!({"FunctionName": name}));
     presign["how"] = json!("presign");
-    let mut presign_post = call(DEPLOYER, "", json!({"path": path, "body": "{\"p\": 1}"}));
+    let mut presign_post = call(
+        DEPLOYER,
+        "",
+        json!({"path": format!("{path}?Qualifier=%24LATEST")}),
+    );
     presign_post["how"] = json!("presign_post");
     let mut presign_wrong = presign.clone();
     presign_wrong["secret"] = json!("not-the-secret");
@@ -200,7 +204,12 @@ async fn botocore_signatures_are_verified_as_aws_verifies_them() {
         out[7]
     );
     assert_eq!(out[8]["status"], 200, "presigned Invoke: {}", out[8]);
-    assert_eq!(body_json(&out[8])["event"], json!({"p": 1}), "{}", out[8]);
+    assert_eq!(
+        body_json(&out[8])["invoked_function_arn"],
+        json!(format!("{}:$LATEST", arn(&name))),
+        "the signed query reached the handler: {}",
+        out[8]
+    );
     assert_eq!(out[9]["status"], 403, "{}", out[9]);
     assert_eq!(
         out[9]["errortype"], "InvalidSignatureException",
