@@ -172,7 +172,7 @@ mod tests {
         let exact = parse_policy_json(&format!(
             r#"{{"Statement":{{"Effect":"Allow","Action":"lambda:InvokeFunction","Resource":"{F}"}}}}"#
         ))
-        .unwrap();
+        .expect("valid test input");
         let action = "lambda:InvokeFunction";
         assert_eq!(evaluate_identity(&exact, action, F), Decision::Allow);
         assert_eq!(
@@ -183,7 +183,7 @@ mod tests {
             let p = parse_policy_json(&format!(
                 r#"{{"Statement":{{"Effect":"Allow","Action":"lambda:InvokeFunction","Resource":"{wild}"}}}}"#
             ))
-            .unwrap();
+            .expect("valid test input");
             assert_eq!(
                 evaluate_identity(&p, action, &format!("{F}:live")),
                 Decision::Allow
@@ -197,7 +197,7 @@ mod tests {
             r#"{"Statement":[{"Effect":"Allow","Action":"lambda:*","Resource":"*"},
                             {"Effect":"Deny","Action":"lambda:Put*","Resource":"*"}]}"#,
         )
-        .unwrap();
+        .expect("valid test input");
         assert_eq!(
             evaluate_identity(&p, "lambda:GetFunction", F),
             Decision::Allow
@@ -213,7 +213,7 @@ mod tests {
         let not = parse_policy_json(
             r#"{"Statement":{"Effect":"Allow","NotAction":"lambda:Invoke*","Resource":"*"}}"#,
         )
-        .unwrap();
+        .expect("valid test input");
         assert_eq!(
             evaluate_identity(&not, "lambda:GetFunction", F),
             Decision::Allow

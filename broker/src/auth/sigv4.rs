@@ -630,7 +630,7 @@ mod tests {
             .time(at)
             .settings(settings)
             .build()
-            .unwrap()
+            .expect("valid test input")
             .into();
         let uri = format!("http://127.0.0.1:9000{path_query}");
         let mut req = http::Request::builder()
@@ -639,17 +639,19 @@ mod tests {
             .header("host", "127.0.0.1:9000")
             .header("content-type", "application/json")
             .body(())
-            .unwrap();
+            .expect("valid test input");
         let signable = SignableRequest::new(
             method,
             uri.clone(),
             req.headers()
                 .iter()
-                .map(|(k, v)| (k.as_str(), v.to_str().unwrap())),
+                .map(|(k, v)| (k.as_str(), v.to_str().expect("valid test input"))),
             SignableBody::Bytes(body),
         )
-        .unwrap();
-        let (instructions, _) = sign(signable, &params).unwrap().into_parts();
+        .expect("valid test input");
+        let (instructions, _) = sign(signable, &params)
+            .expect("valid test input")
+            .into_parts();
         instructions.apply_to_request_http1x(&mut req);
         let q = req.uri().query().map(str::to_owned).unwrap_or_default();
         (req.headers().clone(), q)
@@ -686,7 +688,7 @@ mod tests {
             check(&headers, PATH, "", b"{\"a\":1}", now),
             Ok("AKIDEXAMPLE0000001".to_owned())
         );
-        let err = check(&headers, PATH, "", b"{\"a\":2}", now).unwrap_err();
+        let err = check(&headers, PATH, "", b"{\"a\":2}", now).expect_err("refused");
         assert_eq!(err.code(), "InvalidSignatureException");
         assert_eq!(err.to_string(), INVALID_SIGNATURE);
     }
@@ -696,16 +698,18 @@ mod tests {
         let now = SystemTime::now();
         let (headers, _) = client_sign("POST", PATH, b"{}", "not-the-secret", now, None);
         assert_eq!(
-            check(&headers, PATH, "", b"{}", now).unwrap_err().code(),
+            check(&headers, PATH, "", b"{}", now)
+                .expect_err("refused")
+                .code(),
             "InvalidSignatureException"
         );
         let mut other = headers.clone();
         let auth = headers["authorization"]
             .to_str()
-            .unwrap()
+            .expect("valid test input")
             .replace("AKIDEXAMPLE0000001", "AKIDUNKNOWN0000001");
-        other.insert("authorization", auth.parse().unwrap());
-        let err = check(&other, PATH, "", b"{}", now).unwrap_err();
+        other.insert("authorization", auth.parse().expect("valid test input"));
+        let err = check(&other, PATH, "", b"{}", now).expect_err("refused");
         assert_eq!(err.code(), "UnrecognizedClientException");
         assert_eq!(
             err.to_string(),
@@ -715,17 +719,17 @@ mod tests {
 
     #[test]
     fn a_date_more_than_five_minutes_off_is_refused_with_aws_message() {
-        let now = parse_amz_date("20260101T120000Z").unwrap();
-        let then = parse_amz_date("20260101T115400Z").unwrap();
+        let now = parse_amz_date("20260101T120000Z").expect("valid test input");
+        let then = parse_amz_date("20260101T115400Z").expect("valid test input");
         let (headers, _) = client_sign("POST", PATH, b"{}", SECRET, then, None);
-        let err = check(&headers, PATH, "", b"{}", now).unwrap_err();
+        let err = check(&headers, PATH, "", b"{}", now).expect_err("refused");
         assert_eq!(
             err.to_string(),
             "Signature expired: 20260101T115400Z is now earlier than 20260101T115500Z (20260101T120000Z - 5 min.)"
         );
-        let later = parse_amz_date("20260101T120600Z").unwrap();
+        let later = parse_amz_date("20260101T120600Z").expect("valid test input");
         let (headers, _) = client_sign("POST", PATH, b"{}", SECRET, later, None);
-        let err = check(&headers, PATH, "", b"{}", now).unwrap_err();
+        let err = check(&headers, PATH, "", b"{}", now).expect_err("refused");
         assert!(
             err.to_string().starts_with(
                 "Signature not yet current: 20260101T120600Z is still later than 20260101T120500Z"
@@ -733,14 +737,14 @@ mod tests {
             "{err}"
         );
         // Within the window both ways.
-        let near = parse_amz_date("20260101T115600Z").unwrap();
+        let near = parse_amz_date("20260101T115600Z").expect("valid test input");
         let (headers, _) = client_sign("POST", PATH, b"{}", SECRET, near, None);
         assert!(check(&headers, PATH, "", b"{}", now).is_ok());
     }
 
     #[test]
     fn a_presigned_query_verifies_until_it_expires() {
-        let at = parse_amz_date("20260101T120000Z").unwrap();
+        let at = parse_amz_date("20260101T120000Z").expect("valid test input");
         let (mut headers, query) = client_sign(
             "POST",
             "/2015-03-31/functions/f/invocations?Qualifier=live",
@@ -753,12 +757,13 @@ mod tests {
         assert!(query.contains("X-Amz-Signature="), "{query}");
         let path = "/2015-03-31/functions/f/invocations";
         assert!(check(&headers, path, &query, b"", at + Duration::from_secs(30)).is_ok());
-        let err = check(&headers, path, &query, b"", at + Duration::from_secs(61)).unwrap_err();
+        let err =
+            check(&headers, path, &query, b"", at + Duration::from_secs(61)).expect_err("refused");
         assert!(err.to_string().starts_with("Signature expired"), "{err}");
         let tampered = query.replace("Qualifier=live", "Qualifier=prod");
         assert_eq!(
             check(&headers, path, &tampered, b"", at)
-                .unwrap_err()
+                .expect_err("refused")
                 .code(),
             "InvalidSignatureException"
         );
@@ -767,7 +772,7 @@ mod tests {
     #[test]
     fn unsigned_and_malformed_requests_are_refused_without_panicking() {
         let mut headers = HeaderMap::new();
-        headers.insert("host", "h".parse().unwrap());
+        headers.insert("host", "h".parse().expect("valid test input"));
         assert_eq!(
             check(&headers, PATH, "", b"", SystemTime::now()),
             Err(AuthError::Missing)
@@ -792,7 +797,7 @@ mod tests {
 
     #[test]
     fn another_service_in_the_scope_is_refused() {
-        let c = parse_authorization("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE0000001/20260101/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000").unwrap();
+        let c = parse_authorization("AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE0000001/20260101/us-east-1/s3/aws4_request, SignedHeaders=host;x-amz-date, Signature=0000000000000000000000000000000000000000000000000000000000000000").expect("valid test input");
         assert_eq!(c.service, "s3");
         assert_eq!(c.signed_headers, ["host", "x-amz-date"]);
     }
