@@ -127,7 +127,7 @@ fn an_api_off_loopback_needs_principals_and_auth_none_is_warned_about() {
     );
 
     // `auth: none` written down is allowed on loopback, with a warning from validate and run.
-    let warning = "warning: s.yaml:1:8: api.auth: `auth: none`: every process that can reach 127.0.0.1:9000 may invoke, reconfigure and change every function without signing its requests; use `auth: sigv4` with `principals` to require signatures\n";
+    let warning = "warning: s.yaml:1:14: api.auth: `auth: none`: every process that can reach 127.0.0.1:9000 may invoke, reconfigure and change every function without signing its requests; use `auth: sigv4` with `principals` to require signatures\n";
     write(
         dir.path(),
         "s.yaml",
