@@ -58,6 +58,10 @@ const LAMBDA_API_PREFIXES: &[&str] = &[
 pub(crate) struct ApiState {
     pub functions: Arc<Functions>,
     pub queue: Arc<AsyncQueue>,
+    /// Functions' resource-based policies live here.
+    pub store: Arc<dyn crate::state::StateStore>,
+    /// The names of `api.principals`, which `AddPermission` takes as a `Principal`.
+    pub principals: Arc<Vec<String>>,
 }
 
 /// The API's routes, with `webhooks` (routes of their own state) merged in.
@@ -65,6 +69,7 @@ pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
     Router::new()
         .route("/2015-03-31/functions/{function}/invocations", post(invoke))
         .merge(crate::manage::routes())
+        .merge(crate::permissions::routes())
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok" }))
         // Each handler reads its body against its own limit (`read_body`).

@@ -5,6 +5,7 @@
 
 pub(crate) mod api;
 pub mod async_invoke;
+pub(crate) mod auth;
 pub mod concurrency;
 pub mod function;
 pub mod invocation;
@@ -12,6 +13,7 @@ pub(crate) mod manage;
 pub mod metrics;
 #[allow(dead_code)] // read by the auth and audit layers
 pub(crate) mod operation;
+pub(crate) mod permissions;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;
@@ -58,6 +60,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The API would be reachable off loopback with `api.auth: none`.
+    #[error("{0}")]
+    Unauthenticated(String),
     #[error("cannot prepare the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -149,6 +154,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
     let addr = options.listen.unwrap_or(config.api.listen);
+    if config.api.auth == sluice_config::ApiAuth::None {
+        if let Some(refusal) = sluice_config::unauthenticated_api_error(addr) {
+            return Err(StartError::Unauthenticated(refusal));
+        }
+        tracing::warn!(%addr, "api.auth is none: calls to the API are not authenticated; anyone who can reach the address may call every operation");
+    }
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -213,9 +224,12 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         api::ApiState {
             functions: functions.clone(),
             queue: queue.clone(),
+            store: store.clone(),
+            principals: Arc::new(config.api.principals.keys().cloned().collect()),
         },
         sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
     );
+    let app = auth::layer(app, Arc::new(auth::Auth::new(&config.api, store.clone())));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limits = serve::ServeLimits::from_config(&config.api);
     let reserve = serve::Reserve {

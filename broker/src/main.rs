@@ -303,8 +303,11 @@ async fn run(
     };
     match listen {
         Some(listen) => {
-            if let Some(warning) = sluice_config::exposed_api_warning(listen) {
-                eprintln!("warning: --listen: {warning}");
+            if config.api.auth == sluice_config::ApiAuth::None
+                && let Some(error) = sluice_config::unauthenticated_api_error(listen)
+            {
+                eprintln!("--listen: {error}");
+                return Ok(ExitCode::FAILURE);
             }
         }
         None => print_warnings(&config),

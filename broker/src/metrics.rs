@@ -27,6 +27,8 @@ pub const MAPPING_READ_ERRORS: &str = "sluice_mapping_read_errors_total";
 pub const MAPPING_ITERATOR_AGE: &str = "sluice_mapping_iterator_age_milliseconds";
 pub const MAPPING_OFFSET_LAG: &str = "sluice_mapping_offset_lag";
 pub const API_INVALID_REQUESTS: &str = "sluice_api_invalid_requests_total";
+/// Requests to Lambda's API refused by authentication or authorization, by error code.
+pub const API_AUTH_FAILURES: &str = "sluice_api_auth_failures_total";
 pub const API_OPEN_CONNECTIONS: &str = "sluice_api_open_connections";
 pub const API_HEADER_TIMEOUTS: &str = "sluice_api_header_timeouts_total";
 pub const API_ACCEPT_ERRORS: &str = "sluice_api_accept_errors_total";
@@ -148,6 +150,10 @@ fn describe() {
     describe_counter!(
         API_INVALID_REQUESTS,
         "API requests refused before any work, by error: malformed, too large, unsupported"
+    );
+    describe_counter!(
+        API_AUTH_FAILURES,
+        "Requests to Lambda's API refused for their signature or by policy, by error code"
     );
     describe_gauge!(
         API_OPEN_CONNECTIONS,

@@ -111,14 +111,27 @@ s.yaml:18:3: sources.orders.eu: invalid source name `orders.eu`: use 1 to 64 let
 }
 
 #[test]
-fn validate_and_run_warn_about_an_api_off_loopback() {
+fn an_api_off_loopback_needs_principals_and_auth_none_is_warned_about() {
     let dir = tempfile::tempdir().expect("dir");
     bootstrap(dir.path(), "#!/bin/sh\n");
-    let warning = "warning: s.yaml:1:16: api.listen: the API listens on 0.0.0.0:9000, which is not a loopback address, and it has no authentication: anyone who can reach 0.0.0.0:9000 may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front\n";
     write(
         dir.path(),
         "s.yaml",
         "api: { listen: '0.0.0.0:9000' }\nfunctions:\n  f:\n    package: ./fn\n",
+    );
+    let out = sluice(&["validate", "s.yaml"], dir.path());
+    assert!(!out.status.success());
+    assert_eq!(
+        stderr(&out),
+        "s.yaml:1:16: api.listen: the API listens on 0.0.0.0:9000, off loopback, so it takes `auth: sigv4` by default, but `api.principals` declares nobody: nobody could call the API. Declare a principal (access_key_id, secret_access_key, policy), or listen on 127.0.0.1\n"
+    );
+
+    // `auth: none` written down is allowed on loopback, with a warning from validate and run.
+    let warning = "warning: s.yaml:1:14: api.auth: `auth: none`: every process that can reach 127.0.0.1:9000 may invoke, reconfigure and change every function without signing its requests; use `auth: sigv4` with `principals` to require signatures\n";
+    write(
+        dir.path(),
+        "s.yaml",
+        "api: { auth: none }\nfunctions:\n  f:\n    package: ./fn\n",
     );
     let out = sluice(&["validate", "s.yaml"], dir.path());
     assert!(
@@ -127,19 +140,17 @@ fn validate_and_run_warn_about_an_api_off_loopback() {
         stderr(&out)
     );
     assert_eq!(stderr(&out), warning);
-
-    // `run` warns before it starts anything; a missing package stops it before it binds, so
-    // the test never listens beyond loopback.
     write(
         dir.path(),
         "s.yaml",
-        "api: { listen: '0.0.0.0:9000' }\nfunctions:\n  f:\n    package: ./gone\n",
+        "api: { auth: none }\nfunctions:\n  f:\n    package: ./gone\n",
     );
     let out = sluice(&["run", "-c", "s.yaml"], dir.path());
     assert!(!out.status.success());
     assert!(stderr(&out).starts_with(warning), "{}", stderr(&out));
 
-    // An address given with --listen is the one judged.
+    // An address given with --listen is the one judged: unauthenticated off loopback, refused
+    // before anything binds.
     write(
         dir.path(),
         "s.yaml",
@@ -149,9 +160,10 @@ fn validate_and_run_warn_about_an_api_off_loopback() {
         &["run", "-c", "s.yaml", "--listen", "[::]:9000"],
         dir.path(),
     );
+    assert!(!out.status.success());
     assert!(
         stderr(&out).starts_with(
-            "warning: --listen: the API listens on [::]:9000, which is not a loopback address"
+            "--listen: the API would listen on [::]:9000, which is not a loopback address, with `api.auth: none`"
         ),
         "{}",
         stderr(&out)

@@ -21,6 +21,7 @@ mod host;
 mod interpolate;
 mod isolation;
 mod mapping;
+mod policy;
 mod schema;
 mod secret;
 mod shell;
@@ -31,6 +32,7 @@ pub use encoding::MAX_FILE_SIZE;
 pub use error::{ConfigError, ConfigErrors};
 pub use host::{FUNCTION_PATH, check_host, on_function_path};
 pub use isolation::{Network, RoleConfig, RunAs};
+pub use policy::{Effect, Patterns, Policy, Statement, parse_policy_json};
 pub use schema::SOURCE_TYPES;
 pub use secret::Secret;
 pub use units::{parse_duration, parse_size};
@@ -304,6 +306,31 @@ pub struct ApiConfig {
     /// `api.header_read_timeout`: how long a connection may take to send a request's headers,
     /// and how long a kept-alive connection may stay idle. Default 10 s.
     pub header_read_timeout: Duration,
+    /// `api.auth`: how callers of the API are authenticated. Default `sigv4` when `listen` is
+    /// not a loopback address, `none` on loopback; `none` off loopback is refused.
+    pub auth: ApiAuth,
+    /// `api.principals`: who may call the API under `sigv4`, by name (sorted).
+    pub principals: BTreeMap<String, Principal>,
+}
+
+/// `api.auth`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiAuth {
+    /// Every request to Lambda's API must carry an AWS Signature Version 4 of a principal.
+    Sigv4,
+    /// No authentication: anyone who reaches the listener may call every operation.
+    None,
+}
+
+/// One caller of the API (`api.principals.NAME`): its access key and what it may do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Principal {
+    pub access_key_id: String,
+    /// `secret_access_key` (normally `${ENV}`) or the content of `secret_file`.
+    pub secret_access_key: Secret,
+    /// Its IAM identity policy; empty (so nothing is allowed but what functions' resource
+    /// policies grant) when absent.
+    pub policy: Policy,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -706,14 +733,14 @@ pub enum Schedule {
     },
 }
 
-/// Why an API on `listen` is dangerous, or `None` on a loopback address. The API has no
-/// authentication yet, so whoever reaches it controls every function.
-pub fn exposed_api_warning(listen: SocketAddr) -> Option<String> {
+/// Why serving the API on `listen` without authentication is refused, or `None` on a
+/// loopback address, where `auth: none` is allowed.
+pub fn unauthenticated_api_error(listen: SocketAddr) -> Option<String> {
     if listen.ip().to_canonical().is_loopback() {
         return None;
     }
     Some(format!(
-        "the API listens on {listen}, which is not a loopback address, and it has no authentication: anyone who can reach {listen} may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+        "the API would listen on {listen}, which is not a loopback address, with `api.auth: none`: anyone who can reach {listen} could invoke, reconfigure and change every function. Set `api.auth: sigv4` and declare `api.principals`, or listen on 127.0.0.1 or [::1]"
     ))
 }
 
@@ -722,8 +749,13 @@ impl Config {
     /// (`sluice.yaml:2:11: api.listen: …`). `sluice validate` and `sluice run` print them.
     pub fn warnings(&self) -> Vec<String> {
         let mut warnings = Vec::new();
-        if let Some(message) = exposed_api_warning(self.api.listen) {
-            warnings.push(self.error_at("api.listen", message).to_string());
+        // The loopback default is quiet; a `none` written down is a choice worth a word.
+        if self.api.auth == ApiAuth::None && self.locations.contains_key("api.auth") {
+            let message = format!(
+                "`auth: none`: every process that can reach {} may invoke, reconfigure and change every function without signing its requests; use `auth: sigv4` with `principals` to require signatures",
+                self.api.listen
+            );
+            warnings.push(self.error_at("api.auth", message).to_string());
         }
         warnings
     }
@@ -771,6 +803,8 @@ impl Default for ApiConfig {
             listen: defaults::LISTEN,
             max_connections: defaults::MAX_CONNECTIONS,
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
+            auth: ApiAuth::None,
+            principals: BTreeMap::new(),
         }
     }
 }
@@ -920,12 +954,12 @@ mod tests {
     }
 
     #[test]
-    fn an_api_off_loopback_is_warned_about_where_it_is_set() {
-        let config = parse("api:\n  listen: 0.0.0.0:9000\n").unwrap();
+    fn auth_none_written_down_is_warned_about_where_it_is_set() {
+        let config = parse("api:\n  auth: none\n").unwrap();
         assert_eq!(
             config.warnings(),
             [
-                "test.yaml:2:11: api.listen: the API listens on 0.0.0.0:9000, which is not a loopback address, and it has no authentication: anyone who can reach 0.0.0.0:9000 may invoke, reconfigure and change every function. Listen on 127.0.0.1 or [::1], or put an authenticating proxy in front"
+                "test.yaml:2:9: api.auth: `auth: none`: every process that can reach 127.0.0.1:9000 may invoke, reconfigure and change every function without signing its requests; use `auth: sigv4` with `principals` to require signatures"
             ]
         );
         for quiet in [
@@ -933,10 +967,29 @@ mod tests {
             "api:\n  listen: 127.0.0.1:9000\n",
             "api:\n  listen: '[::1]:9000'\n",
         ] {
-            assert!(parse(quiet).unwrap().warnings().is_empty(), "{quiet:?}");
+            let config = parse(quiet).unwrap();
+            assert_eq!(config.api.auth, ApiAuth::None, "{quiet:?}");
+            assert!(config.warnings().is_empty(), "{quiet:?}");
         }
-        assert!(exposed_api_warning("[::ffff:127.0.0.1]:9000".parse().unwrap()).is_none());
-        assert!(exposed_api_warning("192.168.1.5:9000".parse().unwrap()).is_some());
-        assert!(exposed_api_warning("[::]:9000".parse().unwrap()).is_some());
+        assert!(unauthenticated_api_error("[::ffff:127.0.0.1]:9000".parse().unwrap()).is_none());
+        assert!(unauthenticated_api_error("192.168.1.5:9000".parse().unwrap()).is_some());
+        assert!(unauthenticated_api_error("[::]:9000".parse().unwrap()).is_some());
+    }
+
+    #[test]
+    fn principals_carry_their_keys_and_policies_in_yaml_or_json() {
+        let config = parse(
+            "api:\n  listen: 0.0.0.0:9000\n  principals:\n    deployer:\n      access_key_id: AKIASLUICEDEPLOY01\n      secret_access_key: s3cret\n      policy:\n        Statement: [{ Effect: Allow, Action: 'lambda:*', Resource: '*' }]\n    ci:\n      access_key_id: AKIASLUICECI000001\n      secret_access_key: other\n      policy: '{\"Statement\":{\"Effect\":\"Deny\",\"Action\":\"lambda:Invoke*\",\"Resource\":\"*\"}}'\n",
+        )
+        .unwrap();
+        assert_eq!(config.api.auth, ApiAuth::Sigv4);
+        let deployer = &config.api.principals["deployer"];
+        assert_eq!(deployer.access_key_id, "AKIASLUICEDEPLOY01");
+        assert_eq!(deployer.secret_access_key.expose(), "s3cret");
+        assert_eq!(deployer.policy.statements[0].effect, Effect::Allow);
+        assert_eq!(
+            config.api.principals["ci"].policy.statements[0].actions,
+            Patterns::Only(vec!["lambda:Invoke*".into()])
+        );
     }
 }

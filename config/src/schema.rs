@@ -10,6 +10,7 @@ use crate::dead_letter::decode_dead_letter;
 use crate::decode::{Decoder, Field, Fields, Names, child, closest, index};
 use crate::interpolate::is_variable_name;
 use crate::mapping::{MappingContext, PollType, decode_poll_source};
+use crate::secret::secret;
 use crate::shell::split_words;
 use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
@@ -29,7 +30,19 @@ const TOP_KEYS: &[&str] = &[
     "dead_letters",
     "roles",
 ];
-const API_KEYS: &[&str] = &["listen", "max_connections", "header_read_timeout"];
+const API_KEYS: &[&str] = &[
+    "listen",
+    "max_connections",
+    "header_read_timeout",
+    "auth",
+    "principals",
+];
+const PRINCIPAL_KEYS: &[&str] = &[
+    "access_key_id",
+    "secret_access_key",
+    "secret_file",
+    "policy",
+];
 const MAX_CONNECTIONS: std::ops::RangeInclusive<i128> = 1..=1_000_000;
 const HEADER_READ_TIMEOUT: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3_600);
@@ -180,6 +193,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
                 )
             })
             .or(config.api.header_read_timeout);
+        decode_api_auth(d, &api, &mut config.api, base_dir);
     }
     config.state = d
         .string(&top, "state")
@@ -302,6 +316,107 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
         }
     }
     config
+}
+
+/// `api.auth` and `api.principals`: the default follows the address (a loopback listener may
+/// go without authentication, any other may not), and `sigv4` with nobody to sign is refused.
+fn decode_api_auth(
+    d: &mut Decoder<'_>,
+    api: &Fields<'_>,
+    config: &mut crate::ApiConfig,
+    base_dir: &Path,
+) {
+    let loopback = config.listen.ip().to_canonical().is_loopback();
+    let auth = d.parse(api, "auth", "`sigv4` or `none`", |text| match text {
+        "sigv4" => Ok(crate::ApiAuth::Sigv4),
+        "none" => Ok(crate::ApiAuth::None),
+        other => Err(format!(
+            "unknown auth `{other}`, expected `sigv4` or `none`"
+        )),
+    });
+    let written = auth.is_present();
+    config.auth = auth.ok().unwrap_or(if loopback {
+        crate::ApiAuth::None
+    } else {
+        crate::ApiAuth::Sigv4
+    });
+    if config.auth == crate::ApiAuth::None && !loopback && written {
+        d.error(
+            &api.path_of("auth"),
+            format!(
+                "`auth: none` is allowed on a loopback address only, and the API listens on {}: anyone who could reach it could invoke and change every function",
+                config.listen
+            ),
+        );
+    }
+    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
+    for entry in d.entries(api, "principals") {
+        let path = child(&api.path_of("principals"), entry.key);
+        let Some(fields) = d.mapping(entry.value, &path, Some(PRINCIPAL_KEYS)) else {
+            continue;
+        };
+        let key_id = d.parse(&fields, "access_key_id", "an access key id", |text| {
+            let ok = (16..=128).contains(&text.len())
+                && text.bytes().all(|b| b.is_ascii_alphanumeric());
+            if ok {
+                Ok(text.to_owned())
+            } else {
+                Err(format!("invalid access key id `{text}`: use 16 to 128 letters and digits, like `AKIASLUICEDEPLOY01`"))
+            }
+        });
+        let key_id = d.required(key_id, &path, "a principal needs `access_key_id`");
+        let secret = secret(d, &fields, "secret_access_key", "secret_file", base_dir);
+        let secret = d.required(
+            secret,
+            &path,
+            "a principal needs `secret_access_key` (or `secret_file`)",
+        );
+        let policy = match fields.get("policy") {
+            Some(node) => crate::policy::decode_policy(d, node, &fields.path_of("policy")),
+            None => Some(crate::Policy::default()),
+        };
+        if let Some(id) = &key_id {
+            if let Some(first) = by_key.get(id) {
+                d.error(
+                    &fields.path_of("access_key_id"),
+                    format!("access key id `{id}` is already the key of principal `{first}`"),
+                );
+                continue;
+            }
+            by_key.insert(id.clone(), entry.key.to_owned());
+        }
+        if let (Some(access_key_id), Some(secret_access_key), Some(policy)) =
+            (key_id, secret, policy)
+        {
+            config.principals.insert(
+                entry.key.to_owned(),
+                crate::Principal {
+                    access_key_id,
+                    secret_access_key,
+                    policy,
+                },
+            );
+        }
+    }
+    if config.auth == crate::ApiAuth::Sigv4 && by_key.is_empty() {
+        let at = if written {
+            api.path_of("auth")
+        } else {
+            api.path_of("listen")
+        };
+        let why = if written {
+            "`auth: sigv4`".to_owned()
+        } else {
+            format!(
+                "the API listens on {}, off loopback, so it takes `auth: sigv4` by default",
+                config.listen
+            )
+        };
+        d.error(
+            &at,
+            format!("{why}, but `api.principals` declares nobody: nobody could call the API. Declare a principal (access_key_id, secret_access_key, policy), or listen on 127.0.0.1"),
+        );
+    }
 }
 
 fn parse_listen(text: &str) -> Result<SocketAddr, String> {

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_config::{
-    AliasConfig, AwsConnection, BatchConfig, Config, ConfigErrors, DeadLetterKind,
-    DynamoDbStreamsConfig, HttpSourceConfig, KafkaSecurity, Location, MappingConfig,
-    RabbitMqConfig, RetryConfig, Runtime, Schedule, SourceKind, SqsConfig, StartingPosition,
-    parse_bytes, parse_str,
+    AliasConfig, ApiAuth, AwsConnection, BatchConfig, Config, ConfigErrors, DeadLetterKind,
+    DynamoDbStreamsConfig, Effect, HttpSourceConfig, KafkaSecurity, Location, MappingConfig,
+    Patterns, RabbitMqConfig, RetryConfig, Runtime, Schedule, SourceKind, SqsConfig,
+    StartingPosition, Statement, parse_bytes, parse_str,
 };
 
 fn fixtures_dir() -> PathBuf {
@@ -82,6 +82,26 @@ fn full_config_loads_every_value() {
     assert_eq!(
         config.api.listen,
         "0.0.0.0:9100".parse::<SocketAddr>().unwrap()
+    );
+    assert_eq!(config.api.auth, ApiAuth::Sigv4);
+    let deployer = &config.api.principals["deployer"];
+    assert_eq!(deployer.access_key_id, "AKIASLUICEDEPLOY01");
+    assert_eq!(deployer.secret_access_key.expose(), "ops-secret");
+    assert_eq!(
+        deployer.policy.statements[1],
+        Statement {
+            sid: None,
+            effect: Effect::Deny,
+            actions: Patterns::AllBut(vec!["lambda:Get*".into(), "lambda:List*".into()]),
+            resources: Patterns::Only(vec![
+                "arn:aws:lambda:us-east-1:000000000000:function:resize:*".into()
+            ]),
+        }
+    );
+    assert_eq!(deployer.policy.statements[0].sid.as_deref(), Some("all"));
+    assert_eq!(
+        config.api.principals["reader"].policy.statements[0].resources,
+        Patterns::AllBut(vec!["arn:*:secret*".into()])
     );
     assert_eq!(config.state, "postgres://sluice@db/sluice");
     assert_eq!(config.limits.package_zipped, 10_000_000);
@@ -512,27 +532,27 @@ fn assert_poll_sources(config: &Config) {
 fn locations_name_every_node_by_path() {
     let config = load("valid-full.yaml").unwrap();
     let at = |line, column| Some(Location { line, column });
-    assert_eq!(config.location("functions.resize"), at(11, 3));
-    assert_eq!(config.location("functions.resize.package"), at(13, 14));
+    assert_eq!(config.location("functions.resize"), at(27, 3));
+    assert_eq!(config.location("functions.resize.package"), at(29, 14));
     assert_eq!(
         config.location("functions.resize.environment.EMPTY"),
-        at(22, 7)
+        at(38, 7)
     );
-    assert_eq!(config.location("functions.argv.command[2]"), at(52, 30));
+    assert_eq!(config.location("functions.argv.command[2]"), at(68, 30));
     assert_eq!(
         config.location("sources.nightly.input.sizes[1]"),
-        at(60, 19)
+        at(76, 19)
     );
     assert_eq!(
         config.location("functions.resize.aliases.live.additional_version_weights.4"),
-        at(36, 44)
+        at(52, 44)
     );
     assert_eq!(config.location("functions.nope"), None);
 
     let error = config.error_at("functions.resize.package", "no such directory");
     assert_eq!(
         error.to_string(),
-        "valid-full.yaml:13:14: functions.resize.package: no such directory"
+        "valid-full.yaml:29:14: functions.resize.package: no such directory"
     );
 }
 

@@ -44,6 +44,11 @@ use crate::record::Record;
 
 /// The consumer every Kafka mapping uses.
 pub type KafkaConsumer = StreamConsumer<GroupContext>;
+/// Partitions taken from this consumer by a rebalance (revoked, or lost when its session
+/// expired), labelled `source`: each may cause the records after its last commit to be read
+/// again by the next owner, so a high rate means duplicates.
+pub const PARTITIONS_REVOKED: &str = "sluice_kafka_partitions_revoked_total";
+
 /// The queue of one assigned partition.
 pub type PartitionQueue = StreamPartitionQueue<GroupContext>;
 
@@ -166,6 +171,8 @@ impl ConsumerContext for GroupContext {
                 } else {
                     tracing::info!(source = %self.source, partitions = %names(tpl), "partitions revoked");
                 }
+                metrics::counter!(PARTITIONS_REVOKED, "source" => self.source.clone())
+                    .increment(tpl.count() as u64);
                 self.hand_back(tpl);
                 let released = if cooperative {
                     base.incremental_unassign(tpl)

@@ -103,7 +103,11 @@ async fn main() -> anyhow::Result<()> {
         "sigv4 verification costs {:.1} % of auth-none throughput",
         100.0 * (1.0 - signed.rate() / plain.rate())
     );
-    for (case, figures) in [("baseline", &baseline), ("auth none", &plain), ("auth sigv4", &signed)] {
+    for (case, figures) in [
+        ("baseline", &baseline),
+        ("auth none", &plain),
+        ("auth sigv4", &signed),
+    ] {
         anyhow::ensure!(
             figures.errors == 0 && figures.requests > 0,
             "{case}: {} requests failed, {} completed: the figures are not worth reading",
@@ -183,8 +187,8 @@ async fn start_sluice(dir: &std::path::Path, api: &str) -> anyhow::Result<sluice
         dir.display()
     );
     let env = |name: &str| (name == "BENCH_SECRET").then(|| SECRET_ACCESS_KEY.to_owned());
-    let config =
-        sluice_config::parse_str(&yaml, "<bench>", dir, &env).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let config = sluice_config::parse_str(&yaml, "<bench>", dir, &env)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let mut native = NativeRegistry::new();
     native.register(FUNCTION, |event: Value, _ctx| async move { Ok(event) });
     let running = sluice::start(

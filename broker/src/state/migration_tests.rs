@@ -116,6 +116,42 @@ async fn upgrades_a_first_release_sqlite_store_in_place_keeping_every_row() {
         store.schedule_tick("nightly").await.expect("tick"),
         Some(1234)
     );
+    // Function policies (0003): a compare-and-swap on the revision id.
+    assert!(
+        store
+            .swap_function_policy("f", None, Some(("{}", "r1")))
+            .await
+            .expect("add")
+    );
+    assert!(
+        !store
+            .swap_function_policy("f", None, Some(("{}", "r2")))
+            .await
+            .expect("stale")
+    );
+    assert!(
+        store
+            .swap_function_policy("f", Some("r1"), Some(("{\"a\":1}", "r2")))
+            .await
+            .expect("swap")
+    );
+    assert_eq!(
+        store.function_policy("f").await.expect("read"),
+        Some(("{\"a\":1}".to_owned(), "r2".to_owned()))
+    );
+    assert!(
+        !store
+            .swap_function_policy("f", Some("r1"), None)
+            .await
+            .expect("stale remove")
+    );
+    assert!(
+        store
+            .swap_function_policy("f", Some("r2"), None)
+            .await
+            .expect("remove")
+    );
+    assert_eq!(store.function_policy("f").await.expect("read"), None);
     drop(store);
     // Opening again applies nothing.
     let (_, again) = SqliteStore::open_with(&path, OpenOptions::INSTANCE)

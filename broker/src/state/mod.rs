@@ -193,6 +193,21 @@ pub trait StateStore: Send + Sync + 'static {
     /// When the schedule `source` last fired (ms since the epoch), if it ever did.
     async fn schedule_tick(&self, source: &str) -> Result<Option<i64>, StateError>;
     async fn put_schedule_tick(&self, source: &str, tick_ms: i64) -> Result<(), StateError>;
+
+    /// The resource-based policy of `function` (`f` or `f:qualifier`): its JSON document and
+    /// revision id, if it has one.
+    async fn function_policy(&self, function: &str)
+    -> Result<Option<(String, String)>, StateError>;
+    /// Replaces the policy of `function` if its revision is still `expected` (`None`: it has
+    /// none yet) with `new` (document, revision id), or removes it when `new` is `None`.
+    /// `false` when another change came first, so that concurrent AddPermission calls never
+    /// lose a statement.
+    async fn swap_function_policy(
+        &self,
+        function: &str,
+        expected: Option<&str>,
+        new: Option<(&str, &str)>,
+    ) -> Result<bool, StateError>;
 }
 
 impl StateError {
@@ -287,6 +302,8 @@ observed! {
     concurrency(function: &str) -> Option<Option<u32>>;
     schedule_tick(source: &str) -> Option<i64>;
     put_schedule_tick(source: &str, tick_ms: i64) -> ();
+    function_policy(function: &str) -> Option<(String, String)>;
+    swap_function_policy(function: &str, expected: Option<&str>, new: Option<(&str, &str)>) -> bool;
 }
 
 /// Schedule ticks kept in the state store, for `type: schedule` sources.
@@ -861,6 +878,42 @@ impl StateStore for $store {
             .await?;
         Ok(())
     }
+
+    async fn function_policy(&self, function: &str) -> Result<Option<(String, String)>, StateError> {
+        let row = sqlx::query("SELECT policy, revision_id FROM function_policies WHERE function = $1")
+            .bind(function)
+            .fetch_optional(&self.pool)
+            .await?;
+        match row {
+            None => Ok(None),
+            Some(row) => Ok(Some((row.try_get("policy")?, row.try_get("revision_id")?))),
+        }
+    }
+
+    async fn swap_function_policy(&self, function: &str, expected: Option<&str>, new: Option<(&str, &str)>) -> Result<bool, StateError> {
+        let done = match (expected, new) {
+            (None, None) => return Ok(true),
+            (None, Some((policy, revision))) => sqlx::query("INSERT INTO function_policies (function, policy, revision_id) VALUES ($1, $2, $3) ON CONFLICT (function) DO NOTHING")
+                .bind(function)
+                .bind(policy)
+                .bind(revision)
+                .execute(&self.pool)
+                .await?,
+            (Some(old), Some((policy, revision))) => sqlx::query("UPDATE function_policies SET policy = $1, revision_id = $2 WHERE function = $3 AND revision_id = $4")
+                .bind(policy)
+                .bind(revision)
+                .bind(function)
+                .bind(old)
+                .execute(&self.pool)
+                .await?,
+            (Some(old), None) => sqlx::query("DELETE FROM function_policies WHERE function = $1 AND revision_id = $2")
+                .bind(function)
+                .bind(old)
+                .execute(&self.pool)
+                .await?,
+        };
+        Ok(done.rows_affected() == 1)
+    }
 }
 
     };
@@ -1045,6 +1098,12 @@ mod tests {
                 .await
                 .expect("enqueue");
             assert_eq!(published(store.as_ref(), "f", "").await, 1);
+            assert!(
+                store
+                    .swap_function_policy("f:live", None, Some(("{}", "r1")))
+                    .await
+                    .expect("policy")
+            );
         }
         // A second handle, as a second Sluice instance would have, sees the same state.
         let other = open(&url, Path::new(".")).await.expect("reopen");
@@ -1065,6 +1124,20 @@ mod tests {
         assert_eq!(due, ["a"]);
         assert_eq!(other.queued().await.expect("count"), 2);
         assert_eq!(published(other.as_ref(), "f", "").await, 2);
+        // A policy changed by another instance is a stale revision here.
+        assert!(
+            !other
+                .swap_function_policy("f:live", None, Some(("{}", "r2")))
+                .await
+                .expect("stale")
+        );
+        assert!(
+            other
+                .swap_function_policy("f:live", Some("r1"), None)
+                .await
+                .expect("remove")
+        );
+        assert_eq!(other.function_policy("f:live").await.expect("read"), None);
         drop(other);
         let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
             .execute(&admin)
