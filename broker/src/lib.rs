@@ -5,6 +5,7 @@
 
 pub(crate) mod api;
 pub mod async_invoke;
+pub mod audit;
 pub mod concurrency;
 pub mod function;
 pub mod invocation;
@@ -76,6 +77,7 @@ pub struct Running {
     sources: CancellationToken,
     background: Vec<JoinHandle<()>>,
     writer: JoinHandle<()>,
+    audit_writer: JoinHandle<()>,
     grace: Duration,
     _temp: Option<tempfile::TempDir>,
 }
@@ -115,6 +117,17 @@ impl Running {
         }
         // Nothing can queue an event any more: the API and the sources are down.
         self.writer.abort();
+        // The API's routers, and with them every handle on the audit trail, are gone: the
+        // writer finishes what is queued and ends.
+        if tokio::time::timeout(AUDIT_DRAIN, &mut self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the audit trail's writer did not finish in time; its queued events are lost"
+            );
+            self.audit_writer.abort();
+        }
         self.functions.shutdown();
     }
 
@@ -124,6 +137,9 @@ impl Running {
         self.shutdown_within(grace).await;
     }
 }
+
+/// How long a stop waits for the audit trail's last events to be written.
+const AUDIT_DRAIN: Duration = Duration::from_secs(5);
 
 /// Where unpacked packages and local state go when the caller does not say.
 fn default_data_dir(config: &Config) -> Option<PathBuf> {
@@ -209,12 +225,21 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             _ => None,
         })
         .collect();
+    let (trail, audit_writer) = audit::AuditTrail::start(&config.audit, store.clone());
+    trail.configuration_loaded(&config);
+    background.push(tokio::spawn(audit::purge_expired(
+        store.clone(),
+        config.audit.retention,
+        sources.child_token(),
+    )));
     let app = api::router(
         api::ApiState {
             functions: functions.clone(),
             queue: queue.clone(),
+            metrics_token: config.api.metrics_token.clone(),
         },
         sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
+        trail,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limits = serve::ServeLimits::from_config(&config.api);
@@ -244,6 +269,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         sources,
         background,
         writer,
+        audit_writer,
         grace: config.shutdown_grace,
         _temp: temp,
     })

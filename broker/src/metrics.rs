@@ -33,6 +33,7 @@ pub const API_ACCEPT_ERRORS: &str = "sluice_api_accept_errors_total";
 pub const API_CALLER_DISCONNECTS: &str = "sluice_api_caller_disconnects_total";
 pub const STATE_ERRORS: &str = "sluice_state_errors_total";
 pub const STATE_FAILING: &str = "sluice_state_failing";
+pub const AUDIT_DROPPED: &str = "sluice_audit_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -71,6 +72,10 @@ fn describe() {
     describe_gauge!(
         STATE_FAILING,
         "1 while the state store's last operation failed, 0 once it succeeds again"
+    );
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit events lost, by where (queue: the writer fell behind; file; store)"
     );
     describe_counter!(
         FUNCTION_INVOCATIONS,

@@ -83,7 +83,20 @@ pub(crate) fn secret(
                 }
             }
         }
-        (Field::Absent, Field::Absent) => Field::Absent,
+        (Field::Absent, Field::Absent) => {
+            // A key written but empty (`token: ${TOKEN}` with TOKEN set to nothing) reads as
+            // null: left alone, it would silently turn the protection it configures off.
+            for key in [value_key, file_key] {
+                if fields.get(key).is_some() {
+                    d.error(
+                        &fields.path_of(key),
+                        "the secret is empty (an unset `${VAR}`?)",
+                    );
+                    return Field::Invalid;
+                }
+            }
+            Field::Absent
+        }
     }
 }
 
