@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod runtime;
 pub mod serve;
 pub mod state;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +60,8 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot prepare the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -164,6 +167,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    // Before the listener: a wrong certificate or key stops the start with its file named.
+    let tls = config.api.tls.as_ref().map(tls::acceptor).transpose()?;
     let addr = options.listen.unwrap_or(config.api.listen);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
@@ -253,6 +258,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         app,
         limits,
         Some(reserve),
+        tls,
         async move {
             let _ = stop_rx.await;
         },

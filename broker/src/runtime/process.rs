@@ -428,6 +428,7 @@ impl Environment {
             app,
             limits,
             None,
+            None,
             std::future::pending(),
         ));
 
