@@ -172,3 +172,107 @@ pub(crate) async fn anonymous_caller(mut request: Request, next: Next) -> Respon
     }
     response
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::Router;
+    use axum::response::IntoResponse;
+    use axum::routing::{post, put};
+    use tower::ServiceExt;
+
+    /// The audit and caller layers around handlers that answer as given: an allowed and a
+    /// refused invocation, and a management call that sets no request id of its own.
+    fn app(trail: AuditTrail) -> Router {
+        Router::new()
+            .route(
+                "/2015-03-31/functions/{f}/invocations",
+                post(
+                    |axum::extract::Path(f): axum::extract::Path<String>| async move {
+                        if f == "locked" {
+                            let mut r = (StatusCode::FORBIDDEN, r#"{"Message":"not allowed"}"#)
+                                .into_response();
+                            r.headers_mut().insert(
+                                "x-amzn-errortype",
+                                HeaderValue::from_static("AccessDeniedException"),
+                            );
+                            r
+                        } else {
+                            (StatusCode::OK, "{}").into_response()
+                        }
+                    },
+                ),
+            )
+            .route(
+                "/2017-10-31/functions/{f}/concurrency",
+                put(|body: bytes::Bytes| async move { (StatusCode::OK, body).into_response() }),
+            )
+            .layer(axum::middleware::from_fn(anonymous_caller))
+            .layer(axum::middleware::from_fn_with_state(trail, audit))
+    }
+
+    async fn call(app: &Router, method: &str, path: &str, body: &str) -> Response {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header("user-agent", "test/1")
+            .body(Body::from(body.to_owned()))
+            .expect("request");
+        app.clone().oneshot(request).await.expect("infallible")
+    }
+
+    #[tokio::test]
+    async fn allowed_invocations_are_not_recorded_but_refused_ones_and_changes_are() {
+        let (trail, mut rx) = AuditTrail::channel(16);
+        let app = app(trail);
+        call(&app, "POST", "/2015-03-31/functions/open/invocations", "{}").await;
+        assert!(
+            rx.try_recv().is_err(),
+            "an allowed invocation is a metric, not an event"
+        );
+
+        let refused = call(
+            &app,
+            "POST",
+            "/2015-03-31/functions/locked/invocations",
+            "{}",
+        )
+        .await;
+        assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+        let event = rx.try_recv().expect("the refused invocation");
+        assert_eq!(event["eventName"], "Invoke");
+        assert_eq!(event["errorCode"], "AccessDeniedException");
+        assert_eq!(event["errorMessage"], "not allowed");
+        assert_eq!(
+            event["requestParameters"],
+            serde_json::json!({"functionName": "locked"})
+        );
+
+        let body = r#"{"ReservedConcurrentExecutions":5}"#;
+        let changed = call(&app, "PUT", "/2017-10-31/functions/f/concurrency", body).await;
+        let request_id = changed.headers()[REQUEST_ID]
+            .to_str()
+            .expect("id")
+            .to_owned();
+        let answer = axum::body::to_bytes(changed.into_body(), 1024)
+            .await
+            .expect("body");
+        assert_eq!(
+            &answer[..],
+            body.as_bytes(),
+            "the handler got the body and the caller the answer"
+        );
+        let event = rx.try_recv().expect("the change");
+        assert_eq!(event["eventName"], "PutFunctionConcurrency");
+        assert_eq!(event["requestID"], request_id.as_str());
+        assert_eq!(event["userAgent"], "test/1");
+        assert_eq!(
+            event["requestParameters"]["ReservedConcurrentExecutions"],
+            5
+        );
+        assert_eq!(
+            event["responseElements"],
+            serde_json::json!({"status": 200, "ReservedConcurrentExecutions": 5})
+        );
+    }
+}

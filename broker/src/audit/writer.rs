@@ -74,6 +74,19 @@ impl AuditTrail {
         )
     }
 
+    /// A trail whose events go to the returned receiver, for tests of what is recorded.
+    #[cfg(test)]
+    pub(crate) fn channel(capacity: usize) -> (AuditTrail, mpsc::Receiver<Value>) {
+        let (tx, rx) = mpsc::channel(capacity);
+        (
+            AuditTrail {
+                tx,
+                full: Arc::default(),
+            },
+            rx,
+        )
+    }
+
     /// Queues an event, or counts it lost if the queue is full; never waits.
     pub(crate) fn record(&self, event: Value) {
         match self.tx.try_send(event) {
@@ -181,5 +194,65 @@ pub async fn purge_expired(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(PURGE_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{AuditQuery, SqliteStore};
+
+    #[tokio::test]
+    async fn events_past_the_retention_are_purged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let store: Arc<dyn StateStore> = Arc::new(SqliteStore::open(&path).await.expect("open"));
+        let now = chrono::Utc::now().timestamp_millis();
+        let day = 24 * 3_600 * 1_000;
+        let record = |id: &str, at: i64| AuditRecord {
+            event_id: id.into(),
+            event_time_ms: at,
+            event_name: "PublishVersion".into(),
+            principal: None,
+            event: "{}".into(),
+        };
+        store
+            .put_audit_events(&[
+                record("old", now - 91 * day),
+                record("recent", now - 89 * day),
+            ])
+            .await
+            .expect("put");
+        let stop = tokio_util::sync::CancellationToken::new();
+        stop.cancel();
+        // One round, then it sees the stop.
+        purge_expired(store.clone(), Duration::from_secs(90 * 24 * 3_600), stop).await;
+        let left = crate::state::audit_events(
+            &format!("sqlite://{}", path.display()),
+            dir.path(),
+            &AuditQuery {
+                limit: 10,
+                ..AuditQuery::default()
+            },
+        )
+        .await
+        .expect("read");
+        let ids: Vec<_> = left.into_iter().map(|r| r.event_id).collect();
+        assert_eq!(ids, ["recent"]);
+    }
+
+    #[test]
+    fn a_full_queue_drops_the_event_instead_of_waiting() {
+        let (trail, mut rx) = AuditTrail::channel(1);
+        trail.record(serde_json::json!({"eventID": "1"}));
+        trail.record(serde_json::json!({"eventID": "2"}));
+        assert_eq!(rx.try_recv().expect("first")["eventID"], "1");
+        assert!(rx.try_recv().is_err(), "the second was dropped, not queued");
+        assert!(trail.full.0.load(Ordering::Relaxed), "the episode is open");
+        trail.record(serde_json::json!({"eventID": "3"}));
+        assert!(
+            !trail.full.0.load(Ordering::Relaxed),
+            "and closed once one gets through"
+        );
     }
 }
