@@ -45,10 +45,28 @@ impl Episode {
     }
 }
 
+/// An event with when it was recorded, in milliseconds: the store orders and filters by it
+/// (`eventTime` has CloudTrail's whole seconds, too coarse to order calls by).
+struct Stamped {
+    event: Value,
+    at_ms: i64,
+}
+
+/// The events a test trail recorded ([`AuditTrail::channel`]).
+#[cfg(test)]
+pub(crate) struct Recorded(mpsc::Receiver<Stamped>);
+
+#[cfg(test)]
+impl Recorded {
+    pub(crate) fn try_recv(&mut self) -> Result<Value, mpsc::error::TryRecvError> {
+        self.0.try_recv().map(|s| s.event)
+    }
+}
+
 /// Where the API hands its audit events; cheap to clone.
 #[derive(Clone)]
 pub struct AuditTrail {
-    tx: mpsc::Sender<Value>,
+    tx: mpsc::Sender<Stamped>,
     full: Arc<Episode>,
 }
 
@@ -76,20 +94,21 @@ impl AuditTrail {
 
     /// A trail whose events go to the returned receiver, for tests of what is recorded.
     #[cfg(test)]
-    pub(crate) fn channel(capacity: usize) -> (AuditTrail, mpsc::Receiver<Value>) {
+    pub(crate) fn channel(capacity: usize) -> (AuditTrail, Recorded) {
         let (tx, rx) = mpsc::channel(capacity);
         (
             AuditTrail {
                 tx,
                 full: Arc::default(),
             },
-            rx,
+            Recorded(rx),
         )
     }
 
     /// Queues an event, or counts it lost if the queue is full; never waits.
     pub(crate) fn record(&self, event: Value) {
-        match self.tx.try_send(event) {
+        let at_ms = chrono::Utc::now().timestamp_millis();
+        match self.tx.try_send(Stamped { event, at_ms }) {
             Ok(()) => self.full.through("queue"),
             Err(e) => self.full.lost("queue", 1, &e),
         }
@@ -105,7 +124,7 @@ impl AuditTrail {
 }
 
 async fn write(
-    mut rx: mpsc::Receiver<Value>,
+    mut rx: mpsc::Receiver<Stamped>,
     mut file: Option<AuditFile>,
     store: Arc<dyn StateStore>,
 ) {
@@ -147,16 +166,9 @@ async fn write(
 }
 
 /// The store's row for an event; `None` (never in practice) for an event without an id.
-fn record_of(event: Value) -> Option<AuditRecord> {
+fn record_of(Stamped { event, at_ms }: Stamped) -> Option<AuditRecord> {
     let event_id = event.get("eventID")?.as_str()?.to_owned();
-    let event_time_ms = event
-        .get("eventTime")
-        .and_then(Value::as_str)
-        .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
-        .map_or_else(
-            || chrono::Utc::now().timestamp_millis(),
-            |t| t.timestamp_millis(),
-        );
+    let event_time_ms = at_ms;
     let event_name = event
         .get("eventName")
         .and_then(Value::as_str)
