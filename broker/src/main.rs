@@ -383,6 +383,12 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
             errors.extend(build.errors);
         }
         errors.extend(sluice_config::check_host(config));
+        // The certificate and key as the listener will load them.
+        if let Some(tls) = &config.api.tls
+            && let Err(e) = sluice::tls::acceptor(tls)
+        {
+            errors.push(config.error_at("api.tls", e.to_string()));
+        }
         print_warnings(config);
     }
     if !errors.is_empty() {

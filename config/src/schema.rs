@@ -226,7 +226,7 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
             .unwrap_or(config.audit.max_files);
         config.audit.retention = d
             .parse(&audit, "retention", "a duration", |text| {
-                bounded_duration(text, "retention", &AUDIT_RETENTION, "between 1h and 10y")
+                bounded_duration(text, "retention", &AUDIT_RETENTION, "between 1h and 3660d")
             })
             .or(config.audit.retention);
     }
