@@ -17,6 +17,18 @@ fn call(op: &str, args: Value) -> Value {
     json!({"op": op, "args": args})
 }
 
+/// Every audit event in the state store of `sluice`, read as `sluice audit` reads it.
+async fn stored_events(
+    sluice: &Sluice,
+) -> Result<Vec<sluice::state::AuditRecord>, sluice::state::StateError> {
+    let state = format!("sqlite://{}", Sluice::state_file(sluice.dir()).display());
+    let query = sluice::state::AuditQuery {
+        limit: 1_000,
+        ..Default::default()
+    };
+    sluice::state::audit_events(&state, sluice.dir(), &query).await
+}
+
 fn names(events: &[Value]) -> Vec<&str> {
     events
         .iter()
@@ -164,18 +176,7 @@ async fn management_calls_and_refusals_are_recorded_once_each_without_secrets() 
     }
 
     // The store holds the same events, for `sluice audit`.
-    let state = format!("sqlite://{}", Sluice::state_file(sluice.dir()).display());
-    let dir = sluice.dir().to_path_buf();
-    let stored = sluice::state::audit_events(
-        &state,
-        &dir,
-        &sluice::state::AuditQuery {
-            limit: 100,
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("read the store");
+    let stored = stored_events(&sluice).await.expect("read the store");
     let ids = |events: &[Value]| -> Vec<String> {
         events
             .iter()
@@ -215,19 +216,10 @@ async fn the_audit_file_rotates_at_its_size_and_keeps_max_files() {
     boto3_calls(&sluice, &calls).await;
     let file = sluice.dir().join("logs/audit.jsonl");
     let rotated = |n: u32| sluice.dir().join(format!("logs/audit.jsonl.{n}"));
-    let state = format!("sqlite://{}", Sluice::state_file(sluice.dir()).display());
-    let dir = sluice.dir().to_path_buf();
     common::wait_until("31 events in the store", WRITE_LIMIT, async || {
-        sluice::state::audit_events(
-            &state,
-            &dir,
-            &sluice::state::AuditQuery {
-                limit: 100,
-                ..Default::default()
-            },
-        )
-        .await
-        .is_ok_and(|events| events.len() == 31)
+        stored_events(&sluice)
+            .await
+            .is_ok_and(|events| events.len() == 31)
     })
     .await;
     for path in [file.clone(), rotated(1), rotated(2)] {
