@@ -636,7 +636,15 @@ impl AliasAction {
 fn endpoint(remote: &Remote) -> Result<String, ExitCode> {
     let endpoint = match (&remote.endpoint, &remote.config) {
         (Some(e), _) => e.clone(),
-        (None, Some(path)) => format!("http://{}", load(path)?.api.listen),
+        (None, Some(path)) => {
+            let config = load(path)?;
+            let scheme = if config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", config.api.listen)
+        }
         (None, None) => "http://127.0.0.1:9000".to_string(),
     };
     Ok(if endpoint.contains("://") {
