@@ -62,10 +62,23 @@ pub(crate) struct ApiState {
     pub store: Arc<dyn crate::state::StateStore>,
     /// The names of `api.principals`, which `AddPermission` takes as a `Principal`.
     pub principals: Arc<Vec<String>>,
+    /// `api.metrics_token`: the bearer token `/metrics` asks for, if any.
+    pub metrics_token: Option<sluice_config::Secret>,
 }
 
-/// The API's routes, with `webhooks` (routes of their own state) merged in.
-pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
+/// Whether `path` is under one of the date prefixes of Lambda's API.
+pub(crate) fn is_lambda_api_path(path: &str) -> bool {
+    LAMBDA_API_PREFIXES.iter().any(|p| path.starts_with(p))
+}
+
+/// The API's routes, with `webhooks` (routes of their own state) merged in, every call of
+/// Lambda's API recorded in the audit `trail`.
+pub(crate) fn router(
+    state: ApiState,
+    webhooks: Router,
+    trail: crate::audit::AuditTrail,
+    auth: Arc<crate::auth::Auth>,
+) -> Router {
     Router::new()
         .route("/2015-03-31/functions/{function}/invocations", post(invoke))
         .merge(crate::manage::routes())
@@ -78,6 +91,16 @@ pub(crate) fn router(state: ApiState, webhooks: Router) -> Router {
         .merge(webhooks)
         .method_not_allowed_fallback(method_not_allowed)
         .fallback(not_found)
+        // Innermost first: who called and what, then the audit trail around it, so that it
+        // sees refused calls too.
+        .layer(axum::middleware::from_fn_with_state(
+            auth,
+            crate::auth::authenticate,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            trail,
+            crate::audit::audit,
+        ))
 }
 
 /// Connections served past `api.max_connections`, for everything but invocations: enough for
@@ -536,7 +559,30 @@ fn decode_client_context(b64: &str) -> Result<String, String> {
     }
 }
 
-async fn metrics() -> Response {
+/// `/metrics`, behind `api.metrics_token` when one is set. The token is compared in constant
+/// time, so the time an answer takes says nothing about how much of a guess was right.
+async fn metrics(State(state): State<ApiState>, headers: HeaderMap) -> Response {
+    if let Some(token) = &state.metrics_token {
+        use subtle::ConstantTimeEq;
+        let given = header(&headers, "authorization")
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or_default();
+        if !bool::from(given.as_bytes().ct_eq(token.expose().as_bytes())) {
+            metrics::counter!(crate::metrics::API_INVALID_REQUESTS, "error" => "MetricsUnauthorized")
+                .increment(1);
+            let mut response = (
+                StatusCode::UNAUTHORIZED,
+                axum::Json(serde_json::json!({
+                    "message": "/metrics needs `Authorization: Bearer <api.metrics_token>`"
+                })),
+            )
+                .into_response();
+            response
+                .headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+            return response;
+        }
+    }
     match crate::metrics::prometheus() {
         Some(handle) => (
             [("content-type", "text/plain; version=0.0.4")],

@@ -5,19 +5,20 @@
 
 pub(crate) mod api;
 pub mod async_invoke;
+pub mod audit;
 pub(crate) mod auth;
 pub mod concurrency;
 pub mod function;
 pub mod invocation;
 pub(crate) mod manage;
 pub mod metrics;
-#[allow(dead_code)] // read by the auth and audit layers
 pub(crate) mod operation;
 pub(crate) mod permissions;
 pub mod pipeline;
 pub mod runtime;
 pub mod serve;
 pub mod state;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -63,6 +64,8 @@ pub enum StartError {
     /// The API would be reachable off loopback with `api.auth: none`.
     #[error("{0}")]
     Unauthenticated(String),
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     #[error("cannot prepare the data directory {path}: {source}")]
     DataDir {
         path: PathBuf,
@@ -81,6 +84,7 @@ pub struct Running {
     sources: CancellationToken,
     background: Vec<JoinHandle<()>>,
     writer: JoinHandle<()>,
+    audit_writer: JoinHandle<()>,
     grace: Duration,
     _temp: Option<tempfile::TempDir>,
 }
@@ -120,6 +124,17 @@ impl Running {
         }
         // Nothing can queue an event any more: the API and the sources are down.
         self.writer.abort();
+        // The API's routers, and with them every handle on the audit trail, are gone: the
+        // writer finishes what is queued and ends.
+        if tokio::time::timeout(AUDIT_DRAIN, &mut self.audit_writer)
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the audit trail's writer did not finish in time; its queued events are lost"
+            );
+            self.audit_writer.abort();
+        }
         self.functions.shutdown();
     }
 
@@ -129,6 +144,9 @@ impl Running {
         self.shutdown_within(grace).await;
     }
 }
+
+/// How long a stop waits for the audit trail's last events to be written.
+const AUDIT_DRAIN: Duration = Duration::from_secs(5);
 
 /// Where unpacked packages and local state go when the caller does not say.
 fn default_data_dir(config: &Config) -> Option<PathBuf> {
@@ -153,6 +171,8 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         Ok(limit) => tracing::debug!(limit, "open-file limit"),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
+    // Before the listener: a wrong certificate or key stops the start with its file named.
+    let tls = config.api.tls.as_ref().map(tls::acceptor).transpose()?;
     let addr = options.listen.unwrap_or(config.api.listen);
     if config.api.auth == sluice_config::ApiAuth::None {
         if let Some(refusal) = sluice_config::unauthenticated_api_error(addr) {
@@ -220,16 +240,25 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             _ => None,
         })
         .collect();
+    let (trail, audit_writer) = audit::AuditTrail::start(&config.audit, store.clone());
+    trail.configuration_loaded(&config);
+    background.push(tokio::spawn(audit::purge_expired(
+        store.clone(),
+        config.audit.retention,
+        sources.child_token(),
+    )));
     let app = api::router(
         api::ApiState {
             functions: functions.clone(),
             queue: queue.clone(),
             store: store.clone(),
             principals: Arc::new(config.api.principals.keys().cloned().collect()),
+            metrics_token: config.api.metrics_token.clone(),
         },
         sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
+        trail,
+        Arc::new(auth::Auth::new(&config.api, store.clone())),
     );
-    let app = auth::layer(app, Arc::new(auth::Auth::new(&config.api, store.clone())));
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limits = serve::ServeLimits::from_config(&config.api);
     let reserve = serve::Reserve {
@@ -242,6 +271,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         app,
         limits,
         Some(reserve),
+        tls,
         async move {
             let _ = stop_rx.await;
         },
@@ -258,6 +288,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         sources,
         background,
         writer,
+        audit_writer,
         grace: config.shutdown_grace,
         _temp: temp,
     })

@@ -75,6 +75,24 @@ enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// List the audit trail's events from the state store, oldest first, one JSON per line.
+    Audit {
+        /// The configuration file naming the store (`state:`).
+        #[arg(short, long, default_value = "sluice.yaml")]
+        config: PathBuf,
+        /// Only events at most this old (`1h`, `30m`, `7d`).
+        #[arg(long, value_parser = parse_duration)]
+        since: Option<Duration>,
+        /// Only calls by this principal.
+        #[arg(long)]
+        principal: Option<String>,
+        /// Only events of this name (`PublishVersion`, `LoadConfiguration`).
+        #[arg(long)]
+        event: Option<String>,
+        /// At most this many events: the newest ones.
+        #[arg(long, default_value_t = 1000)]
+        limit: u32,
+    },
     #[command(flatten)]
     Manage(Manage),
 }
@@ -255,6 +273,24 @@ fn main() -> ExitCode {
                 no_migrate,
             } => run(&config, listen, grace, no_migrate).await,
             Command::State { action } => state(action).await,
+            Command::Audit {
+                config,
+                since,
+                principal,
+                event,
+                limit,
+            } => {
+                let query = sluice::state::AuditQuery {
+                    since_ms: since.map(|since| {
+                        chrono::Utc::now().timestamp_millis()
+                            - i64::try_from(since.as_millis()).unwrap_or(i64::MAX)
+                    }),
+                    principal,
+                    event_name: event,
+                    limit,
+                };
+                audit(&config, &query).await
+            }
             Command::Validate { file, config } => {
                 let path = file
                     .or(config)
@@ -357,6 +393,12 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
             errors.extend(build.errors);
         }
         errors.extend(sluice_config::check_host(config));
+        // The certificate and key as the listener will load them.
+        if let Some(tls) = &config.api.tls
+            && let Err(e) = sluice::tls::acceptor(tls)
+        {
+            errors.push(config.error_at("api.tls", e.to_string()));
+        }
         print_warnings(config);
     }
     if !errors.is_empty() {
@@ -373,6 +415,28 @@ async fn validate(path: &Path) -> anyhow::Result<ExitCode> {
         config.functions.len(),
         config.sources.len()
     );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `sluice audit`: reads the store without claiming it, beside a running Sluice.
+async fn audit(path: &Path, query: &sluice::state::AuditQuery) -> anyhow::Result<ExitCode> {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return Ok(code),
+    };
+    let events = sluice::state::audit_events(&config.state, &config.base_dir, query)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot read the audit trail from the state store {}",
+                config.state
+            )
+        })?;
+    let mut out = std::io::stdout().lock();
+    for event in events {
+        use std::io::Write as _;
+        writeln!(out, "{}", event.event)?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 
@@ -582,7 +646,15 @@ impl AliasAction {
 fn endpoint(remote: &Remote) -> Result<String, ExitCode> {
     let endpoint = match (&remote.endpoint, &remote.config) {
         (Some(e), _) => e.clone(),
-        (None, Some(path)) => format!("http://{}", load(path)?.api.listen),
+        (None, Some(path)) => {
+            let config = load(path)?;
+            let scheme = if config.api.tls.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{}", config.api.listen)
+        }
         (None, None) => "http://127.0.0.1:9000".to_string(),
     };
     Ok(if endpoint.contains("://") {

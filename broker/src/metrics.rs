@@ -32,9 +32,11 @@ pub const API_AUTH_FAILURES: &str = "sluice_api_auth_failures_total";
 pub const API_OPEN_CONNECTIONS: &str = "sluice_api_open_connections";
 pub const API_HEADER_TIMEOUTS: &str = "sluice_api_header_timeouts_total";
 pub const API_ACCEPT_ERRORS: &str = "sluice_api_accept_errors_total";
+pub const API_TLS_HANDSHAKE_ERRORS: &str = "sluice_api_tls_handshake_errors_total";
 pub const API_CALLER_DISCONNECTS: &str = "sluice_api_caller_disconnects_total";
 pub const STATE_ERRORS: &str = "sluice_state_errors_total";
 pub const STATE_FAILING: &str = "sluice_state_failing";
+pub const AUDIT_DROPPED: &str = "sluice_audit_dropped_total";
 
 static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
 
@@ -73,6 +75,14 @@ fn describe() {
     describe_gauge!(
         STATE_FAILING,
         "1 while the state store's last operation failed, 0 once it succeeds again"
+    );
+    describe_counter!(
+        API_TLS_HANDSHAKE_ERRORS,
+        "TLS handshakes that failed (plain HTTP to an HTTPS listener, an untrusted certificate)"
+    );
+    describe_counter!(
+        AUDIT_DROPPED,
+        "Audit events lost, by where (queue: the writer fell behind; file; store)"
     );
     describe_counter!(
         FUNCTION_INVOCATIONS,

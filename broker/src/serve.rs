@@ -132,13 +132,15 @@ pub struct Reserve {
 /// Handlers see the peer address as `ConnectInfo<SocketAddr>` and the connection as
 /// [`ConnectionId`]. `name` labels the metrics
 /// (`api`, `runtime`). With a `reserve`, connections past the cap are served by its router
-/// until the reserve too is full.
+/// until the reserve too is full. With `tls`, every connection is TLS; the handshake must end
+/// within the header read timeout, so that a client stalling it cannot hold a slot either.
 pub async fn serve(
     name: &'static str,
     listener: TcpListener,
     app: Router,
     limits: ServeLimits,
     reserve: Option<Reserve>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
     stop: impl Future<Output = ()> + Send,
 ) {
     let max = limits.max_connections.max(1);
@@ -156,6 +158,7 @@ pub async fn serve(
     let open = metrics::gauge!(m::API_OPEN_CONNECTIONS, "listener" => name);
     let header_timeouts = metrics::counter!(m::API_HEADER_TIMEOUTS, "listener" => name);
     let accept_errors = metrics::counter!(m::API_ACCEPT_ERRORS, "listener" => name);
+    let tls_errors = metrics::counter!(m::API_TLS_HANDSHAKE_ERRORS, "listener" => name);
     tokio::pin!(stop);
     let mut connections = 0u64;
     loop {
@@ -206,19 +209,38 @@ pub async fn serve(
                 Ok::<_, Infallible>(response)
             }
         });
-        let connection = http.serve_connection(TokioIo::new(stream), service);
         let closing = closing.clone();
         let open = open.clone();
         let header_timeouts = header_timeouts.clone();
+        let tls_errors = tls_errors.clone();
+        let http = http.clone();
+        let tls = tls.clone();
         open.increment(1.0);
         tokio::spawn(async move {
             let _permit = permit;
-            tokio::pin!(connection);
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = closing.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+            let result = match tls {
+                None => drive(&http, stream, service, &closing).await,
+                Some(acceptor) => {
+                    let handshake =
+                        tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
+                    tokio::select! {
+                        () = closing.cancelled() => Ok(()),
+                        shaken = handshake => match shaken {
+                            Ok(Ok(stream)) => drive(&http, stream, service, &closing).await,
+                            Ok(Err(e)) => {
+                                // Plain HTTP sent to the TLS port ends here, as does a client
+                                // that does not trust the certificate.
+                                tls_errors.increment(1);
+                                tracing::debug!(listener = name, %peer, error = %e, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                header_timeouts.increment(1);
+                                tracing::debug!(listener = name, %peer, "TLS handshake timed out");
+                                Ok(())
+                            }
+                        },
+                    }
                 }
             };
             open.decrement(1.0);
@@ -235,4 +257,33 @@ pub async fn serve(
     // Every connection holds a permit until it ends: all of them back means all have ended.
     let _ = permits.acquire_many(max).await;
     let _ = spare.acquire_many(reserved).await;
+}
+
+/// Serves HTTP/1.1 on one connection (plain or TLS) until it ends, or until `closing`, when
+/// the request in progress is answered and the connection closed.
+async fn drive<I, S>(
+    http: &hyper::server::conn::http1::Builder,
+    io: I,
+    service: S,
+    closing: &CancellationToken,
+) -> Result<(), hyper::Error>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<
+            http::Request<Incoming>,
+            Response = axum::response::Response,
+            Error = Infallible,
+        > + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    tokio::select! {
+        result = connection.as_mut() => result,
+        () = closing.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    }
 }

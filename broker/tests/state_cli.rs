@@ -65,19 +65,21 @@ fn an_operator_upgrades_a_first_release_store_deliberately() {
     assert!(version.status.success(), "{}", stderr(&version));
     assert_eq!(
         stdout(&version),
-        "state store schema version 0 (this Sluice: 2; made before versioned migrations, adopted as version 1)\npending: 1 (initial schema), 2 (schedule ticks)\n"
+        "state store schema version 0 (this Sluice: 4; made before versioned migrations, adopted as version 1)\npending: 1 (initial schema), 2 (schedule ticks), 3 (function policies), 4 (audit events)\n"
     );
 
     let refusal = refused_run(&config, &["--no-migrate"]);
     assert!(
-        refusal.contains("the state store's schema is at version 0 and this Sluice needs version 2 (pending: 1 (initial schema), 2 (schedule ticks)): run `sluice state migrate`"),
+        refusal.contains("the state store's schema is at version 0 and this Sluice needs version 4 (pending: 1 (initial schema), 2 (schedule ticks), 3 (function policies), 4 (audit events)): run `sluice state migrate`"),
         "{refusal}"
     );
 
     let dry = sluice(&["state", "migrate", "--dry-run"], &config);
     assert!(dry.status.success(), "{}", stderr(&dry));
     assert!(
-        stdout(&dry).ends_with("would apply: 1 (initial schema), 2 (schedule ticks)\n"),
+        stdout(&dry).ends_with(
+            "would apply: 1 (initial schema), 2 (schedule ticks), 3 (function policies), 4 (audit events)\n"
+        ),
         "{}",
         stdout(&dry)
     );
@@ -90,12 +92,12 @@ fn an_operator_upgrades_a_first_release_store_deliberately() {
     assert!(migrated.status.success(), "{}", stderr(&migrated));
     assert_eq!(
         stdout(&migrated),
-        "applied 1 (initial schema), 2 (schedule ticks); schema version now 2\n"
+        "applied 1 (initial schema), 2 (schedule ticks), 3 (function policies), 4 (audit events); schema version now 4\n"
     );
     assert!(stdout(&sluice(&["state", "version"], &config)).ends_with("up to date\n"));
     assert_eq!(
         stdout(&sluice(&["state", "migrate"], &config)),
-        "up to date at schema version 2\n"
+        "up to date at schema version 4\n"
     );
 
     // Now --no-migrate starts; while it runs, the store belongs to it.
@@ -133,7 +135,7 @@ fn a_store_from_a_newer_sluice_is_refused_naming_both_versions() {
     });
     let run = refused_run(&config, &[]);
     assert!(
-        run.contains("the state store's schema is at version 7, newer than this Sluice understands (up to version 2)"),
+        run.contains("the state store's schema is at version 7, newer than this Sluice understands (up to version 4)"),
         "{run}"
     );
     let version = sluice(&["state", "version"], &config);

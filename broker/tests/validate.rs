@@ -203,3 +203,44 @@ fn validate_reports_only_the_file_when_it_is_not_yaml_text() {
         "utf16.yaml:1:1: the file is UTF-16 (little-endian): it starts with that encoding's byte-order mark at byte offset 0 (line 1); save it as UTF-8\n"
     );
 }
+
+#[test]
+fn validate_loads_the_tls_key_as_run_would_and_names_a_bad_one() {
+    let dir = tempfile::tempdir().expect("dir");
+    let made = Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+        .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "1"])
+        .args([
+            "-subj",
+            "/CN=localhost",
+            "-keyout",
+            "key.pem",
+            "-out",
+            "cert.pem",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .expect("openssl runs");
+    assert!(made.status.success(), "{}", stderr(&made));
+    write(dir.path(), "not-a-key.pem", "-----BEGIN NOTHING-----\n");
+    write(
+        dir.path(),
+        "good.yaml",
+        "api:\n  tls: {cert: cert.pem, key: key.pem}\nfunctions: {}\n",
+    );
+    write(
+        dir.path(),
+        "bad.yaml",
+        "api:\n  tls: {cert: cert.pem, key: not-a-key.pem}\nfunctions: {}\n",
+    );
+    let good = sluice(&["validate", "good.yaml"], dir.path());
+    assert!(good.status.success(), "{}", stderr(&good));
+    let bad = sluice(&["validate", "bad.yaml"], dir.path());
+    assert!(!bad.status.success());
+    let report = stderr(&bad);
+    assert!(
+        report.starts_with("bad.yaml:2:3: api.tls: cannot read the private key ")
+            && report.contains("not-a-key.pem (api.tls.key)"),
+        "{report}"
+    );
+}

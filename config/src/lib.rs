@@ -93,6 +93,12 @@ pub mod defaults {
     pub const PARALLELIZATION: u32 = 1;
     /// Unacknowledged messages a RabbitMQ consumer may hold (`basic.qos`).
     pub const RABBITMQ_PREFETCH: u16 = 100;
+    /// The audit file is rotated before it grows past this.
+    pub const AUDIT_MAX_FILE_SIZE: u64 = 100_000_000;
+    /// Rotated audit files kept.
+    pub const AUDIT_MAX_FILES: u32 = 5;
+    /// How long the state store keeps audit events: CloudTrail's Event history window.
+    pub const AUDIT_RETENTION: Duration = Duration::from_secs(90 * 24 * 3_600);
 }
 
 /// Reads and checks the configuration file at `path`, substituting `${VAR}` from the process
@@ -105,9 +111,19 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
         location,
         message,
     })?;
-    parse_bytes(&bytes, &origin, &base_dir_of(path), &|name| {
+    let mut config = parse_bytes(&bytes, &origin, &base_dir_of(path), &|name| {
         std::env::var(name).ok()
-    })
+    })?;
+    config.source_sha256 = Some(sha256_hex(&bytes));
+    Ok(config)
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// The directory relative paths in the file at `path` are resolved against: the file's own,
@@ -284,6 +300,11 @@ pub struct Config {
     /// `shutdown.grace`: how long SIGTERM lets in-flight invocations finish, 0 s–15 min,
     /// default 30 s.
     pub shutdown_grace: Duration,
+    /// `audit`: the audit trail's file and retention.
+    pub audit: AuditConfig,
+    /// The SHA-256 (hex) of the file the configuration was read from, for the audit trail's
+    /// `LoadConfiguration` event; `None` when it was not read from a file.
+    pub source_sha256: Option<String>,
     /// Where every node of the file stood, by path (`functions.resize.package`), so that errors
     /// found after loading (a missing package, say) can still name the line and column.
     /// Scalars are placed at their value; mappings, lists and empty values at their key, so
@@ -311,6 +332,11 @@ pub struct ApiConfig {
     pub auth: ApiAuth,
     /// `api.principals`: who may call the API under `sigv4`, by name (sorted).
     pub principals: BTreeMap<String, Principal>,
+    /// `api.tls`: serve the API over HTTPS with this certificate chain and key (PEM).
+    pub tls: Option<TlsConfig>,
+    /// `api.metrics_token` (or `metrics_token_file`): when set, `/metrics` answers only
+    /// requests with `Authorization: Bearer <token>`.
+    pub metrics_token: Option<Secret>,
 }
 
 /// `api.auth`.
@@ -331,6 +357,29 @@ pub struct Principal {
     /// Its IAM identity policy; empty (so nothing is allowed but what functions' resource
     /// policies grant) when absent.
     pub policy: Policy,
+}
+
+/// `api.tls`: PEM files, resolved against the configuration file's directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// `cert`: the certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// `key`: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `audit`: where the record of every API change goes besides the state store.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditConfig {
+    /// `audit.path`: a JSON Lines file of audit events, rotated by size; none by default
+    /// (the state store keeps them either way).
+    pub path: Option<PathBuf>,
+    /// `audit.max_file_size`: the file is rotated before it grows past this, default 100 MB.
+    pub max_file_size: u64,
+    /// `audit.max_files`: rotated files kept (`audit.jsonl.1` …), default 5.
+    pub max_files: u32,
+    /// `audit.retention`: how long the state store keeps events, default 90 days.
+    pub retention: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -709,6 +758,22 @@ pub struct HttpSourceConfig {
     /// `max_body`: the largest request body accepted, default 6 MiB (Lambda's synchronous
     /// payload limit); larger ones are answered 413 without being read.
     pub max_body: u64,
+    /// `auth`: how a request proves it comes from the sender, default `none`.
+    pub auth: WebhookAuth,
+}
+
+/// `auth:` of an `http` source.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum WebhookAuth {
+    /// `none`: any request is accepted (put the webhook behind something that checks).
+    #[default]
+    None,
+    /// `{ type: hmac_sha256, secret | secret_file, header }`: the named header carries the
+    /// HMAC-SHA256 of the raw body under the shared secret, as hex, optionally prefixed
+    /// `sha256=` (GitHub's `X-Hub-Signature-256`).
+    HmacSha256 { secret: Secret, header: String },
+    /// `{ type: bearer, token | token_file }`: `Authorization: Bearer <token>`.
+    Bearer { token: Secret },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -790,6 +855,8 @@ impl Default for Config {
             dead_letters: BTreeMap::new(),
             roles: BTreeMap::new(),
             shutdown_grace: defaults::SHUTDOWN_GRACE,
+            audit: AuditConfig::default(),
+            source_sha256: None,
             locations: BTreeMap::new(),
             origin: "<default>".to_owned(),
             base_dir: PathBuf::from("."),
@@ -805,6 +872,19 @@ impl Default for ApiConfig {
             header_read_timeout: defaults::HEADER_READ_TIMEOUT,
             auth: ApiAuth::None,
             principals: BTreeMap::new(),
+            tls: None,
+            metrics_token: None,
+        }
+    }
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            path: None,
+            max_file_size: defaults::AUDIT_MAX_FILE_SIZE,
+            max_files: defaults::AUDIT_MAX_FILES,
+            retention: defaults::AUDIT_RETENTION,
         }
     }
 }
@@ -900,6 +980,7 @@ mod tests {
                 asynchronous: false,
                 methods: vec!["POST".to_owned()],
                 max_body: defaults::HTTP_MAX_BODY,
+                auth: WebhookAuth::None,
             })
         );
     }

@@ -16,7 +16,7 @@ use crate::units::{parse_duration, parse_rate, parse_size};
 use crate::yaml::{self, Kind, Node};
 use crate::{
     AliasConfig, ConcurrencyConfig, Config, FunctionConfig, HttpSourceConfig, Limits, Runtime,
-    Schedule, ScheduleConfig, SourceConfig, SourceKind, defaults,
+    Schedule, ScheduleConfig, SourceConfig, SourceKind, WebhookAuth, defaults,
 };
 
 const TOP_KEYS: &[&str] = &[
@@ -29,6 +29,7 @@ const TOP_KEYS: &[&str] = &[
     "sources",
     "dead_letters",
     "roles",
+    "audit",
 ];
 const API_KEYS: &[&str] = &[
     "listen",
@@ -36,6 +37,9 @@ const API_KEYS: &[&str] = &[
     "header_read_timeout",
     "auth",
     "principals",
+    "tls",
+    "metrics_token",
+    "metrics_token_file",
 ];
 const PRINCIPAL_KEYS: &[&str] = &[
     "access_key_id",
@@ -43,6 +47,18 @@ const PRINCIPAL_KEYS: &[&str] = &[
     "secret_file",
     "policy",
 ];
+const TLS_KEYS: &[&str] = &["cert", "key"];
+const AUDIT_KEYS: &[&str] = &["path", "max_file_size", "max_files", "retention"];
+const AUDIT_MAX_FILES: std::ops::RangeInclusive<i128> = 1..=1_000;
+/// Below a few kilobytes a single event (a large alias update) could not fit in one file.
+const AUDIT_MIN_FILE_SIZE: u64 = 4_096;
+const AUDIT_RETENTION: std::ops::RangeInclusive<Duration> =
+    Duration::from_secs(3_600)..=Duration::from_secs(10 * 366 * 24 * 3_600);
+const WEBHOOK_AUTH_TYPES: &[&str] = &["none", "hmac_sha256", "bearer"];
+const HMAC_AUTH_KEYS: &[&str] = &["type", "secret", "secret_file", "header"];
+const BEARER_AUTH_KEYS: &[&str] = &["type", "token", "token_file"];
+/// GitHub's header; other senders are named with `header:`.
+const DEFAULT_SIGNATURE_HEADER: &str = "X-Hub-Signature-256";
 const MAX_CONNECTIONS: std::ops::RangeInclusive<i128> = 1..=1_000_000;
 const HEADER_READ_TIMEOUT: std::ops::RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(3_600);
@@ -88,6 +104,7 @@ const HTTP_KEYS: &[&str] = &[
     "invocation",
     "methods",
     "max_body",
+    "auth",
 ];
 /// Every source `type:` the schema knows.
 pub const SOURCE_TYPES: &[&str] = &[
@@ -194,6 +211,40 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
             })
             .or(config.api.header_read_timeout);
         decode_api_auth(d, &api, &mut config.api, base_dir);
+        if api.get("tls").is_some()
+            && let Some(tls) = d.section(&api, "tls", TLS_KEYS)
+        {
+            config.api.tls = decode_tls(d, &tls, base_dir);
+        }
+        config.api.metrics_token =
+            crate::secret::secret(d, &api, "metrics_token", "metrics_token_file", base_dir).ok();
+    }
+    if let Some(audit) = d.section(&top, "audit", AUDIT_KEYS) {
+        config.audit.path = d
+            .string(&audit, "path")
+            .ok()
+            .map(|path| base_dir.join(path));
+        config.audit.max_file_size = d
+            .parse(&audit, "max_file_size", "a size", |text| {
+                let size = parse_size(text)?;
+                if size < AUDIT_MIN_FILE_SIZE {
+                    return Err(format!(
+                        "max_file_size must be at least {AUDIT_MIN_FILE_SIZE} bytes, found `{text}`"
+                    ));
+                }
+                Ok(size)
+            })
+            .or(config.audit.max_file_size);
+        config.audit.max_files = d
+            .int(&audit, "max_files", AUDIT_MAX_FILES, "")
+            .ok()
+            .and_then(|n| u32::try_from(n).ok())
+            .unwrap_or(config.audit.max_files);
+        config.audit.retention = d
+            .parse(&audit, "retention", "a duration", |text| {
+                bounded_duration(text, "retention", &AUDIT_RETENTION, "between 1h and 3660d")
+            })
+            .or(config.audit.retention);
     }
     config.state = d
         .string(&top, "state")
@@ -1170,7 +1221,7 @@ fn decode_source(
     };
     let enabled = d.boolean(&fields, "enabled").or(true);
     let kind = match kind.as_str() {
-        "http" => SourceKind::Http(decode_http(d, &fields, path, context.name, http_paths)?),
+        "http" => SourceKind::Http(decode_http(d, &fields, path, context, http_paths)?),
         "schedule" => SourceKind::Schedule(decode_schedule(d, &fields, path)?),
         other => {
             let mapping = MappingContext {
@@ -1226,9 +1277,10 @@ fn decode_http(
     d: &mut Decoder<'_>,
     fields: &Fields<'_>,
     path: &str,
-    name: &str,
+    context: &SourceContext<'_>,
     http_paths: &mut BTreeMap<String, String>,
 ) -> Option<HttpSourceConfig> {
+    let name = context.name;
     let url_path = match d.parse(fields, "path", "a path", check_http_path) {
         Field::Value(url_path) => match http_paths.get(&url_path) {
             Some(first) => {
@@ -1284,11 +1336,129 @@ fn decode_http(
     let max_body = d
         .parse(fields, "max_body", "a size", parse_positive_size)
         .or(crate::defaults::HTTP_MAX_BODY);
+    let auth = decode_webhook_auth(d, fields, context.base_dir);
     Some(HttpSourceConfig {
         path: url_path?,
         asynchronous,
         methods: methods?,
         max_body,
+        auth: auth?,
+    })
+}
+
+/// `auth:` of an `http` source: `none`, or a mapping with its `type`. `None` when invalid
+/// (the error is reported).
+fn decode_webhook_auth(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    base_dir: &Path,
+) -> Option<WebhookAuth> {
+    let path = fields.path_of("auth");
+    let Some(node) = fields.get("auth") else {
+        return Some(WebhookAuth::None);
+    };
+    if !matches!(node.kind, Kind::Mapping(_)) {
+        return match d.string_node(node, &path) {
+            Field::Value(text) if text == "none" => Some(WebhookAuth::None),
+            Field::Absent => Some(WebhookAuth::None),
+            Field::Value(other) => {
+                d.error(
+                    &path,
+                    format!(
+                        "unknown webhook auth `{other}`: give `none` or a mapping with `type:` (one of: {})",
+                        WEBHOOK_AUTH_TYPES.join(", ")
+                    ),
+                );
+                None
+            }
+            Field::Invalid => None,
+        };
+    }
+    let auth = d.mapping(node, &path, None)?;
+    let kind = decode_type(d, &auth, &path, "webhook auth", WEBHOOK_AUTH_TYPES)?;
+    match kind.as_str() {
+        "none" => {
+            d.check_keys(&auth, &["type"]);
+            Some(WebhookAuth::None)
+        }
+        "hmac_sha256" => {
+            d.check_keys(&auth, HMAC_AUTH_KEYS);
+            let secret = crate::secret::secret(d, &auth, "secret", "secret_file", base_dir);
+            let header = match d.string(&auth, "header") {
+                Field::Value(h) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => Some(h),
+                Field::Value(h) => {
+                    d.error(
+                        &auth.path_of("header"),
+                        format!("`{h}` is not a valid HTTP header name"),
+                    );
+                    None
+                }
+                Field::Absent => Some(DEFAULT_SIGNATURE_HEADER.to_owned()),
+                Field::Invalid => None,
+            };
+            let secret = match secret {
+                Field::Value(s) => Some(s),
+                Field::Absent => {
+                    d.error(&path, "missing field `secret` (or `secret_file`)");
+                    None
+                }
+                Field::Invalid => None,
+            };
+            Some(WebhookAuth::HmacSha256 {
+                secret: secret?,
+                header: header?,
+            })
+        }
+        _ => {
+            d.check_keys(&auth, BEARER_AUTH_KEYS);
+            match crate::secret::secret(d, &auth, "token", "token_file", base_dir) {
+                Field::Value(token) => Some(WebhookAuth::Bearer { token }),
+                Field::Absent => {
+                    d.error(&path, "missing field `token` (or `token_file`)");
+                    None
+                }
+                Field::Invalid => None,
+            }
+        }
+    }
+}
+
+/// `api.tls`: both files named, each readable. Their PEM is parsed when the listener starts.
+fn decode_tls(
+    d: &mut Decoder<'_>,
+    fields: &Fields<'_>,
+    base_dir: &Path,
+) -> Option<crate::TlsConfig> {
+    let file = |d: &mut Decoder<'_>, key: &str, what: &str| -> Option<PathBuf> {
+        match d.string(fields, key) {
+            Field::Value(path) => {
+                let full = base_dir.join(&path);
+                match std::fs::File::open(&full) {
+                    Ok(_) => Some(full),
+                    Err(e) => {
+                        d.error(
+                            &fields.path_of(key),
+                            format!("cannot read the {what} `{}`: {e}", full.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            Field::Absent => {
+                d.error(
+                    &fields.path,
+                    format!("missing field `{key}` (the {what}, a PEM file)"),
+                );
+                None
+            }
+            Field::Invalid => None,
+        }
+    };
+    let cert = file(d, "cert", "certificate chain");
+    let key = file(d, "key", "private key");
+    Some(crate::TlsConfig {
+        cert: cert?,
+        key: key?,
     })
 }
 

@@ -43,7 +43,6 @@ impl fmt::Display for Secret {
 /// whose content (without a trailing newline) is the secret. Both at once, or an empty secret,
 /// is an error at the key; a file that cannot be read is an error naming the file and why.
 /// `Absent` when neither key is present: the caller decides whether that is an error.
-#[allow(dead_code)] // read by the sections that take secrets
 pub(crate) fn secret(
     d: &mut Decoder<'_>,
     fields: &Fields<'_>,
@@ -83,7 +82,20 @@ pub(crate) fn secret(
                 }
             }
         }
-        (Field::Absent, Field::Absent) => Field::Absent,
+        (Field::Absent, Field::Absent) => {
+            // A key written but empty (`token: ${TOKEN}` with TOKEN set to nothing) reads as
+            // null: left alone, it would silently turn the protection it configures off.
+            for key in [value_key, file_key] {
+                if fields.get(key).is_some() {
+                    d.error(
+                        &fields.path_of(key),
+                        "the secret is empty (an unset `${VAR}`?)",
+                    );
+                    return Field::Invalid;
+                }
+            }
+            Field::Absent
+        }
     }
 }
 

@@ -313,6 +313,7 @@ fn full_config_loads_every_value() {
             asynchronous: true,
             methods: vec!["PUT".to_owned(), "POST".to_owned()],
             max_body: sluice_config::defaults::HTTP_MAX_BODY,
+            auth: sluice_config::WebhookAuth::None,
         })
     );
     let ping = &config.sources["ping"];
@@ -324,6 +325,7 @@ fn full_config_loads_every_value() {
             asynchronous: false,
             methods: vec!["POST".to_owned()],
             max_body: sluice_config::defaults::HTTP_MAX_BODY,
+            auth: sluice_config::WebhookAuth::None,
         })
     );
 

@@ -27,6 +27,8 @@ pub const WEBHOOK_REQUESTS: &str = "sluice_webhook_requests_total";
 /// Requests refused before the function was invoked, by `reason` (`body_too_large`,
 /// `unreadable_body`).
 pub const WEBHOOK_REFUSED: &str = "sluice_webhook_refused_total";
+/// Requests refused for their credentials (`auth:`), by `reason` (`missing`, `invalid`).
+pub const HTTP_AUTH_FAILURES: &str = "sluice_http_auth_failures_total";
 
 #[derive(Clone)]
 struct Hook {
@@ -36,6 +38,7 @@ struct Hook {
     max_body: usize,
     dispatch: Arc<dyn Dispatch>,
     account: String,
+    auth: Arc<sluice_config::WebhookAuth>,
 }
 
 /// Routes for every webhook, to be merged into the API router.
@@ -64,6 +67,7 @@ pub fn router(
             max_body: usize::try_from(config.max_body).unwrap_or(usize::MAX),
             dispatch: dispatch.clone(),
             account: account.to_string(),
+            auth: Arc::new(config.auth.clone()),
         };
         router = router.route(
             &config.path,
@@ -214,6 +218,9 @@ async fn handle(
         ("source", hook.name.clone()),
         ("function", hook.function.clone()),
     ];
+    if let Err(refusal) = crate::http_auth::check_headers(&hook.auth, &headers) {
+        return refuse(&hook, refusal);
+    }
     let body = match read_body(&hook, &headers, body).await {
         Ok(body) => body,
         Err((status, reason, message)) => {
@@ -228,6 +235,9 @@ async fn handle(
             return (status, axum::Json(json!({"message": message}))).into_response();
         }
     };
+    if let Err(refusal) = crate::http_auth::check_body(&hook.auth, &headers, &body) {
+        return refuse(&hook, refusal);
+    }
     let request_id = uuid::Uuid::new_v4().to_string();
     let event = event(&hook, &method, &uri, &headers, peer, &body, &request_id);
     let payload = Bytes::from(serde_json::to_vec(&event).unwrap_or_default());
@@ -330,6 +340,49 @@ async fn drain(body: &mut Body) {
     .await;
 }
 
+/// The answer to a request refused for its credentials: 401 without any, 403 with wrong ones.
+fn refuse(hook: &Hook, refusal: crate::http_auth::Refusal) -> Response {
+    use crate::http_auth::Refusal;
+    metrics::counter!(
+        HTTP_AUTH_FAILURES,
+        &[
+            ("source", hook.name.clone()),
+            ("reason", refusal.reason().to_string())
+        ]
+    )
+    .increment(1);
+    let (status, message) = match (refusal, hook.auth.as_ref()) {
+        (Refusal::Missing, sluice_config::WebhookAuth::HmacSha256 { header, .. }) => (
+            StatusCode::UNAUTHORIZED,
+            format!("This webhook needs an HMAC-SHA256 signature of the body in `{header}`"),
+        ),
+        (Refusal::Missing, _) => (
+            StatusCode::UNAUTHORIZED,
+            "This webhook needs `Authorization: Bearer <token>`".to_owned(),
+        ),
+        (Refusal::Invalid, sluice_config::WebhookAuth::HmacSha256 { header, .. }) => (
+            StatusCode::FORBIDDEN,
+            format!("The signature in `{header}` does not match the body"),
+        ),
+        (Refusal::Invalid, _) => (
+            StatusCode::FORBIDDEN,
+            "The bearer token is not valid for this webhook".to_owned(),
+        ),
+    };
+    let mut response = (status, axum::Json(json!({"message": message}))).into_response();
+    if status == StatusCode::UNAUTHORIZED
+        && matches!(
+            hook.auth.as_ref(),
+            sluice_config::WebhookAuth::Bearer { .. }
+        )
+    {
+        response
+            .headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
 /// Reads a webhook body of at most the hook's `max_body`.
 async fn read_body(
     hook: &Hook,
@@ -374,6 +427,7 @@ mod tests {
             max_body: 6 * 1024 * 1024,
             dispatch: Arc::new(Nothing),
             account: "000000000000".into(),
+            auth: Arc::new(sluice_config::WebhookAuth::None),
         }
     }
 

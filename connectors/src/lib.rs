@@ -4,6 +4,7 @@
 pub mod backoff;
 pub mod dynamodb_streams;
 pub mod http;
+mod http_auth;
 pub mod kafka;
 pub mod kinesis;
 pub mod queue;

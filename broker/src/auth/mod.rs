@@ -16,7 +16,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use axum::Router;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
@@ -146,11 +145,11 @@ pub(crate) fn policy_key(resource: &str) -> Option<&str> {
 }
 
 /// `app` with authentication and authorization in front of every Lambda operation.
-pub(crate) fn layer(app: Router, auth: Arc<Auth>) -> Router {
-    app.layer(axum::middleware::from_fn_with_state(auth, authenticate))
-}
-
-async fn authenticate(State(auth): State<Arc<Auth>>, request: Request, next: Next) -> Response {
+pub(crate) async fn authenticate(
+    State(auth): State<Arc<Auth>>,
+    request: Request,
+    next: Next,
+) -> Response {
     let Some(op) = classify(
         request.method(),
         request.uri().path(),

@@ -481,6 +481,7 @@ impl Environment {
             app,
             limits,
             None,
+            None,
             std::future::pending(),
         ));
 

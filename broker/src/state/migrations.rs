@@ -49,6 +49,7 @@ const STEPS: &[Step] = &[
     step!(1, "initial schema", "0001_initial.sql"),
     step!(2, "schedule ticks", "0002_schedule_ticks.sql"),
     step!(3, "function policies", "0003_function_policies.sql"),
+    step!(4, "audit events", "0004_audit_events.sql"),
 ];
 
 /// The session advisory lock that serialises migrations on one PostgreSQL database

@@ -208,6 +208,90 @@ pub trait StateStore: Send + Sync + 'static {
         expected: Option<&str>,
         new: Option<(&str, &str)>,
     ) -> Result<bool, StateError>;
+    /// Records audit events, all or none.
+    async fn put_audit_events(&self, events: &[AuditRecord]) -> Result<(), StateError>;
+    /// Forgets audit events older than `before_ms`; returns how many.
+    async fn purge_audit_events(&self, before_ms: i64) -> Result<u64, StateError>;
+}
+
+/// One audit event as the store keeps it: the event's JSON with the fields it is looked up by.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditRecord {
+    pub event_id: String,
+    pub event_time_ms: i64,
+    pub event_name: String,
+    /// The principal's name; `None` for anonymous callers and Sluice's own events.
+    pub principal: Option<String>,
+    /// The CloudTrail-style JSON event.
+    pub event: String,
+}
+
+/// Which audit events `sluice audit` lists.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AuditQuery {
+    pub since_ms: Option<i64>,
+    pub principal: Option<String>,
+    pub event_name: Option<String>,
+    /// The newest `limit` matching events are returned, oldest first.
+    pub limit: u32,
+}
+
+/// The newest events of `query`, oldest first. `$1`: since, `$2`: principal, `$3`: name,
+/// `$4`: limit; a NULL filter matches everything.
+const AUDIT_QUERY_SQL: &str = "SELECT event_id, event_time_ms, event_name, principal, event FROM (
+    SELECT * FROM audit_events
+    WHERE event_time_ms >= $1 AND ($2 IS NULL OR principal = $2) AND ($3 IS NULL OR event_name = $3)
+    ORDER BY event_time_ms DESC, event_id DESC LIMIT $4) AS newest
+    ORDER BY event_time_ms, event_id";
+
+macro_rules! audit_query {
+    ($conn:expr, $query:expr) => {{
+        let rows = sqlx::query(AUDIT_QUERY_SQL)
+            .bind($query.since_ms.unwrap_or(i64::MIN))
+            .bind(&$query.principal)
+            .bind(&$query.event_name)
+            .bind(i64::from($query.limit))
+            .fetch_all(&mut $conn)
+            .await?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditRecord {
+                    event_id: row.try_get("event_id")?,
+                    event_time_ms: row.try_get("event_time_ms")?,
+                    event_name: row.try_get("event_name")?,
+                    principal: row.try_get("principal")?,
+                    event: row.try_get("event")?,
+                })
+            })
+            .collect::<Result<Vec<_>, StateError>>()
+    }};
+}
+
+/// The audit events `query` selects, read without claiming or changing the store (beside a
+/// running Sluice, as `sluice state version` reads it).
+pub async fn audit_events(
+    url: &str,
+    base_dir: &Path,
+    query: &AuditQuery,
+) -> Result<Vec<AuditRecord>, StateError> {
+    match Location::parse(url, base_dir)? {
+        Location::Sqlite(path) => {
+            if !path.exists() {
+                return Err(StateError::Missing(path));
+            }
+            let options = sqlite_options(&path)?.read_only(true);
+            let mut conn = sqlx::SqliteConnection::connect_with(&options).await?;
+            let events = audit_query!(conn, query);
+            let _ = conn.close().await;
+            events
+        }
+        Location::Postgres(url) => {
+            let mut conn = sqlx::PgConnection::connect(url).await?;
+            let events = audit_query!(conn, query);
+            let _ = conn.close().await;
+            events
+        }
+    }
 }
 
 impl StateError {
@@ -304,6 +388,8 @@ observed! {
     put_schedule_tick(source: &str, tick_ms: i64) -> ();
     function_policy(function: &str) -> Option<(String, String)>;
     swap_function_policy(function: &str, expected: Option<&str>, new: Option<(&str, &str)>) -> bool;
+    put_audit_events(events: &[AuditRecord]) -> ();
+    purge_audit_events(before_ms: i64) -> u64;
 }
 
 /// Schedule ticks kept in the state store, for `type: schedule` sources.
@@ -914,6 +1000,37 @@ impl StateStore for $store {
         };
         Ok(done.rows_affected() == 1)
     }
+
+    async fn put_audit_events(&self, events: &[AuditRecord]) -> Result<(), StateError> {
+        let mut conn = self.pool.acquire().await?;
+        let outcome = async {
+            let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+            for e in events {
+                // An event id is unique; one written again (a retried batch) is kept once.
+                sqlx::query("INSERT INTO audit_events (event_id, event_time_ms, event_name, principal, event) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (event_id) DO NOTHING")
+                    .bind(&e.event_id)
+                    .bind(e.event_time_ms)
+                    .bind(&e.event_name)
+                    .bind(&e.principal)
+                    .bind(&e.event)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        }
+        .await;
+        discard_on_error(&mut conn, &outcome);
+        outcome
+    }
+
+    async fn purge_audit_events(&self, before_ms: i64) -> Result<u64, StateError> {
+        Ok(sqlx::query("DELETE FROM audit_events WHERE event_time_ms < $1")
+            .bind(before_ms)
+            .execute(&self.pool)
+            .await?
+            .rows_affected())
+    }
 }
 
     };
@@ -1062,6 +1179,76 @@ mod tests {
         assert_eq!(store.concurrency("f").await.expect("removed"), Some(None));
     }
 
+    fn audit_record(id: &str, time_ms: i64, name: &str, principal: Option<&str>) -> AuditRecord {
+        AuditRecord {
+            event_id: id.into(),
+            event_time_ms: time_ms,
+            event_name: name.into(),
+            principal: principal.map(Into::into),
+            event: format!("{{\"eventID\":\"{id}\"}}"),
+        }
+    }
+
+    /// Writes three events through `store`, reads them back as `sluice audit` does (a
+    /// read-only connection to `url`), then purges the older two.
+    async fn audit_events_are_filtered_and_purged(store: &dyn StateStore, url: &str) {
+        let base = Path::new("/");
+        let events = [
+            audit_record("e1", 1_000, "PublishVersion", Some("alice")),
+            audit_record("e2", 2_000, "UpdateAlias", None),
+            audit_record("e3", 3_000, "PublishVersion", Some("bob")),
+        ];
+        store.put_audit_events(&events).await.expect("put");
+        // A batch written again (a retry) is kept once.
+        store
+            .put_audit_events(&events[..1])
+            .await
+            .expect("put again");
+        let ids = |q: AuditQuery| async move {
+            audit_events(url, base, &q)
+                .await
+                .expect("query")
+                .into_iter()
+                .map(|e| e.event_id)
+                .collect::<Vec<_>>()
+        };
+        let all = AuditQuery {
+            limit: 100,
+            ..AuditQuery::default()
+        };
+        assert_eq!(ids(all.clone()).await, ["e1", "e2", "e3"]);
+        let since = AuditQuery {
+            since_ms: Some(1_500),
+            ..all.clone()
+        };
+        assert_eq!(ids(since).await, ["e2", "e3"]);
+        let alice = AuditQuery {
+            principal: Some("alice".into()),
+            ..all.clone()
+        };
+        assert_eq!(ids(alice).await, ["e1"]);
+        let publishes = AuditQuery {
+            event_name: Some("PublishVersion".into()),
+            ..all.clone()
+        };
+        assert_eq!(ids(publishes).await, ["e1", "e3"]);
+        let newest = AuditQuery {
+            limit: 2,
+            ..all.clone()
+        };
+        assert_eq!(ids(newest).await, ["e2", "e3"], "the newest, oldest first");
+        assert_eq!(store.purge_audit_events(2_500).await.expect("purge"), 2);
+        assert_eq!(ids(all).await, ["e3"]);
+    }
+
+    #[tokio::test]
+    async fn sqlite_audit_events_are_filtered_and_purged() {
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("s.db");
+        let store = SqliteStore::open(&path).await.expect("open");
+        audit_events_are_filtered_and_purged(&store, &format!("sqlite://{}", path.display())).await;
+    }
+
     /// The same behaviour from the PostgreSQL store, on the server the test command provides
     /// (`SLUICE_TEST_POSTGRES`, default the local trust-auth server), in a database of its own.
     #[tokio::test]
@@ -1138,6 +1325,7 @@ mod tests {
                 .expect("remove")
         );
         assert_eq!(other.function_policy("f:live").await.expect("read"), None);
+        audit_events_are_filtered_and_purged(other.as_ref(), &url).await;
         drop(other);
         let _ = sqlx::query(&format!("DROP DATABASE {db} WITH (FORCE)"))
             .execute(&admin)
