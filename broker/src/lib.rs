@@ -247,6 +247,7 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
         config.audit.retention,
         sources.child_token(),
     )));
+    let auth = Arc::new(auth::Auth::new(&config.api, store.clone()));
     let app = api::router(
         api::ApiState {
             functions: functions.clone(),
@@ -255,9 +256,14 @@ pub async fn start(config: Config, options: StartOptions) -> Result<Running, Sta
             principals: Arc::new(config.api.principals.keys().cloned().collect()),
             metrics_token: config.api.metrics_token.clone(),
         },
-        sluice_connectors::http::router(&hooks, queue.clone(), invocation::ACCOUNT_ID),
+        sluice_connectors::http::router(
+            &hooks,
+            queue.clone(),
+            invocation::ACCOUNT_ID,
+            Some(auth.clone()),
+        ),
         trail,
-        Arc::new(auth::Auth::new(&config.api, store.clone())),
+        auth,
     );
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let limits = serve::ServeLimits::from_config(&config.api);

@@ -126,7 +126,7 @@ pub(crate) fn classify(method: &Method, path: &str, query: Option<&str>) -> Opti
 /// `qualifier` appended when `raw` carries none. A name that does not parse is kept as the
 /// last part of the ARN, so that a policy on `*` still matches it and the handler reports the
 /// bad name as Lambda does.
-fn resource_arn(raw: &str, qualifier: Option<&str>) -> String {
+pub(crate) fn resource_arn(raw: &str, qualifier: Option<&str>) -> String {
     let raw = percent_decode(raw);
     let (name, own) = match crate::api::parse_function_ref(&raw, None) {
         Ok(f) => (f.name, f.qualifier),

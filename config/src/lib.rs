@@ -774,6 +774,10 @@ pub enum WebhookAuth {
     HmacSha256 { secret: Secret, header: String },
     /// `{ type: bearer, token | token_file }`: `Authorization: Bearer <token>`.
     Bearer { token: Secret },
+    /// `{ type: aws_iam }`, as a Function URL's `AWS_IAM` auth type: the request carries a
+    /// Signature Version 4 of one of `api.principals` (service `lambda`), whose policies must
+    /// allow `lambda:InvokeFunctionUrl` on the function.
+    AwsIam,
 }
 
 #[derive(Debug, Clone, PartialEq)]

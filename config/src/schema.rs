@@ -54,7 +54,7 @@ const AUDIT_MAX_FILES: std::ops::RangeInclusive<i128> = 1..=1_000;
 const AUDIT_MIN_FILE_SIZE: u64 = 4_096;
 const AUDIT_RETENTION: std::ops::RangeInclusive<Duration> =
     Duration::from_secs(3_600)..=Duration::from_secs(10 * 366 * 24 * 3_600);
-const WEBHOOK_AUTH_TYPES: &[&str] = &["none", "hmac_sha256", "bearer"];
+const WEBHOOK_AUTH_TYPES: &[&str] = &["none", "hmac_sha256", "bearer", "aws_iam"];
 const HMAC_AUTH_KEYS: &[&str] = &["type", "secret", "secret_file", "header"];
 const BEARER_AUTH_KEYS: &[&str] = &["type", "token", "token_file"];
 /// GitHub's header; other senders are named with `header:`.
@@ -363,6 +363,15 @@ pub(crate) fn decode(d: &mut Decoder<'_>, root: Option<&Node>, base_dir: &Path) 
             base_dir: &config.base_dir,
         };
         if let Some(source) = decode_source(d, entry.value, &path, &context, &mut http_paths) {
+            if let crate::SourceKind::Http(http) = &source.kind
+                && http.auth == WebhookAuth::AwsIam
+                && config.api.principals.is_empty()
+            {
+                d.error(
+                    &child(&path, "auth"),
+                    "`aws_iam` checks the request's signature against `api.principals`, which declares nobody: declare the principals that may call this webhook",
+                );
+            }
             config.sources.insert(entry.key.to_owned(), source);
         }
     }
@@ -1380,6 +1389,10 @@ fn decode_webhook_auth(
         "none" => {
             d.check_keys(&auth, &["type"]);
             Some(WebhookAuth::None)
+        }
+        "aws_iam" => {
+            d.check_keys(&auth, &["type"]);
+            Some(WebhookAuth::AwsIam)
         }
         "hmac_sha256" => {
             d.check_keys(&auth, HMAC_AUTH_KEYS);

@@ -23,6 +23,26 @@ use sluice_config::HttpSourceConfig;
 
 use crate::{Dispatch, DispatchError};
 
+/// Checks a request to a webhook with `auth: { type: aws_iam }`: its Signature Version 4 and
+/// whether its principal may call `lambda:InvokeFunctionUrl` on `function`. The broker
+/// implements it with the API's principals and policies; the answer to a refusal is the
+/// response to send (403 with Lambda's error shape).
+pub trait UrlAuthorizer: Send + Sync + 'static {
+    fn authorize<'a>(
+        &'a self,
+        function: &'a str,
+        request: UrlRequest<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Response>> + Send + 'a>>;
+}
+
+/// What a webhook request's signature covers.
+pub struct UrlRequest<'a> {
+    pub method: &'a Method,
+    pub uri: &'a Uri,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
 pub const WEBHOOK_REQUESTS: &str = "sluice_webhook_requests_total";
 /// Requests refused before the function was invoked, by `reason` (`body_too_large`,
 /// `unreadable_body`).
@@ -39,13 +59,16 @@ struct Hook {
     dispatch: Arc<dyn Dispatch>,
     account: String,
     auth: Arc<sluice_config::WebhookAuth>,
+    iam: Option<Arc<dyn UrlAuthorizer>>,
 }
 
-/// Routes for every webhook, to be merged into the API router.
+/// Routes for every webhook, to be merged into the API router. `iam` checks the webhooks with
+/// `auth: { type: aws_iam }`; without it they refuse every request.
 pub fn router(
     hooks: &[(String, String, HttpSourceConfig)],
     dispatch: Arc<dyn Dispatch>,
     account: &str,
+    iam: Option<Arc<dyn UrlAuthorizer>>,
 ) -> Router {
     let mut router = Router::new();
     for (name, function, config) in hooks {
@@ -68,6 +91,7 @@ pub fn router(
             dispatch: dispatch.clone(),
             account: account.to_string(),
             auth: Arc::new(config.auth.clone()),
+            iam: iam.clone(),
         };
         router = router.route(
             &config.path,
@@ -237,6 +261,33 @@ async fn handle(
     };
     if let Err(refusal) = crate::http_auth::check_body(&hook.auth, &headers, &body) {
         return refuse(&hook, refusal);
+    }
+    if *hook.auth == sluice_config::WebhookAuth::AwsIam {
+        let request = UrlRequest {
+            method: &method,
+            uri: &uri,
+            headers: &headers,
+            body: &body,
+        };
+        let checked = match &hook.iam {
+            Some(iam) => iam.authorize(&hook.function, request).await,
+            None => Err((
+                StatusCode::FORBIDDEN,
+                axum::Json(json!({"message": "this webhook's aws_iam auth has no principals to check against"})),
+            )
+                .into_response()),
+        };
+        if let Err(response) = checked {
+            metrics::counter!(
+                HTTP_AUTH_FAILURES,
+                &[
+                    ("source", hook.name.clone()),
+                    ("reason", "aws_iam".to_owned())
+                ]
+            )
+            .increment(1);
+            return response;
+        }
     }
     let request_id = uuid::Uuid::new_v4().to_string();
     let event = event(&hook, &method, &uri, &headers, peer, &body, &request_id);
@@ -428,6 +479,7 @@ mod tests {
             dispatch: Arc::new(Nothing),
             account: "000000000000".into(),
             auth: Arc::new(sluice_config::WebhookAuth::None),
+            iam: None,
         }
     }
 

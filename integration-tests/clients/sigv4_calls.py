@@ -7,7 +7,9 @@ JSON is a list of calls, each {"key": ACCESS_KEY_ID, "secret": SECRET, "op": <bo
 "args": {...}} with an optional "how":
   - absent: the boto3 client, as any SDK user calls;
   - "skew": like absent, signed with a clock `skew` seconds off (negative: in the past);
-  - "tamper": POST args["path"] with args["body"] signed, then args["sent"] sent instead;
+  - "tamper": POST args["path"] with args["body"] signed, then args["sent"] sent instead
+    (the same body: a signed request to any path, a webhook's say);
+  - "plain": POST args["body"] to args["path"] unsigned;
   - "presign": botocore's generate_presigned_url for op/args, then a plain GET of that URL;
   - "presign_post": a presigned (query-string) POST to args["path"] (botocore moves a body's
     fields into the query, so the request is sent as botocore prepared it).
@@ -102,6 +104,9 @@ def run(endpoint, call):
         botocore.auth.SigV4Auth(credentials, "lambda", "us-east-1").add_auth(request)
         prepared = request.prepare()
         return send("POST", prepared.url, prepared.headers.items(), args["sent"].encode())
+    if how == "plain":
+        return send("POST", endpoint + args["path"], {"Content-Type": "application/json"},
+                    args["body"].encode())
     if how == "presign":
         url = client(endpoint, key, secret).generate_presigned_url(
             op, Params=args, ExpiresIn=60

@@ -442,3 +442,59 @@ async fn an_unsigned_request_gets_missing_authentication_token_and_health_stays_
     assert_eq!((status, body.as_str()), (200, "ok"));
     sluice.shutdown().await;
 }
+
+/// A webhook with `auth: { type: aws_iam }` (a Function URL's `AWS_IAM`) runs its function only
+/// for a request signed by a principal whose policies allow `lambda:InvokeFunctionUrl` on it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_aws_iam_webhook_takes_only_requests_signed_by_a_principal_allowed_to_call_it() {
+    let name = unique_name("urliam");
+    let denied = unique_name("urliam-denied");
+    let hook = format!("/hooks/{name}");
+    let yaml = format!(
+        "{}sources:\n  {name}-url:\n    type: http\n    path: {hook}\n    function: {name}\n    auth: {{ type: aws_iam }}\n",
+        api_yaml(&denied)
+    );
+    let sluice = Sluice::start_with(&[Function::rust(&name), Function::rust(&denied)], &yaml).await;
+    let body = r#"{"hello":"url"}"#;
+    let post = |key: (&str, &str), how: &str| {
+        json!({"key": key.0, "secret": key.1, "how": how,
+               "args": {"path": hook, "body": body, "sent": body}})
+    };
+    let out = sigv4_calls(
+        &sluice,
+        &[
+            post(DEPLOYER, "tamper"),
+            post(OUTSIDER, "tamper"),
+            post((DEPLOYER.0, "not-the-secret"), "tamper"),
+            post(DEPLOYER, "plain"),
+        ],
+    )
+    .await;
+    assert_eq!(
+        out[0]["status"], 200,
+        "the deployer may call it: {}",
+        out[0]
+    );
+    assert_eq!(out[1]["status"], 403, "{}", out[1]);
+    assert_eq!(out[1]["errortype"], "AccessDeniedException", "{}", out[1]);
+    assert!(
+        body_json(&out[1])["Message"]
+            .as_str()
+            .is_some_and(|m| m.contains("lambda:InvokeFunctionUrl")),
+        "{}",
+        out[1]
+    );
+    assert_eq!(out[2]["status"], 403, "{}", out[2]);
+    assert_eq!(
+        out[2]["errortype"], "InvalidSignatureException",
+        "{}",
+        out[2]
+    );
+    assert_eq!(out[3]["status"], 403, "{}", out[3]);
+    assert_eq!(
+        out[3]["errortype"], "MissingAuthenticationTokenException",
+        "{}",
+        out[3]
+    );
+    sluice.shutdown().await;
+}

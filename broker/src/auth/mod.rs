@@ -168,48 +168,89 @@ pub(crate) async fn authenticate(
         Ok(b) => b,
         Err(response) => return tagged(response, Caller::default(), op),
     };
-    let verified = sigv4::verify(
-        &sigv4::Request {
-            method: &parts.method,
-            path: parts.uri.path(),
-            query: parts.uri.query(),
-            headers: &parts.headers,
-            body: &body,
-        },
-        &*auth,
-        SystemTime::now(),
-    );
-    let principal = match verified {
-        Ok(key) => match auth.by_key.get(&key) {
-            Some(p) => p,
-            None => {
-                return tagged(
-                    refusal(&sigv4::AuthError::UnknownKey { access_key_id: key }),
-                    Caller::default(),
-                    op,
-                );
-            }
-        },
-        Err(e) => {
-            let caller = Caller {
-                principal: None,
-                access_key_id: e.access_key_id().map(str::to_owned),
-            };
-            metrics::counter!(crate::metrics::API_AUTH_FAILURES, "error" => e.code()).increment(1);
-            return tagged(refusal(&e), caller, op);
-        }
+    let request = sigv4::Request {
+        method: &parts.method,
+        path: parts.uri.path(),
+        query: parts.uri.query(),
+        headers: &parts.headers,
+        body: &body,
     };
-    let caller = Caller {
-        principal: Some(principal.name.clone()),
-        access_key_id: Some(principal.access_key_id.clone()),
+    let caller = match auth.check(&request, &op).await {
+        Ok(caller) => caller,
+        Err((response, caller)) => return tagged(response, caller, op),
     };
-    if let Err(response) = auth.authorize(principal, &op).await {
-        metrics::counter!(crate::metrics::API_AUTH_FAILURES, "error" => "AccessDeniedException")
-            .increment(1);
-        return tagged(response, caller, op);
-    }
     let request = Request::from_parts(parts, Body::from(body));
     run(request, next, caller, op).await
+}
+
+impl Auth {
+    /// Verifies `request`'s signature and authorizes `op` for its principal: the caller, or
+    /// the refusal to answer with whoever the request claimed to be.
+    async fn check(
+        &self,
+        request: &sigv4::Request<'_>,
+        op: &Operation,
+    ) -> Result<Caller, (Response, Caller)> {
+        let principal = match sigv4::verify(request, self, SystemTime::now()) {
+            Ok(key) => match self.by_key.get(&key) {
+                Some(p) => p,
+                None => {
+                    let e = sigv4::AuthError::UnknownKey { access_key_id: key };
+                    return Err((refusal(&e), Caller::default()));
+                }
+            },
+            Err(e) => {
+                let caller = Caller {
+                    principal: None,
+                    access_key_id: e.access_key_id().map(str::to_owned),
+                };
+                metrics::counter!(crate::metrics::API_AUTH_FAILURES, "error" => e.code())
+                    .increment(1);
+                return Err((refusal(&e), caller));
+            }
+        };
+        let caller = Caller {
+            principal: Some(principal.name.clone()),
+            access_key_id: Some(principal.access_key_id.clone()),
+        };
+        if let Err(response) = self.authorize(principal, op).await {
+            metrics::counter!(crate::metrics::API_AUTH_FAILURES, "error" => "AccessDeniedException")
+                .increment(1);
+            return Err((response, caller));
+        }
+        Ok(caller)
+    }
+}
+
+/// Webhooks with `auth: { type: aws_iam }` (a Function URL's `AWS_IAM`): the request signed by
+/// a principal whose policies allow `lambda:InvokeFunctionUrl` on the function.
+impl sluice_connectors::http::UrlAuthorizer for Auth {
+    fn authorize<'a>(
+        &'a self,
+        function: &'a str,
+        request: sluice_connectors::http::UrlRequest<'a>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), Response>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let op = Operation {
+                name: "InvokeFunctionUrl",
+                action: "lambda:InvokeFunctionUrl",
+                function: Some(function.to_owned()),
+                resource: crate::operation::resource_arn(function, None),
+            };
+            let signed = sigv4::Request {
+                method: request.method,
+                path: request.uri.path(),
+                query: request.uri.query(),
+                headers: request.headers,
+                body: request.body,
+            };
+            self.check(&signed, &op)
+                .await
+                .map(|_| ())
+                .map_err(|(r, _)| r)
+        })
+    }
 }
 
 async fn run(mut request: Request, next: Next, caller: Caller, op: Operation) -> Response {
