@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Function, Sluice, aws_client_env, client_script, run_program};
+use common::{Function, Sluice, aws_client_env, run_program};
 use serde_json::{Value, json};
-use sluice_integration_tests::{unique_name, venv_bin, venv_python};
+use sluice_integration_tests::{unique_name, venv_bin};
 
 const CLIENT_LIMIT: Duration = Duration::from_secs(90);
 
@@ -67,20 +67,7 @@ fn call(key: (&str, &str), op: &str, args: Value) -> Value {
 
 /// Runs `clients/sigv4_calls.py` over `calls`; returns one result per call.
 async fn sigv4_calls(sluice: &Sluice, calls: &[Value]) -> Vec<Value> {
-    let script = client_script("sigv4_calls.py");
-    let calls = Value::Array(calls.to_vec()).to_string();
-    let args = [
-        script.to_str().expect("utf-8 path"),
-        "--endpoint",
-        &sluice.url,
-        "--calls",
-        &calls,
-    ];
-    let env = aws_client_env(sluice.dir());
-    let (code, stdout, stderr) = run_program(&venv_python(), &args, &env, CLIENT_LIMIT).await;
-    assert_eq!(code, 0, "sigv4_calls.py failed:\n{stderr}");
-    serde_json::from_str(&stdout)
-        .unwrap_or_else(|e| panic!("sigv4_calls.py printed no JSON ({e}): {stdout}\n{stderr}"))
+    common::client_calls("sigv4_calls.py", sluice, calls).await
 }
 
 fn body_json(result: &Value) -> Value {

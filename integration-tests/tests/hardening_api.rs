@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Function, Sluice, aws_client_env, client_script, quoted, run_program, wait_until};
+use common::{Function, Sluice, quoted, wait_until};
 use serde_json::{Value, json};
-use sluice_integration_tests::{unique_name, venv_python};
+use sluice_integration_tests::unique_name;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -366,20 +366,7 @@ async fn unsupported_operations_raise_a_lambda_client_error_in_boto3() {
         {"op": "delete_function", "args": {"FunctionName": name}},
         {"op": "get_function", "args": {"FunctionName": name}},
     ]);
-    let script = client_script("boto3_calls.py");
-    let calls = calls.to_string();
-    let args = [
-        script.to_str().expect("utf-8 path"),
-        "--endpoint",
-        &sluice.url,
-        "--calls",
-        &calls,
-    ];
-    let env = aws_client_env(sluice.dir());
-    let (code, stdout, stderr) =
-        run_program(&venv_python(), &args, &env, Duration::from_secs(60)).await;
-    assert_eq!(code, 0, "boto3_calls.py failed:\n{stderr}");
-    let results: Vec<Value> = serde_json::from_str(&stdout).expect("JSON list");
+    let results = common::boto3_calls(&sluice, calls.as_array().expect("a list")).await;
     for (i, op) in ["ListLayers", "GetFunctionUrlConfig", "DeleteFunction"]
         .iter()
         .enumerate()

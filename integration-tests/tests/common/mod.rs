@@ -888,7 +888,13 @@ impl Logs {
 /// Makes Lambda API calls through boto3 (`clients/boto3_calls.py`), one after the other, and
 /// returns one result per call: the response, or `{"exception": code, …}` when it raised.
 pub async fn boto3_calls(sluice: &Sluice, calls: &[Value]) -> Vec<Value> {
-    let script = client_script("boto3_calls.py");
+    client_calls("boto3_calls.py", sluice, calls).await
+}
+
+/// Runs the client script `name` (under `integration-tests/clients`, taking `--endpoint` and
+/// `--calls JSON`) against `sluice` and returns the JSON list it prints, one result per call.
+pub async fn client_calls(name: &str, sluice: &Sluice, calls: &[Value]) -> Vec<Value> {
+    let script = client_script(name);
     let calls = Value::from(calls.to_vec()).to_string();
     let args = [
         script.to_str().expect("utf-8 path"),
@@ -900,8 +906,7 @@ pub async fn boto3_calls(sluice: &Sluice, calls: &[Value]) -> Vec<Value> {
     let env = aws_client_env(sluice.dir());
     let (code, stdout, stderr) =
         run_program(&venv_python(), &args, &env, Duration::from_secs(90)).await;
-    assert_eq!(code, 0, "boto3_calls.py failed:\n{stderr}");
-    serde_json::from_str(&stdout).unwrap_or_else(|error| {
-        panic!("boto3_calls.py printed no JSON list ({error}): {stdout}\n{stderr}")
-    })
+    assert_eq!(code, 0, "{name} failed:\n{stderr}");
+    serde_json::from_str(&stdout)
+        .unwrap_or_else(|error| panic!("{name} printed no JSON list ({error}): {stdout}\n{stderr}"))
 }
