@@ -930,6 +930,9 @@ fn full_tmpfs(dir: &Path) -> Option<PathBuf> {
     Some(filler)
 }
 
+/// The longest the dead-letter disk stays full while waiting for a failed write.
+const DLQ_FULL_AT_MOST: Duration = Duration::from_secs(20);
+
 /// Unmounts the tmpfs at its path when dropped, even when the scenario panics.
 struct Mounted(PathBuf);
 
@@ -994,10 +997,20 @@ async fn dlq_scenarios(ctx: Ctx) -> Vec<Row> {
         Source::Kinesis { endpoint, stream },
         Some(3),
     );
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let errors = metric(instance.port, "sluice_dead_letter_errors_total")
-        .await
-        .unwrap_or(0.0);
+    // The disk stays full for at least 3 s, and until a write has failed: on a loaded machine
+    // the first poison records may come late, and the first few fit the file's last page.
+    let full_since = Instant::now();
+    let mut errors = 0.0;
+    while full_since.elapsed() < DLQ_FULL_AT_MOST {
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        errors = metric(instance.port, "sluice_dead_letter_errors_total")
+            .await
+            .unwrap_or(0.0);
+        if errors > 0.0 && full_since.elapsed() >= Duration::from_secs(3) {
+            break;
+        }
+    }
+    let full_for = full_since.elapsed();
     let written_while_down = faults::ids_in_lines(&dlq).len();
     // Nothing may have been acknowledged meanwhile: a kill now must lose nothing.
     server.signal(libc::SIGKILL);
@@ -1013,7 +1026,8 @@ async fn dlq_scenarios(ctx: Ctx) -> Vec<Row> {
     invokes.stop(&mut async_tally).await;
     records.stop(&mut stream_tally).await;
     let note = format!(
-        "DLQ on {how} for 4s, sluice killed meanwhile; {errors} dead-letter errors, {written_while_down} fitted the last page"
+        "DLQ on {how} for {:.0}s, sluice killed meanwhile; {errors} dead-letter errors, {written_while_down} fitted the last page",
+        full_for.as_secs_f64() + 1.0
     );
     let a = settle(
         &ctx,
