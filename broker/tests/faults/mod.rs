@@ -391,9 +391,11 @@ impl PrivateMoto {
             .spawn()
             .expect("start a private moto_server");
         let child = Server(child);
+        // moto imports all of its services at start: seconds on a quiet machine, far more on a
+        // loaded one.
         assert!(
-            wait_for_port(port, Duration::from_secs(30)).await,
-            "the private moto_server did not listen within 30 s"
+            wait_for_port(port, Duration::from_secs(90)).await,
+            "the private moto_server did not listen within 90 s"
         );
         PrivateMoto {
             child,
