@@ -21,9 +21,10 @@ fn a_mapping_of_200000_keys_is_checked_for_duplicates_in_linear_time() {
     let started = Instant::now();
     let errors = parse_str(&text, "many.yaml", Path::new("/srv"), &no_env).unwrap_err();
     let took = started.elapsed();
-    // A scan of the keys seen so far for each key took minutes here; a set takes well under a
-    // second even in a debug build. The bound leaves room for a slow, shared machine.
-    assert!(took < Duration::from_secs(20), "took {took:?}");
+    // A scan of the keys seen so far for each key is 2e10 comparisons: it took many minutes
+    // here. A set takes a second or two in a debug build, and up to half a minute beside the
+    // rest of the suite on a loaded 2-core machine; the bound only tells the two apart.
+    assert!(took < Duration::from_secs(180), "took {took:?}");
     let duplicate = errors
         .errors
         .iter()
