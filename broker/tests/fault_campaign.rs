@@ -425,9 +425,28 @@ fn http_function(url: &str, extra: &str) -> String {
     )
 }
 
+/// A setup call to the shared moto_server, sent again while it does not answer: it serves one
+/// request at a time, and every scenario sets up at once, so on a loaded machine a connection
+/// can time out. A call moto answered with an error is not repeated.
+async fn setup(endpoint: &str, service: &str, target: &str, body: Value) -> Value {
+    let mut last = String::new();
+    for _ in 0..SETUP_TRIES {
+        match aws(&http(), endpoint, service, target, body.clone()).await {
+            Ok(out) => return out,
+            Err(e) if e.contains("error sending request") => {
+                last = e;
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            Err(e) => panic!("{target}: {e}"),
+        }
+    }
+    panic!("{target}: moto_server did not answer in {SETUP_TRIES} tries: {last}")
+}
+
+const SETUP_TRIES: u32 = 6;
+
 async fn new_sqs_queue(endpoint: &str) -> String {
-    let out = aws(
-        &http(),
+    let out = setup(
         endpoint,
         "sqs",
         "CreateQueue",
@@ -435,29 +454,25 @@ async fn new_sqs_queue(endpoint: &str) -> String {
         // refuses it.
         json!({"QueueName": unique("fc"), "Attributes": {"VisibilityTimeout": "10"}}),
     )
-    .await
-    .expect("create a queue");
+    .await;
     out["QueueUrl"].as_str().expect("QueueUrl").to_string()
 }
 
 async fn new_kinesis_stream(endpoint: &str) -> String {
     let stream = unique("fc");
-    aws(
-        &http(),
+    setup(
         endpoint,
         "kinesis",
         "CreateStream",
         json!({"StreamName": stream, "ShardCount": 2}),
     )
-    .await
-    .expect("create a stream");
+    .await;
     stream
 }
 
 async fn new_dynamo_table(endpoint: &str) -> String {
     let table = unique("fc");
-    aws(
-        &http(),
+    setup(
         endpoint,
         "dynamodb",
         "CreateTable",
@@ -469,8 +484,7 @@ async fn new_dynamo_table(endpoint: &str) -> String {
             "StreamSpecification": {"StreamEnabled": true, "StreamViewType": "NEW_IMAGE"},
         }),
     )
-    .await
-    .expect("create a table");
+    .await;
     table
 }
 
