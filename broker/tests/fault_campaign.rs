@@ -426,13 +426,16 @@ fn http_function(url: &str, extra: &str) -> String {
 }
 
 /// A setup call to the shared moto_server, sent again while it does not answer: it serves one
-/// request at a time, and every scenario sets up at once, so on a loaded machine a connection
-/// can time out. A call moto answered with an error is not repeated.
+/// request at a time, and every scenario sets up at once, so a request can time out after
+/// moto has carried it out. A create sent again then finds its resource made
+/// (`ResourceInUseException`: the stream or table exists; SQS's CreateQueue is idempotent).
+/// Any other error moto answers is not repeated.
 async fn setup(endpoint: &str, service: &str, target: &str, body: Value) -> Value {
     let mut last = String::new();
-    for _ in 0..SETUP_TRIES {
+    for attempt in 0..SETUP_TRIES {
         match aws(&http(), endpoint, service, target, body.clone()).await {
             Ok(out) => return out,
+            Err(e) if attempt > 0 && e.contains("ResourceInUseException") => return Value::Null,
             Err(e) if e.contains("error sending request") => {
                 last = e;
                 tokio::time::sleep(Duration::from_secs(2)).await;
